@@ -1,0 +1,41 @@
+"""Typed errors. Every message names the thing that is wrong so an operator can act on it.
+
+The CLI turns any ``GossipflError`` into one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+
+class GossipflError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    exit_code = 1
+
+
+class ModelError(GossipflError):
+    """A model file is unreadable, not ONNX, or not a model gossipfl can train."""
+
+
+class UnsupportedOpError(ModelError):
+    """The model holds an operator the training-graph builder cannot differentiate."""
+
+    def __init__(self, op_type: str, node_name: str, why: str = "no gradient rule") -> None:
+        self.op_type = op_type
+        self.node_name = node_name
+        super().__init__(f"cannot train this model: operator {op_type} (node {node_name!r}): {why}")
+
+
+class DataError(GossipflError):
+    """Local data is missing, malformed, or does not fit the model."""
+
+
+class ConfigError(GossipflError):
+    """A configuration file or value is wrong; the message names the key."""
+
+
+class CodecError(GossipflError):
+    """A coded model delta is malformed, corrupt, or does not fit the expected model."""
+
+
+class ProtocolError(GossipflError):
+    """A peer sent bytes that are not a valid gossipfl frame or message."""
