@@ -1,0 +1,306 @@
+"""An ONNX model as gossipfl sees it: a fixed structure plus one contiguous float32 parameter vector.
+
+Everything that moves parameters around (training, the codec, merge rules, checkpoints) wants one
+flat vector, so the model's float32 initializers are copied once into ``params`` and each initializer
+is exposed as a zero-copy view of it. The ONNX graph is kept with those initializers turned into
+graph inputs ("lifted"), so one onnxruntime session serves every parameter value: changing
+parameters never rebuilds a session.
+
+The fingerprint hashes the structure (opsets, graph inputs and outputs, nodes, parameter names,
+shapes and dtypes, constant initializers) but not the trainable values: two nodes holding "the same
+model" in different states have the same fingerprint, and peers with different fingerprints never
+exchange parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from gossipfl.atomic import write_bytes_atomic
+from gossipfl.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+#: Largest model file accepted, before parsing (a protobuf parser given 2 GB will try to use it).
+MAX_MODEL_BYTES = 512 * 1024 * 1024
+#: Opsets of the default domain the training-graph builder is written against.
+MIN_OPSET, MAX_OPSET = 13, 21
+#: IR version written by gossipfl; onnxruntime 1.14 and newer load it.
+IR_VERSION = 8
+TASKS = ("classification", "regression")
+TASK_KEY = "gossipfl.task"
+
+Dim = int | str | None
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Where one trainable initializer lives inside the flat parameter vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def tensor_shape(value_info: onnx.ValueInfoProto) -> tuple[Dim, ...] | None:
+    """Shape of a graph value: ints where static, the symbol where symbolic, None where unknown."""
+    ttype = value_info.type.tensor_type
+    if not ttype.HasField("shape"):
+        return None
+    dims: list[Dim] = []
+    for dim in ttype.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(int(dim.dim_value))
+        elif dim.HasField("dim_param"):
+            dims.append(dim.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+def _check_opset(proto: onnx.ModelProto) -> int:
+    versions = {op.domain: op.version for op in proto.opset_import}
+    opset = versions.get("", versions.get("ai.onnx"))
+    if opset is None:
+        raise ModelError("model imports no opset of the default ONNX domain")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ModelError(f"model uses opset {opset}; gossipfl supports opsets {MIN_OPSET} to {MAX_OPSET}")
+    foreign = sorted(d for d in versions if d not in ("", "ai.onnx"))
+    if foreign:
+        raise ModelError(f"model uses operator domains gossipfl cannot train: {', '.join(foreign)}")
+    return opset
+
+
+class Model:
+    """A validated ONNX model with its parameters held in one float32 vector."""
+
+    def __init__(self, proto: onnx.ModelProto, task: str | None = None) -> None:
+        try:
+            onnx.checker.check_model(proto)
+        except (onnx.checker.ValidationError, ValueError) as exc:
+            raise ModelError(f"invalid ONNX model: {str(exc).splitlines()[0]}") from exc
+        if proto.graph.sparse_initializer:
+            raise ModelError("sparse initializers are not supported")
+        self.opset = _check_opset(proto)
+        graph = proto.graph
+
+        trainable: list[onnx.TensorProto] = []
+        constants: list[onnx.TensorProto] = []
+        for init in graph.initializer:
+            if init.data_location == TensorProto.EXTERNAL:
+                raise ModelError(f"initializer {init.name!r} uses external data; embed it in the model file")
+            if init.data_type == TensorProto.FLOAT:
+                trainable.append(init)
+            elif init.data_type in (TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16):
+                raise ModelError(
+                    f"initializer {init.name!r} is {TensorProto.DataType.Name(init.data_type)}; "
+                    "gossipfl trains float32 parameters only"
+                )
+            else:
+                constants.append(init)
+        if not trainable:
+            raise ModelError("model has no float32 initializers, so nothing to train")
+
+        param_names = {t.name for t in trainable}
+        data_inputs = [i for i in graph.input if i.name not in param_names and
+                       i.name not in {c.name for c in constants}]
+        if len(data_inputs) != 1:
+            raise ModelError(f"model must have exactly one data input, it has {len(data_inputs)}")
+        if len(graph.output) != 1:
+            raise ModelError(f"model must have exactly one output, it has {len(graph.output)}")
+        data_input = data_inputs[0]
+        if data_input.type.tensor_type.elem_type != TensorProto.FLOAT:
+            raise ModelError(f"model input {data_input.name!r} must be float32")
+        self.input_name: str = data_input.name
+        self.input_shape: tuple[Dim, ...] = tensor_shape(data_input) or ()
+        if len(self.input_shape) < 2 or any(not isinstance(d, int) for d in self.input_shape[1:]):
+            raise ModelError(
+                f"model input {self.input_name!r} must be (batch, ...) with static non-batch dimensions, "
+                f"got {self.input_shape}"
+            )
+        self.output_name: str = graph.output[0].name
+        self.output_shape: tuple[Dim, ...] = tensor_shape(graph.output[0]) or ()
+
+        specs: list[ParamSpec] = []
+        offset = 0
+        for init in trainable:
+            spec = ParamSpec(init.name, tuple(int(d) for d in init.dims), offset)
+            specs.append(spec)
+            offset += spec.size
+        self.specs: tuple[ParamSpec, ...] = tuple(specs)
+        self.params: np.ndarray = np.empty(offset, dtype=np.float32)
+        self.views: dict[str, np.ndarray] = {}
+        for spec, init in zip(self.specs, trainable, strict=True):
+            view = self.params[spec.offset : spec.offset + spec.size].reshape(spec.shape)
+            view[...] = numpy_helper.to_array(init)
+            self.views[spec.name] = view
+        if not np.all(np.isfinite(self.params)):
+            raise ModelError("model parameters contain NaN or Inf")
+
+        self.task = self._resolve_task(proto, task)
+        self.lifted = self._lift(proto, trainable)
+        self.fingerprint: bytes = self._fingerprint()
+
+    # ---------------------------------------------------------------- loading and saving
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], task: str | None = None) -> Model:
+        file = Path(path)
+        try:
+            size = file.stat().st_size
+        except OSError as exc:
+            raise ModelError(f"cannot read model file {file}: {exc.strerror}") from exc
+        if size > MAX_MODEL_BYTES:
+            raise ModelError(f"model file {file} is {size} bytes, over the limit of {MAX_MODEL_BYTES}")
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            raise ModelError(f"cannot read model file {file}: {exc.strerror}") from exc
+        try:
+            return cls.from_bytes(data, task)
+        except ModelError as exc:
+            raise ModelError(f"{file}: {exc}") from exc
+
+    @classmethod
+    def from_bytes(cls, data: bytes, task: str | None = None) -> Model:
+        if len(data) > MAX_MODEL_BYTES:
+            raise ModelError(f"model is {len(data)} bytes, over the limit of {MAX_MODEL_BYTES}")
+        proto = onnx.ModelProto()
+        try:
+            proto.ParseFromString(data)
+        except Exception as exc:  # protobuf raises its own DecodeError, and others on garbage
+            raise ModelError("not an ONNX model (protobuf parse failed)") from exc
+        if not proto.graph.node:
+            raise ModelError("not an ONNX model (no graph nodes)")
+        return cls(proto, task)
+
+    def to_proto(self) -> onnx.ModelProto:
+        """A standalone ONNX model holding the current parameter values."""
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.lifted)
+        graph = proto.graph
+        names = {s.name for s in self.specs}
+        kept_inputs = [i for i in graph.input if i.name not in names]
+        del graph.input[:]
+        graph.input.extend(kept_inputs)
+        for spec in self.specs:
+            graph.initializer.append(numpy_helper.from_array(self.views[spec.name], spec.name))
+        return proto
+
+    def to_bytes(self) -> bytes:
+        return self.to_proto().SerializeToString()
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        write_bytes_atomic(path, self.to_bytes())
+
+    def copy(self) -> Model:
+        twin = Model.__new__(Model)
+        twin.__dict__.update(self.__dict__)
+        twin.params = self.params.copy()
+        twin.views = {
+            s.name: twin.params[s.offset : s.offset + s.size].reshape(s.shape) for s in self.specs
+        }
+        return twin
+
+    # ---------------------------------------------------------------- parameters
+
+    @property
+    def num_params(self) -> int:
+        return int(self.params.size)
+
+    def set_params(self, values: np.ndarray) -> None:
+        """Overwrite the parameters in place, so views and bound sessions see the new values."""
+        if values.shape != self.params.shape:
+            raise ModelError(f"parameter vector has {values.size} elements, the model has {self.params.size}")
+        if not np.all(np.isfinite(values)):
+            raise ModelError("refusing parameters that contain NaN or Inf")
+        np.copyto(self.params, values, casting="same_kind")
+
+    @property
+    def num_outputs(self) -> int:
+        last = self.output_shape[-1] if self.output_shape else None
+        return last if isinstance(last, int) else 1
+
+    @property
+    def features_per_sample(self) -> int:
+        return int(np.prod([int(d) for d in self.input_shape[1:]], dtype=np.int64))  # type: ignore[arg-type]
+
+    # ---------------------------------------------------------------- internals
+
+    def _resolve_task(self, proto: onnx.ModelProto, task: str | None) -> str:
+        meta = {p.key: p.value for p in proto.metadata_props}
+        chosen = task or meta.get(TASK_KEY)
+        if chosen is None:
+            # A single output column is a regression head; several are class scores.
+            chosen = "classification" if self.num_outputs > 1 else "regression"
+        if chosen not in TASKS:
+            raise ModelError(f"unknown task {chosen!r}; expected one of {', '.join(TASKS)}")
+        return chosen
+
+    def _lift(self, proto: onnx.ModelProto, trainable: list[onnx.TensorProto]) -> onnx.ModelProto:
+        lifted = onnx.ModelProto()
+        lifted.CopyFrom(proto)
+        graph = lifted.graph
+        names = {t.name for t in trainable}
+        keep = [i for i in graph.initializer if i.name not in names]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        old_inputs = [i for i in graph.input if i.name not in names]
+        del graph.input[:]
+        graph.input.extend(old_inputs)
+        for spec in self.specs:
+            graph.input.append(onnx.helper.make_tensor_value_info(spec.name, TensorProto.FLOAT, spec.shape))
+        del lifted.metadata_props[:]
+        entry = lifted.metadata_props.add()
+        entry.key, entry.value = TASK_KEY, self.task
+        # The lowest IR version that carries these opsets, so older onnxruntime builds load the model.
+        lifted.ir_version = max(IR_VERSION, onnx.helper.find_min_ir_version_for(list(lifted.opset_import)))
+        return lifted
+
+    def _fingerprint(self) -> bytes:
+        h = hashlib.sha256(b"gossipfl-model-fingerprint-v1\0")
+
+        def put(*parts: object) -> None:
+            for part in parts:
+                h.update(repr(part).encode())
+                h.update(b"\0")
+
+        graph = self.lifted.graph
+        put("opsets", sorted((o.domain, o.version) for o in self.lifted.opset_import))
+        put("task", self.task)
+        for vi in (*graph.input, *graph.output):
+            put("io", vi.name, vi.type.tensor_type.elem_type, tensor_shape(vi))
+        for node in graph.node:
+            attrs = sorted(
+                (a.name, a.SerializeToString(deterministic=True)) for a in node.attribute
+            )
+            put("node", node.domain, node.op_type, tuple(node.input), tuple(node.output), attrs)
+        for init in graph.initializer:
+            put("const", init.name, init.data_type, tuple(init.dims), hashlib.sha256(
+                numpy_helper.to_array(init).tobytes()).hexdigest())
+        for spec in self.specs:
+            put("param", spec.name, spec.shape, "float32")
+        return h.digest()
+
+    @property
+    def fingerprint_hex(self) -> str:
+        return self.fingerprint.hex()
+
+    def describe(self) -> str:
+        return (
+            f"{self.task} model: input {self.input_name} {self.input_shape}, output {self.output_name} "
+            f"{self.output_shape}, {self.num_params} parameters in {len(self.specs)} tensors, "
+            f"fingerprint {self.fingerprint_hex[:16]}"
+        )

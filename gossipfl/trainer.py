@@ -1,0 +1,258 @@
+"""Training and evaluation of a ``Model`` in plain onnxruntime.
+
+One session runs the whole training step (forward, loss, backward, optimiser update). Parameters and
+optimiser state are bound once through IOBinding as views of flat float32 vectors, so a step copies
+no weights between Python and onnxruntime; only the batch is bound per step. The updated values land
+in a second set of buffers and are copied back in one ``np.copyto`` per vector (see optim.py for why
+the graph may not overwrite its own inputs).
+
+Runs are repeatable: the seed fixes the shuffling, and the session is single-threaded by default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from gossipfl.autodiff import LABELS, LOSS, build_gradient_graph
+from gossipfl.errors import ConfigError, DataError
+from gossipfl.model import Model
+from gossipfl.optim import (
+    ADAM_EPS,
+    LR,
+    NEW_PREFIX,
+    OptimizerConfig,
+    adam_scalars,
+    add_update_step,
+    state_name,
+)
+
+EVAL_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    batch_size: int = 32
+    seed: int = 0
+    threads: int = 1
+
+    def validate(self) -> None:
+        self.optimizer.validate()
+        if not 1 <= self.batch_size <= 1_000_000:
+            raise ConfigError(f"batch_size: {self.batch_size} is out of range (1 to 1000000)")
+        if not 1 <= self.threads <= 256:
+            raise ConfigError(f"threads: {self.threads} is out of range (1 to 256)")
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """How well a model does on some data. ``accuracy`` for classifiers, ``rmse`` for regression."""
+
+    loss: float
+    count: int
+    accuracy: float | None = None
+    rmse: float | None = None
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {"loss": self.loss, "count": self.count, "accuracy": self.accuracy, "rmse": self.rmse}
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # onnxruntime's warnings go to stderr unformatted; keep errors only
+    return options
+
+
+class _FlatBuffer:
+    """A flat float32 vector with per-parameter views, laid out as the model's parameter vector."""
+
+    def __init__(self, model: Model, source: np.ndarray | None = None) -> None:
+        self.flat = np.zeros(model.num_params, np.float32) if source is None else source
+        self.views = {s.name: self.flat[s.offset : s.offset + s.size].reshape(s.shape) for s in model.specs}
+
+
+class Trainer:
+    """Trains ``model`` in place: ``model.params`` always holds the latest weights."""
+
+    def __init__(self, model: Model, config: TrainConfig | None = None) -> None:
+        self.model = model
+        self.config = config or TrainConfig()
+        self.config.validate()
+        self.steps = 0
+        options = session_options(self.config.threads)
+        opt = self.config.optimizer
+        providers = ["CPUExecutionProvider"]
+
+        gradient = build_gradient_graph(model)  # refuses untrainable models, naming the operator
+        eval_proto = onnx.ModelProto()
+        eval_proto.CopyFrom(gradient.proto)
+        keep = [o for o in eval_proto.graph.output if o.name in (LOSS, model.output_name)]
+        del eval_proto.graph.output[:]
+        eval_proto.graph.output.extend(keep)
+        self._eval = ort.InferenceSession(eval_proto.SerializeToString(), options, providers=providers)
+
+        train_proto = gradient.proto
+        shapes = {s.name: s.shape for s in model.specs}
+        new_outputs = add_update_step(train_proto, shapes, gradient.grad_names, opt)
+        del train_proto.graph.output[:]
+        train_proto.graph.output.append(helper.make_tensor_value_info(LOSS, onnx.TensorProto.FLOAT, []))
+        for name, shape in new_outputs:
+            train_proto.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
+        self._train = ort.InferenceSession(train_proto.SerializeToString(), options, providers=providers)
+
+        # Buffers: parameters (the model's own vector), their next values, optimiser state in and out.
+        self._params = _FlatBuffer(model, model.params)
+        self._next_params = _FlatBuffer(model)
+        self.state = {slot: _FlatBuffer(model) for slot in opt.state_slots}
+        self._next_state = {slot: _FlatBuffer(model) for slot in opt.state_slots}
+        self._lr = np.array(opt.lr, np.float32)
+        self._eps = np.array(opt.eps, np.float32)
+        self._loss = np.zeros((), np.float32)
+
+        io = self._train.io_binding()
+        self._keep_alive: list[ort.OrtValue] = []
+
+        def bind_in(name: str, array: np.ndarray) -> None:
+            value = ort.OrtValue.ortvalue_from_numpy(array)
+            self._keep_alive.append(value)
+            io.bind_ortvalue_input(name, value)
+
+        def bind_out(name: str, array: np.ndarray) -> None:
+            value = ort.OrtValue.ortvalue_from_numpy(array)
+            self._keep_alive.append(value)
+            io.bind_ortvalue_output(name, value)
+
+        for spec in model.specs:
+            bind_in(spec.name, self._params.views[spec.name])
+            bind_out(NEW_PREFIX + spec.name, self._next_params.views[spec.name])
+            for slot in opt.state_slots:
+                bind_in(state_name(slot, spec.name), self.state[slot].views[spec.name])
+                bind_out(NEW_PREFIX + state_name(slot, spec.name), self._next_state[slot].views[spec.name])
+        bind_in(LR, self._lr)
+        if opt.name == "adam":
+            bind_in(ADAM_EPS, self._eps)
+        bind_out(LOSS, self._loss)
+        self._io = io
+        self._rng = np.random.default_rng(self.config.seed)
+        self._predict: ort.InferenceSession | None = None
+
+    # ---------------------------------------------------------------- training
+
+    def set_learning_rate(self, lr: float) -> None:
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ConfigError(f"learning rate must be positive and finite, got {lr}")
+        self.config = TrainConfig(
+            optimizer=OptimizerConfig(**{**self.config.optimizer.__dict__, "lr": lr}),
+            batch_size=self.config.batch_size, seed=self.config.seed, threads=self.config.threads)
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> float:
+        """One optimiser step on one batch; returns the batch's loss before the step."""
+        x = self._shape_batch(x)
+        y = self._labels(y)
+        opt = self.config.optimizer
+        self.steps += 1
+        if opt.name == "adam":
+            lr_t, eps_t = adam_scalars(opt, self.steps)
+            self._lr[...] = lr_t
+            self._eps[...] = eps_t
+        else:
+            self._lr[...] = opt.lr
+        self._io.bind_cpu_input(self.model.input_name, x)
+        self._io.bind_cpu_input(LABELS, y)
+        self._train.run_with_iobinding(self._io)
+        np.copyto(self.model.params, self._next_params.flat)
+        for slot, buf in self.state.items():
+            np.copyto(buf.flat, self._next_state[slot].flat)
+        return float(self._loss)
+
+    def epoch(self, x: np.ndarray, y: np.ndarray, max_steps: int | None = None) -> float:
+        """One pass over (x, y) in shuffled batches; returns the mean batch loss."""
+        if len(x) == 0:
+            raise DataError("no training samples")
+        order = self._rng.permutation(len(x))
+        xs, ys = np.ascontiguousarray(x[order]), np.ascontiguousarray(y[order])
+        size = self.config.batch_size
+        losses = []
+        for start in range(0, len(xs), size):
+            if max_steps is not None and len(losses) >= max_steps:
+                break
+            losses.append(self.step(xs[start : start + size], ys[start : start + size]))
+        return float(np.mean(losses))
+
+    def fit(self, x: np.ndarray, y: np.ndarray, epochs: int) -> list[float]:
+        return [self.epoch(x, y) for _ in range(epochs)]
+
+    # ---------------------------------------------------------------- evaluation
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> Metrics:
+        if len(x) == 0:
+            raise DataError("no samples to evaluate on")
+        total_loss, correct, squared = 0.0, 0, 0.0
+        feeds = {s.name: self.model.views[s.name] for s in self.model.specs}
+        for start in range(0, len(x), EVAL_BATCH):
+            xb = self._shape_batch(x[start : start + EVAL_BATCH])
+            yb = self._labels(y[start : start + EVAL_BATCH])
+            loss, out = self._eval.run([LOSS, self.model.output_name],
+                                       {**feeds, self.model.input_name: xb, LABELS: yb})
+            total_loss += float(loss) * len(xb)
+            if self.model.task == "classification":
+                correct += int(np.sum(np.argmax(out, axis=1) == yb))
+            else:
+                squared += float(np.sum((out.reshape(len(xb), -1) - yb.reshape(len(xb), -1)) ** 2))
+        n = len(x)
+        if self.model.task == "classification":
+            return Metrics(loss=total_loss / n, count=n, accuracy=correct / n)
+        return Metrics(loss=total_loss / n, count=n, rmse=math.sqrt(squared / (n * self.model.num_outputs)))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """The model's own output (class scores or regression values) for each row of ``x``."""
+        return predict(self.model, x, session=self._predict_session())
+
+    def _predict_session(self) -> ort.InferenceSession:
+        if self._predict is None:
+            self._predict = prediction_session(self.model, self.config.threads)
+        return self._predict
+
+    # ---------------------------------------------------------------- input checks
+
+    def _shape_batch(self, x: np.ndarray) -> np.ndarray:
+        return shape_inputs(self.model, x)
+
+    def _labels(self, y: np.ndarray) -> np.ndarray:
+        if self.model.task == "classification":
+            return np.ascontiguousarray(y, dtype=np.int64)
+        return np.ascontiguousarray(y, dtype=np.float32)
+
+
+def shape_inputs(model: Model, x: np.ndarray) -> np.ndarray:
+    """Rows of features reshaped to the model's input, e.g. 64 columns to (1, 64) for a 1-D CNN."""
+    x = np.asarray(x)
+    per_sample = model.features_per_sample
+    if x.ndim < 1 or x.size != len(x) * per_sample:
+        got = x.shape[1] if x.ndim == 2 else x.shape[1:]
+        raise DataError(f"data has {got} features per sample, the model expects {per_sample}")
+    shape = (len(x), *[int(d) for d in model.input_shape[1:]])  # type: ignore[arg-type]
+    return np.ascontiguousarray(x.reshape(shape), dtype=np.float32)
+
+
+def prediction_session(model: Model, threads: int = 1) -> ort.InferenceSession:
+    return ort.InferenceSession(model.lifted.SerializeToString(), session_options(threads),
+                                providers=["CPUExecutionProvider"])
+
+
+def predict(model: Model, x: np.ndarray, session: ort.InferenceSession | None = None) -> np.ndarray:
+    session = session or prediction_session(model)
+    feeds = {s.name: model.views[s.name] for s in model.specs}
+    outputs = [session.run([model.output_name], {**feeds, model.input_name: shape_inputs(model, x[i:i + EVAL_BATCH])})[0]
+               for i in range(0, len(x), EVAL_BATCH)]
+    return np.concatenate(outputs) if outputs else np.zeros((0, model.num_outputs), np.float32)

@@ -1,0 +1,129 @@
+"""Ready-made architectures, written directly as ONNX so a device never needs PyTorch to start.
+
+Weights are laid out as PyTorch's ``nn.Linear`` and ``nn.Conv1d`` lay them out (Gemm with
+``transB=1``, Conv weights ``(out, in, k)``) and initialised the way PyTorch does (Kaiming-uniform
+with a = sqrt(5), which gives U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases), so a model
+from the zoo and the same model exported from PyTorch train alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from gossipfl.errors import ModelError
+from gossipfl.model import IR_VERSION, TASK_KEY, TASKS, Model
+
+OPSET = 17
+ARCHITECTURES = ("logreg", "mlp", "cnn1d")
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+
+
+@dataclass
+class ArchSpec:
+    """What ``gossipfl model init`` builds."""
+
+    arch: str
+    inputs: int
+    classes: int
+    hidden: Sequence[int] = field(default_factory=lambda: (128,))
+    input_shape: tuple[int, int] | None = None  # (channels, length) for cnn1d
+    task: str = "classification"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ModelError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.task not in TASKS:
+            raise ModelError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.inputs <= 0 or self.classes <= 0:
+            raise ModelError("--inputs and --classes must be positive")
+        if self.task == "classification" and self.classes < 2:
+            raise ModelError("a classifier needs --classes 2 or more")
+        if any(h <= 0 for h in self.hidden):
+            raise ModelError("--hidden sizes must be positive")
+        if self.arch == "cnn1d":
+            channels, length = self.input_shape or (1, self.inputs)
+            if channels * length != self.inputs:
+                raise ModelError(
+                    f"--input-shape {channels},{length} holds {channels * length} values, --inputs is {self.inputs}"
+                )
+            if length < 2:
+                raise ModelError("cnn1d needs an input length of at least 2")
+
+
+class _GraphWriter:
+    """Accumulates nodes and initializers with readable, PyTorch-like names."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def param(self, name: str, shape: tuple[int, ...], fan_in: int) -> str:
+        bound = 1.0 / np.sqrt(fan_in)
+        value = self.rng.uniform(-bound, bound, size=shape).astype(np.float32)
+        self.inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs: object) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    def linear(self, prefix: str, x: str, n_in: int, n_out: int) -> str:
+        w = self.param(f"{prefix}.weight", (n_out, n_in), n_in)
+        b = self.param(f"{prefix}.bias", (n_out,), n_in)
+        return self.node("Gemm", [x, w, b], f"{prefix}.out", transB=1)
+
+
+def build(spec: ArchSpec) -> Model:
+    spec.validate()
+    w = _GraphWriter(np.random.default_rng(spec.seed))
+    outputs = spec.classes
+    if spec.arch == "cnn1d":
+        channels, length = spec.input_shape or (1, spec.inputs)
+        input_dims: list[int | str] = ["batch", channels, length]
+        x = INPUT_NAME
+        sizes = list(spec.hidden) if spec.hidden else [8, 16]
+        in_ch = channels
+        for i, out_ch in enumerate(sizes):
+            fan_in = in_ch * 3
+            weight = w.param(f"conv{i}.weight", (out_ch, in_ch, 3), fan_in)
+            bias = w.param(f"conv{i}.bias", (out_ch,), fan_in)
+            x = w.node("Conv", [x, weight, bias], f"conv{i}.out", kernel_shape=[3], pads=[1, 1])
+            x = w.node("Relu", [x], f"conv{i}.relu")
+            if i < len(sizes) - 1 and length >= 4:
+                x = w.node("MaxPool", [x], f"pool{i}.out", kernel_shape=[2], strides=[2])
+                length //= 2
+            in_ch = out_ch
+        x = w.node("GlobalAveragePool", [x], "gap.out")
+        x = w.node("Flatten", [x], "flatten.out", axis=1)
+        x = w.linear("head", x, in_ch, outputs)
+    else:
+        input_dims = ["batch", spec.inputs]
+        x = INPUT_NAME
+        width = spec.inputs
+        hidden = list(spec.hidden) if spec.arch == "mlp" else []
+        for i, size in enumerate(hidden):
+            x = w.linear(f"fc{i}", x, width, size)
+            x = w.node("Relu", [x], f"fc{i}.relu")
+            width = size
+        x = w.linear("head", x, width, outputs)
+    w.node("Identity", [x], OUTPUT_NAME)
+
+    graph = helper.make_graph(
+        w.nodes,
+        f"gossipfl-{spec.arch}",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, input_dims)],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", outputs])],
+        initializer=w.inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="gossipfl")
+    proto.ir_version = IR_VERSION
+    helper.set_model_props(proto, {TASK_KEY: spec.task})
+    return Model(proto)
