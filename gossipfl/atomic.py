@@ -7,6 +7,7 @@ is fsynced so the rename survives a power cut.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -24,10 +25,8 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o
             os.fsync(tmp.fileno())
         os.replace(tmp_name, target)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
         raise
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:

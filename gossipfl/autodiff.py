@@ -162,7 +162,7 @@ def _matmul(b: _Builder, n: onnx.NodeProto, dy: str, need: Sequence[bool]) -> di
     a, w = n.input
     a_shape, w_shape = b.shape_of(a), b.shape_of(w)
     if a_shape is None or w_shape is None or len(w_shape) != 2 or len(a_shape) < 2:
-        raise UnsupportedOpError("MatMul", n.name, "gradient needs a left operand of rank 2 or more and a 2-D right one")
+        raise UnsupportedOpError("MatMul", n.name, "gradient needs a left operand of rank 2+ and a 2-D right one")
     out: dict[int, str] = {}
     if need[0]:
         w_t = b.op("Transpose", [w], perm=[1, 0])
@@ -246,7 +246,7 @@ def _identity(b: _Builder, n: onnx.NodeProto, dy: str, need: Sequence[bool]) -> 
 
 def _conv(b: _Builder, n: onnx.NodeProto, dy: str, need: Sequence[bool]) -> dict[int, str]:
     x, w = n.input[0], n.input[1]
-    x_shape, w_shape, y_shape = (_static(b.shape_of(t)[1:] if b.shape_of(t) else None)
+    x_shape, _w_shape, y_shape = (_static(b.shape_of(t)[1:] if b.shape_of(t) else None)
                                  for t in (x, w, n.output[0]))
     w_full = _static(b.shape_of(w))
     if x_shape is None or w_full is None or y_shape is None or len(w_full) != 3:
@@ -259,8 +259,8 @@ def _conv(b: _Builder, n: onnx.NodeProto, dy: str, need: Sequence[bool]) -> dict
         raise UnsupportedOpError("Conv", n.name, f"auto_pad={auto_pad} is not differentiable; use explicit pads")
     c_out, c_in, k = w_full
     length_in, length_out = x_shape[1], y_shape[1]
-    stride = int(list(_attr(n, "strides", [1]))[0])  # type: ignore[call-overload]
-    dilation = int(list(_attr(n, "dilations", [1]))[0])  # type: ignore[call-overload]
+    stride = int(next(iter(_attr(n, "strides", [1]))))  # type: ignore[call-overload]
+    dilation = int(next(iter(_attr(n, "dilations", [1]))))  # type: ignore[call-overload]
     pads = [int(p) for p in _attr(n, "pads", [0, 0])] if auto_pad == "NOTSET" else [0, 0]  # type: ignore[attr-defined]
     out: dict[int, str] = {}
     if need[0]:
@@ -366,7 +366,7 @@ def build_gradient_graph(model: Model, dtype: int = TensorProto.FLOAT) -> Gradie
 
     shapes = _infer_shapes(proto)
     b = _Builder(shapes, dtype)
-    data, labels = model.input_name, LABELS
+    _data, labels = model.input_name, LABELS
     params = [s.name for s in model.specs]
 
     # ---- loss and its gradient with respect to the tensor the loss reads

@@ -253,6 +253,8 @@ def prediction_session(model: Model, threads: int = 1) -> ort.InferenceSession:
 def predict(model: Model, x: np.ndarray, session: ort.InferenceSession | None = None) -> np.ndarray:
     session = session or prediction_session(model)
     feeds = {s.name: model.views[s.name] for s in model.specs}
-    outputs = [session.run([model.output_name], {**feeds, model.input_name: shape_inputs(model, x[i:i + EVAL_BATCH])})[0]
-               for i in range(0, len(x), EVAL_BATCH)]
+    outputs = [
+        session.run([model.output_name], {**feeds, model.input_name: shape_inputs(model, x[i : i + EVAL_BATCH])})[0]
+        for i in range(0, len(x), EVAL_BATCH)
+    ]
     return np.concatenate(outputs) if outputs else np.zeros((0, model.num_outputs), np.float32)
