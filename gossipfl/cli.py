@@ -1,0 +1,238 @@
+"""The ``gossipfl`` command: offline tools now, the daemon's control client later.
+
+The CLI is the only part of the library that prints. Every ``GossipflError`` becomes one line on
+stderr and a non-zero exit code; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from gossipfl.data import DataSpec, load_directory, read_file
+from gossipfl.errors import DataError, GossipflError
+from gossipfl.model import Model
+from gossipfl.optim import OPTIMIZERS, OptimizerConfig
+from gossipfl.trainer import Metrics, TrainConfig, Trainer, predict
+from gossipfl.zoo import ARCHITECTURES, ArchSpec, build
+
+log = logging.getLogger("gossipfl.cli")
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in one line, like every other error of the CLI."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def _data_spec(model: Model, label_column: str) -> DataSpec:
+    return DataSpec(features=model.features_per_sample, task=model.task,
+                    classes=model.num_outputs if model.task == "classification" else None,
+                    outputs=model.num_outputs, label_column=label_column)
+
+
+def _metrics_line(m: Metrics) -> str:
+    quality = f"accuracy {m.accuracy:.4f}" if m.accuracy is not None else f"rmse {m.rmse:.4f}"
+    return f"{quality}  loss {m.loss:.4f}  samples {m.count}"
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_model_init(args: argparse.Namespace) -> int:
+    hidden = args.hidden if args.hidden is not None else ([8, 16] if args.arch == "cnn1d" else [128])
+    shape = tuple(args.input_shape) if args.input_shape else None
+    if shape is not None and len(shape) != 2:
+        raise DataError("--input-shape takes two numbers: channels,length")
+    classes = args.classes if args.classes is not None else (1 if args.task == "regression" else None)
+    if classes is None:
+        raise DataError("--classes is required for a classifier")
+    spec = ArchSpec(arch=args.arch, inputs=args.inputs, classes=classes, hidden=hidden,
+                    input_shape=shape, task=args.task, seed=args.seed)  # type: ignore[arg-type]
+    model = build(spec)
+    Trainer(model)  # proves the new model trains before it is written
+    model.save(args.out)
+    print(f"wrote {args.out}: {model.describe()}")
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    model = Model.load(args.model)
+    Trainer(model)
+    info = {"task": model.task, "input": model.input_name, "input_shape": list(model.input_shape),
+            "output": model.output_name, "outputs": model.num_outputs, "parameters": model.num_params,
+            "tensors": {s.name: list(s.shape) for s in model.specs}, "fingerprint": model.fingerprint_hex}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(model.describe())
+        for name, shape in info["tensors"].items():  # type: ignore[union-attr]
+            print(f"  {name}  {tuple(shape)}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    model = Model.load(args.model)
+    opt = OptimizerConfig(name=args.optimizer, lr=args.lr, momentum=args.momentum)
+    trainer = Trainer(model, TrainConfig(optimizer=opt, batch_size=args.batch, seed=args.seed))
+    data = load_directory(args.data, _data_spec(model, args.label_column))
+    table = data.all
+    losses = []
+    for epoch in range(1, args.epochs + 1):
+        loss = trainer.epoch(table.x, table.y)
+        losses.append(loss)
+        if not np.isfinite(loss):
+            raise GossipflError(f"training diverged at epoch {epoch} (loss {loss}); lower --lr")
+        if not args.json:
+            print(f"epoch {epoch}/{args.epochs}  loss {loss:.4f}")
+    model.save(args.out)
+    metrics = trainer.evaluate(table.x, table.y)
+    if args.json:
+        print(json.dumps({"epochs": args.epochs, "losses": losses, "train": metrics.as_dict(), "out": args.out}))
+    else:
+        print(f"train {_metrics_line(metrics)}; wrote {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    model = Model.load(args.model)
+    trainer = Trainer(model)
+    data = load_directory(args.data, _data_spec(model, args.label_column))
+    table = data.all
+    metrics = trainer.evaluate(table.x, table.y)
+    print(json.dumps(metrics.as_dict()) if args.json else _metrics_line(metrics))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    model = Model.load(args.model)
+    table = read_file(Path(args.input), _data_spec(model, args.label_column), require_labels=False)
+    if len(table) == 0:
+        raise DataError(f"{args.input}: no samples")
+    out = predict(model, table.x)
+    if model.task == "classification":
+        labels = np.argmax(out, axis=1)
+        if args.json:
+            rows = zip(labels, out, strict=True)
+            print(json.dumps([{"label": int(lbl), "scores": row.tolist()} for lbl, row in rows]))
+        else:
+            print("\n".join(str(int(lbl)) for lbl in labels))
+    elif args.json:
+        print(json.dumps([{"value": row.tolist()} for row in out]))
+    else:
+        print("\n".join(" ".join(f"{v:.6g}" for v in row) for row in out))
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gossipfl", description="Serverless gossip learning for fleets of Linux devices.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log library messages to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    model = sub.add_parser("model", help="create and inspect ONNX models")
+    model_sub = model.add_subparsers(dest="model_command", required=True, parser_class=_Parser)
+    init = model_sub.add_parser("init", help="write a new model from the zoo")
+    init.add_argument("--arch", choices=ARCHITECTURES, required=True)
+    init.add_argument("--inputs", type=_positive_int, required=True, help="features per sample")
+    init.add_argument("--classes", type=_positive_int, help="classes (or outputs, for --task regression)")
+    init.add_argument("--task", choices=("classification", "regression"), default="classification")
+    init.add_argument("--hidden", type=_int_list, help="layer widths (mlp) or channels (cnn1d), e.g. 128,64")
+    init.add_argument("--input-shape", type=_int_list, help="channels,length for cnn1d")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--out", required=True)
+    init.set_defaults(handler=cmd_model_init)
+    info = model_sub.add_parser("info", help="describe a model file")
+    info.add_argument("model")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(handler=cmd_model_info)
+
+    train = sub.add_parser("train", help="train a model on a local data directory")
+    train.add_argument("--model", required=True)
+    train.add_argument("--data", required=True)
+    train.add_argument("--epochs", type=_positive_int, required=True)
+    train.add_argument("--batch", type=_positive_int, default=32)
+    train.add_argument("--lr", type=_positive_float, default=0.05)
+    train.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    train.add_argument("--momentum", type=float, default=0.9)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--label-column", default="label")
+    train.add_argument("--out", required=True)
+    train.add_argument("--json", action="store_true")
+    train.set_defaults(handler=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a model on a local data directory")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--label-column", default="label")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(handler=cmd_eval)
+
+    pr = sub.add_parser("predict", help="run a model on the rows of a .csv or .npz file")
+    pr.add_argument("--model", required=True)
+    pr.add_argument("--input", required=True)
+    pr.add_argument("--label-column", default="label")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(handler=cmd_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except GossipflError as exc:
+        print(f"gossipfl: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("gossipfl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""A node's local data: a directory of ``.csv`` and ``.npz`` files that never leaves the device.
+
+Files that appear later are picked up by ``refresh()``, and a changed file is re-read. Each row is
+held out for validation or used for training by a hash of its file name and row number, so the split
+is the same after a restart and does not move when files are added.
+
+Data files are input from outside and are checked like any other: a malformed file names the file
+and the line. A daemon skips it with a warning and goes on (``strict=False``); the offline CLI stops
+with the error (``strict=True``). ``.npz`` files are read with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import math
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gossipfl.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".csv", ".npz")
+MAX_FILE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the model needs from a data file."""
+
+    features: int
+    task: str = "classification"
+    classes: int | None = None  # label range for classifiers
+    outputs: int = 1  # target columns for regression (only 1 is read from CSV)
+    label_column: str = "label"
+
+
+@dataclass
+class Table:
+    """Features and labels of some rows, plus where each file's rows came from."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+@dataclass
+class _Loaded:
+    stamp: tuple[int, int]
+    train: Table
+    validation: Table
+
+
+def _check_labels(y: np.ndarray, spec: DataSpec, where: str) -> np.ndarray:
+    if not np.all(np.isfinite(y)):
+        bad = int(np.flatnonzero(~np.isfinite(y.reshape(len(y), -1)).any(axis=1))[0])
+        raise DataError(f"{where}: label of sample {bad} is not a finite number")
+    if spec.task == "classification":
+        if np.any(y != np.round(y)) or np.any(y < 0) or (spec.classes is not None and np.any(y >= spec.classes)):
+            bad = int(np.flatnonzero((y != np.round(y)) | (y < 0) | (y >= (spec.classes or np.inf)))[0])
+            raise DataError(
+                f"{where}: label {y[bad]!r} of sample {bad} is not a class index in 0..{(spec.classes or 0) - 1}")
+        return y.astype(np.int64)
+    return y.astype(np.float32)
+
+
+def read_csv(path: Path, spec: DataSpec, require_labels: bool = True) -> Table:
+    """Parse one CSV file: a header row, a label column, every other column a float feature."""
+    with path.open(newline="", encoding="utf-8", errors="strict") as handle:
+        reader = csv.reader(handle)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataError(f"{path}: empty file (a header row is required)") from None
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}:1: {exc}") from exc
+        header = [h.strip() for h in header]
+        label_index = header.index(spec.label_column) if spec.label_column in header else None
+        if label_index is None and require_labels:
+            raise DataError(f"{path}:1: no label column {spec.label_column!r} in the header")
+        feature_cols = [i for i in range(len(header)) if i != label_index]
+        if len(feature_cols) != spec.features:
+            raise DataError(f"{path}:1: {len(feature_cols)} feature columns, the model expects {spec.features}")
+        rows: list[list[float]] = []
+        labels: list[float] = []
+        line = 1
+        try:
+            for line, row in enumerate(reader, start=2):
+                if not row or all(not c.strip() for c in row):
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
+                try:
+                    values = [float(c) for c in row]
+                except ValueError:
+                    bad = next(c for c in row if not _is_float(c))
+                    raise DataError(f"{path}:{line}: {bad!r} is not a number") from None
+                for i in feature_cols:
+                    if not math.isfinite(values[i]):
+                        raise DataError(f"{path}:{line}: feature {header[i]!r} is {row[i].strip()}, not finite")
+                rows.append([values[i] for i in feature_cols])
+                if label_index is not None:
+                    labels.append(values[label_index])
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}:{line + 1}: {exc}") from exc
+    x = np.asarray(rows, dtype=np.float32).reshape(len(rows), spec.features)
+    y = np.asarray(labels, dtype=np.float64)
+    if label_index is not None:
+        y = _check_labels(y, spec, str(path))
+    return Table(x, y)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_npz(path: Path, spec: DataSpec, require_labels: bool = True) -> Table:
+    """Arrays ``x`` (samples, features...) and ``y`` (samples,), numeric, no pickled objects."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "x" not in archive.files:
+                raise DataError(f"{path}: no array named 'x' (found: {', '.join(archive.files) or 'none'})")
+            x = archive["x"]
+            y = archive["y"] if "y" in archive.files else None
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path}: not a readable numpy .npz archive: {exc}") from exc
+    if x.dtype.kind not in "fiub" or x.ndim < 1:
+        raise DataError(f"{path}: array 'x' must be numeric with one row per sample, got {x.dtype} {x.shape}")
+    x = x.reshape(len(x), -1)
+    if x.shape[1] != spec.features:
+        raise DataError(f"{path}: 'x' has {x.shape[1]} features per sample, the model expects {spec.features}")
+    if not np.all(np.isfinite(x)):
+        bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+        raise DataError(f"{path}: sample {bad} of 'x' has a NaN or infinite feature")
+    if y is None:
+        if require_labels:
+            raise DataError(f"{path}: no array named 'y' (labels)")
+        return Table(x.astype(np.float32), np.zeros(0))
+    if y.dtype.kind not in "fiub" or len(y) != len(x):
+        raise DataError(f"{path}: 'y' must be numeric with {len(x)} entries, got {y.dtype} {y.shape}")
+    return Table(x.astype(np.float32), _check_labels(y.astype(np.float64), spec, str(path)))
+
+
+def read_file(path: Path, spec: DataSpec, require_labels: bool = True) -> Table:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror}") from exc
+    if size > MAX_FILE_BYTES:
+        raise DataError(f"{path}: {size} bytes is over the limit of {MAX_FILE_BYTES}")
+    if path.suffix == ".csv":
+        return read_csv(path, spec, require_labels)
+    if path.suffix == ".npz":
+        return read_npz(path, spec, require_labels)
+    raise DataError(f"{path}: unknown data format (expected {' or '.join(SUFFIXES)})")
+
+
+def _held_out(name: str, count: int, fraction: float) -> np.ndarray:
+    seed = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+    return np.random.default_rng(seed).random(count) < fraction
+
+
+def _concat(tables: list[Table], spec: DataSpec) -> Table:
+    if not tables:
+        label_dtype = np.int64 if spec.task == "classification" else np.float32
+        return Table(np.zeros((0, spec.features), np.float32), np.zeros(0, label_dtype))
+    return Table(np.concatenate([t.x for t in tables]), np.concatenate([t.y for t in tables]))
+
+
+@dataclass
+class LocalData:
+    """The data directory of one node, split into training and validation rows."""
+
+    directory: Path
+    spec: DataSpec
+    validation_fraction: float = 0.2
+    strict: bool = False
+    skipped: dict[Path, str] = field(default_factory=dict)
+    _files: dict[Path, _Loaded] = field(default_factory=dict)
+    _skipped_stamps: dict[Path, tuple[int, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory)
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise DataError(f"validation fraction {self.validation_fraction} must be in [0, 1)")
+        self.train = _concat([], self.spec)
+        self.validation = _concat([], self.spec)
+
+    def refresh(self) -> list[Path]:
+        """Read new and changed files, forget deleted ones; returns the files (re)loaded."""
+        try:
+            entries = sorted(p for p in self.directory.iterdir() if p.suffix in SUFFIXES and p.is_file())
+        except OSError as exc:
+            raise DataError(f"data directory {self.directory}: {exc.strerror}") from exc
+        loaded: list[Path] = []
+        present = set(entries)
+        changed = any(p not in present for p in self._files)
+        for path in [p for p in self._files if p not in present]:
+            del self._files[path]
+        for path in entries:
+            st = path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+            known = self._files.get(path)
+            if (known and known.stamp == stamp) or self._skipped_stamps.get(path) == stamp:
+                continue
+            try:
+                table = read_file(path, self.spec)
+            except DataError as exc:
+                if self.strict:
+                    raise
+                log.warning("skipping data file: %s", exc)
+                self.skipped[path] = str(exc)
+                self._skipped_stamps[path] = stamp
+                self._files.pop(path, None)
+                changed = True
+                continue
+            self.skipped.pop(path, None)
+            self._skipped_stamps.pop(path, None)
+            held = _held_out(path.name, len(table), self.validation_fraction)
+            self._files[path] = _Loaded(stamp, Table(table.x[~held], table.y[~held]),
+                                        Table(table.x[held], table.y[held]))
+            loaded.append(path)
+            changed = True
+        if changed:
+            ordered = [self._files[p] for p in sorted(self._files)]
+            self.train = _concat([f.train for f in ordered], self.spec)
+            self.validation = _concat([f.validation for f in ordered], self.spec)
+        if not entries and self.strict:
+            raise DataError(f"no {' or '.join(SUFFIXES)} files in data directory {self.directory}")
+        return loaded
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(self._files)
+
+    @property
+    def all(self) -> Table:
+        return _concat([self.train, self.validation], self.spec)
+
+
+def load_directory(directory: str | os.PathLike[str], spec: DataSpec, validation_fraction: float = 0.0) -> LocalData:
+    """Strictly load every file of a directory, as the offline CLI does."""
+    data = LocalData(Path(directory), spec, validation_fraction, strict=True)
+    data.refresh()
+    if len(data.train) + len(data.validation) == 0:
+        raise DataError(f"no samples in data directory {directory}")
+    return data
