@@ -59,17 +59,23 @@ class _Loaded:
     validation: Table
 
 
-def _check_labels(y: np.ndarray, spec: DataSpec, where: str) -> np.ndarray:
-    if not np.all(np.isfinite(y)):
-        bad = int(np.flatnonzero(~np.isfinite(y.reshape(len(y), -1)).any(axis=1))[0])
-        raise DataError(f"{where}: label of sample {bad} is not a finite number")
+def _label_problem(value: float, spec: DataSpec) -> str | None:
+    """Why ``value`` is not a usable label, or None."""
+    if not math.isfinite(value):
+        return f"label {value} is not a finite number"
     if spec.task == "classification":
-        if np.any(y != np.round(y)) or np.any(y < 0) or (spec.classes is not None and np.any(y >= spec.classes)):
-            bad = int(np.flatnonzero((y != np.round(y)) | (y < 0) | (y >= (spec.classes or np.inf)))[0])
-            raise DataError(
-                f"{where}: label {y[bad]!r} of sample {bad} is not a class index in 0..{(spec.classes or 0) - 1}")
-        return y.astype(np.int64)
-    return y.astype(np.float32)
+        top = (spec.classes or 0) - 1
+        if value != int(value) or value < 0 or (spec.classes is not None and value > top):
+            return f"label {value:g} is not a class index in 0..{top}"
+    return None
+
+
+def _check_labels(y: np.ndarray, spec: DataSpec, where: str) -> np.ndarray:
+    for index, value in enumerate(y.tolist()):
+        problem = _label_problem(float(value), spec)
+        if problem:
+            raise DataError(f"{where}: sample {index}: {problem}")
+    return y.astype(np.int64 if spec.task == "classification" else np.float32)
 
 
 def read_csv(path: Path, spec: DataSpec, require_labels: bool = True) -> Table:
@@ -108,14 +114,14 @@ def read_csv(path: Path, spec: DataSpec, require_labels: bool = True) -> Table:
                         raise DataError(f"{path}:{line}: feature {header[i]!r} is {row[i].strip()}, not finite")
                 rows.append([values[i] for i in feature_cols])
                 if label_index is not None:
+                    problem = _label_problem(values[label_index], spec)
+                    if problem:
+                        raise DataError(f"{path}:{line}: {problem}")
                     labels.append(values[label_index])
         except (csv.Error, UnicodeDecodeError) as exc:
             raise DataError(f"{path}:{line + 1}: {exc}") from exc
     x = np.asarray(rows, dtype=np.float32).reshape(len(rows), spec.features)
-    y = np.asarray(labels, dtype=np.float64)
-    if label_index is not None:
-        y = _check_labels(y, spec, str(path))
-    return Table(x, y)
+    return Table(x, np.asarray(labels, dtype=np.int64 if spec.task == "classification" else np.float32))
 
 
 def _is_float(text: str) -> bool:

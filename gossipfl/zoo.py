@@ -97,13 +97,13 @@ def build(spec: ArchSpec) -> Model:
             bias = w.param(f"conv{i}.bias", (out_ch,), fan_in)
             x = w.node("Conv", [x, weight, bias], f"conv{i}.out", kernel_shape=[3], pads=[1, 1])
             x = w.node("Relu", [x], f"conv{i}.relu")
-            if i < len(sizes) - 1 and length >= 4:
+            if length >= 4:
                 x = w.node("MaxPool", [x], f"pool{i}.out", kernel_shape=[2], strides=[2])
                 length //= 2
             in_ch = out_ch
-        x = w.node("GlobalAveragePool", [x], "gap.out")
+        # Flatten keeps where a feature occurred, which global pooling would average away.
         x = w.node("Flatten", [x], "flatten.out", axis=1)
-        x = w.linear("head", x, in_ch, outputs)
+        x = w.linear("head", x, in_ch * length, outputs)
     else:
         input_dims = ["batch", spec.inputs]
         x = INPUT_NAME
