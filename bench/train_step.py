@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from gossipfl.autodiff import LABELS, build_gradient_graph
 from gossipfl.optim import OptimizerConfig
-from gossipfl.trainer import Trainer, TrainConfig, session_options
+from gossipfl.trainer import TrainConfig, Trainer, session_options
 from gossipfl.zoo import ArchSpec, build
 
 BATCH, INPUTS, HIDDEN, CLASSES = 64, 64, 128, 10
