@@ -149,6 +149,8 @@ class Model:
         if not np.all(np.isfinite(self.params)):
             raise ModelError("model parameters contain NaN or Inf")
 
+        #: The file's metadata_props (the task, and a checkpoint's state), as found at load.
+        self.metadata: dict[str, str] = {p.key: p.value for p in proto.metadata_props}
         self.task = self._resolve_task(proto, task)
         self.lifted = self._lift(proto, trainable)
         self.fingerprint: bytes = self._fingerprint()
@@ -240,8 +242,7 @@ class Model:
     # ---------------------------------------------------------------- internals
 
     def _resolve_task(self, proto: onnx.ModelProto, task: str | None) -> str:
-        meta = {p.key: p.value for p in proto.metadata_props}
-        chosen = task or meta.get(TASK_KEY)
+        chosen = task or self.metadata.get(TASK_KEY)
         if chosen is None:
             # A single output column is a regression head; several are class scores.
             chosen = "classification" if self.num_outputs > 1 else "regression"

@@ -1,0 +1,290 @@
+"""The node's configuration: one TOML file, checked strictly before anything starts.
+
+Every section is a dataclass and every key a field. An unknown key, a value of the wrong type or out
+of range is refused with the key's dotted name (``gossip.period: must be > 0, got -1``), so a typo
+never silently falls back to a default. Relative paths are resolved against the config file's
+directory, so a config and the files it names can move together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gossipfl.errors import ConfigError
+
+ROLES = ("node", "gateway")
+MODES = ("gossip", "fedavg", "auto")
+SCHEMES = ("float32", "float16", "int8", "topk")
+LOG_FORMATS = ("text", "json")
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    name: str = "gossipfl-node"
+    role: str = "node"
+    mode: str = "gossip"
+    state_dir: Path = Path("state")
+
+
+@dataclass(frozen=True)
+class ListenSection:
+    address: str = "127.0.0.1"
+    port: int = 7878
+
+
+@dataclass(frozen=True)
+class DiscoverySection:
+    mdns: bool = True
+    interfaces: list[str] = field(default_factory=list)  # addresses to run mDNS on; empty = the listen address
+    static_peers: list[str] = field(default_factory=list)  # "host:port"
+
+
+@dataclass(frozen=True)
+class TlsSection:
+    cert: Path = Path("certs/node.crt")
+    key: Path = Path("certs/node.key")
+    ca: Path = Path("certs/ca.crt")
+    allowlist: list[str] = field(default_factory=list)  # node ids (hex); empty = anyone the CA signed
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: Path = Path("model.onnx")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    directory: Path = Path("data")
+    label_column: str = "label"
+    validation_fraction: float = 0.2
+    rescan_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    batch_size: int = 32
+    threads: int = 1
+    duty_cycle: float = 0.5  # share of wall time spent training, so the device stays usable
+    slice_steps: int = 10  # steps per slice; merges wait at most one slice
+    seed: int = 0
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class GossipSection:
+    period: float = 2.0
+    jitter: float = 0.5  # the period varies by up to this fraction either way
+    scheme: str = "int8"
+    topk_fraction: float = 0.01
+    push_pull: bool = False
+    max_peers: int = 16  # peers we keep delta references for (least recently used go first)
+    failures_to_evict: int = 3
+    max_backoff: float = 30.0
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    max_frame_bytes: int = 64 * 1024 * 1024
+    max_connections: int = 32
+    read_timeout: float = 10.0
+    connect_timeout: float = 5.0
+    outlier_factor: float = 10.0  # refuse updates whose norm exceeds this times the recent median
+
+
+@dataclass(frozen=True)
+class StateSection:
+    checkpoint_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class ControlSection:
+    socket: Path = Path("/run/gossipfl/control.sock")
+
+
+@dataclass(frozen=True)
+class LogSection:
+    format: str = "text"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node: NodeSection = field(default_factory=NodeSection)
+    listen: ListenSection = field(default_factory=ListenSection)
+    discovery: DiscoverySection = field(default_factory=DiscoverySection)
+    tls: TlsSection = field(default_factory=TlsSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    gossip: GossipSection = field(default_factory=GossipSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    state: StateSection = field(default_factory=StateSection)
+    control: ControlSection = field(default_factory=ControlSection)
+    log: LogSection = field(default_factory=LogSection)
+    source: Path | None = None  # the file this came from
+
+    @property
+    def mdns_interfaces(self) -> list[str]:
+        return self.discovery.interfaces or [self.listen.address]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike[str]) -> NodeConfig:
+    file = Path(path)
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {file} is over {MAX_CONFIG_BYTES} bytes")
+    try:
+        table = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from exc
+    return config_from_dict(table, base_dir=file.resolve().parent, source=file)
+
+
+def config_from_dict(table: dict[str, Any], base_dir: Path | None = None, source: Path | None = None) -> NodeConfig:
+    base = base_dir or Path.cwd()
+    sections: dict[str, Any] = {}
+    known = {f.name: f for f in dataclasses.fields(NodeConfig) if f.name != "source"}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown section (known: {', '.join(known)})")
+    hints = typing.get_type_hints(NodeConfig)
+    for key in known:
+        value = table.get(key, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: must be a table ([{key}])")
+        sections[key] = _build_section(hints[key], value, key, base)
+    config = NodeConfig(**sections, source=source)
+    _validate(config)
+    return config
+
+
+def _build_section(cls: type, table: dict[str, Any], prefix: str, base: Path) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}.{key}"
+        if key not in names:
+            raise ConfigError(f"{dotted}: unknown key (known in [{prefix}]: {', '.join(sorted(names))})")
+        values[key] = _coerce(hints[key], value, dotted, base)
+    defaults = cls()
+    for name in names - values.keys():
+        if hints[name] is Path:
+            values[name] = _resolve(getattr(defaults, name), base)
+    return cls(**values)
+
+
+def _resolve(path: Path, base: Path) -> Path:
+    return path if path.is_absolute() else base / path
+
+
+def _coerce(hint: Any, value: Any, key: str, base: Path) -> Any:
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be a whole number, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string, got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: must be a path string, got {value!r}")
+        return _resolve(Path(value), base)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: must be a list, got {value!r}")
+        return [_coerce(item, v, f"{key}[{i}]", base) for i, v in enumerate(value)]
+    raise ConfigError(f"{key}: unsupported option type {hint!r}")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def parse_host_port(text: str, key: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    _check(bool(sep) and bool(host) and port_text.isdigit(), key, f"must be host:port, got {text!r}")
+    port = int(port_text)
+    _check(0 < port < 65536, key, f"port {port} is out of range")
+    return host, port
+
+
+def _check_ip(text: str, key: str) -> None:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not an IP address") from None
+
+
+def _validate(c: NodeConfig) -> None:
+    _check(0 < len(c.node.name) <= 63, "node.name", "must be 1 to 63 characters")
+    _check(c.node.role in ROLES, "node.role", f"must be one of {', '.join(ROLES)}, got {c.node.role!r}")
+    _check(c.node.mode in MODES, "node.mode", f"must be one of {', '.join(MODES)}, got {c.node.mode!r}")
+    _check_ip(c.listen.address, "listen.address")
+    _check(0 <= c.listen.port < 65536, "listen.port", f"must be 0 to 65535, got {c.listen.port}")
+    for i, addr in enumerate(c.discovery.interfaces):
+        _check_ip(addr, f"discovery.interfaces[{i}]")
+    for i, peer in enumerate(c.discovery.static_peers):
+        parse_host_port(peer, f"discovery.static_peers[{i}]")
+    for i, node_id in enumerate(c.tls.allowlist):
+        _check(len(node_id) == 64 and all(ch in "0123456789abcdef" for ch in node_id.lower()),
+               f"tls.allowlist[{i}]", f"must be a 64-character hex node id, got {node_id!r}")
+    _check(0 <= c.data.validation_fraction < 1, "data.validation_fraction", "must be in [0, 1)")
+    _check(c.data.rescan_seconds > 0, "data.rescan_seconds", "must be > 0")
+    t = c.training
+    _check(t.optimizer in ("sgd", "adam"), "training.optimizer", f"must be sgd or adam, got {t.optimizer!r}")
+    _check(t.lr > 0, "training.lr", f"must be > 0, got {t.lr}")
+    _check(0 <= t.momentum < 1, "training.momentum", f"must be in [0, 1), got {t.momentum}")
+    _check(1 <= t.batch_size <= 65536, "training.batch_size", f"must be 1 to 65536, got {t.batch_size}")
+    _check(1 <= t.threads <= 64, "training.threads", f"must be 1 to 64, got {t.threads}")
+    _check(0 < t.duty_cycle <= 1, "training.duty_cycle", f"must be in (0, 1], got {t.duty_cycle}")
+    _check(1 <= t.slice_steps <= 10000, "training.slice_steps", f"must be 1 to 10000, got {t.slice_steps}")
+    g = c.gossip
+    _check(g.period > 0, "gossip.period", f"must be > 0, got {g.period}")
+    _check(0 <= g.jitter < 1, "gossip.jitter", f"must be in [0, 1), got {g.jitter}")
+    _check(g.scheme in SCHEMES, "gossip.scheme", f"must be one of {', '.join(SCHEMES)}, got {g.scheme!r}")
+    _check(0 < g.topk_fraction <= 1, "gossip.topk_fraction", f"must be in (0, 1], got {g.topk_fraction}")
+    _check(1 <= g.max_peers <= 1024, "gossip.max_peers", f"must be 1 to 1024, got {g.max_peers}")
+    _check(g.failures_to_evict >= 1, "gossip.failures_to_evict", "must be at least 1")
+    _check(g.max_backoff >= g.period, "gossip.max_backoff", "must be at least gossip.period")
+    lim = c.limits
+    _check(1024 <= lim.max_frame_bytes <= 2**31, "limits.max_frame_bytes", "must be 1 KiB to 2 GiB")
+    _check(1 <= lim.max_connections <= 10000, "limits.max_connections", "must be 1 to 10000")
+    _check(lim.read_timeout > 0, "limits.read_timeout", "must be > 0")
+    _check(lim.connect_timeout > 0, "limits.connect_timeout", "must be > 0")
+    _check(lim.outlier_factor > 1, "limits.outlier_factor", "must be > 1")
+    _check(c.state.checkpoint_seconds > 0, "state.checkpoint_seconds", "must be > 0")
+    _check(c.log.format in LOG_FORMATS, "log.format", f"must be text or json, got {c.log.format!r}")
+    _check(c.log.level in ("debug", "info", "warning", "error"), "log.level",
+           f"must be debug, info, warning or error, got {c.log.level!r}")

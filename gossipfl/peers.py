@@ -1,0 +1,108 @@
+"""Which peers are alive and whom to gossip with next: bookkeeping only, time passed in.
+
+mDNS cannot tell us in useful time that a peer died (python-zeroconf stretches PTR TTLs to 1125 s),
+so liveness is judged by our own exchanges: every failed dial or exchange backs the peer off
+exponentially, and after ``failures_to_evict`` in a row it is evicted (not chosen, and reported as
+down). An evicted peer is still retried at the longest backoff, so one that comes back is taken back
+at its first successful exchange, or at once when mDNS announces it again or it dials us.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PeerStats:
+    exchanges: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    refusals: dict[str, int] = field(default_factory=dict)
+    last_seen: float | None = None
+
+
+@dataclass
+class Peer:
+    node_id: bytes
+    host: str
+    port: int
+    source: str  # "mdns", "static" or "inbound"
+    role: str = "node"
+    fingerprint: bytes | None = None
+    failures: int = 0
+    next_try: float = 0.0
+    evicted: bool = False
+    blocked: bool = False
+    stats: PeerStats = field(default_factory=PeerStats)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class PeerTable:
+    def __init__(self, period: float, failures_to_evict: int = 3, max_backoff: float = 30.0) -> None:
+        self.period = period
+        self.failures_to_evict = failures_to_evict
+        self.max_backoff = max_backoff
+        self._peers: dict[bytes, Peer] = {}
+
+    def __iter__(self):
+        return iter(list(self._peers.values()))
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def get(self, node_id: bytes) -> Peer | None:
+        return self._peers.get(node_id)
+
+    def seen(self, node_id: bytes, host: str, port: int, source: str, now: float, role: str = "node",
+             fingerprint: bytes | None = None) -> Peer:
+        """A peer was announced or dialled us: (re)admit it and make it eligible at once."""
+        peer = self._peers.get(node_id)
+        if peer is None:
+            peer = Peer(node_id, host, port, source, role, fingerprint)
+            self._peers[node_id] = peer
+        else:
+            # An inbound connection tells us the peer is up but not where it listens.
+            if source != "inbound" or peer.source == "inbound":
+                peer.host, peer.port, peer.source = host, port, source
+            peer.role = role if source != "inbound" else peer.role
+            if fingerprint is not None:
+                peer.fingerprint = fingerprint
+        peer.failures, peer.next_try, peer.evicted = 0, now, False
+        peer.stats.last_seen = now
+        return peer
+
+    def gone(self, node_id: bytes) -> None:
+        self._peers.pop(node_id, None)
+
+    def succeeded(self, node_id: bytes, now: float) -> None:
+        peer = self._peers.get(node_id)
+        if peer is not None:
+            peer.failures, peer.next_try, peer.evicted = 0, now, False
+            peer.stats.last_seen = now
+
+    def failed(self, node_id: bytes, now: float) -> bool:
+        """Record a failed dial or exchange; True when this failure evicts the peer."""
+        peer = self._peers.get(node_id)
+        if peer is None:
+            return False
+        peer.failures += 1
+        peer.next_try = now + min(self.period * 2**peer.failures, self.max_backoff)
+        newly = not peer.evicted and peer.failures >= self.failures_to_evict
+        peer.evicted = peer.evicted or newly
+        return newly
+
+    def live(self) -> list[Peer]:
+        return [p for p in self._peers.values() if not p.evicted and not p.blocked and p.source != "inbound"]
+
+    def choose(self, now: float, rng: random.Random, role: str | None = None) -> Peer | None:
+        """A random peer that is due, preferring live ones; evicted ones only on their slow retry."""
+        due = [p for p in self._peers.values()
+               if p.next_try <= now and not p.blocked and p.source != "inbound" and (role is None or p.role == role)]
+        if not due:
+            return None
+        live = [p for p in due if not p.evicted]
+        return rng.choice(live or due)
