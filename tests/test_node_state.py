@@ -1,0 +1,111 @@
+"""Config, merge rule, peer table and checkpoint: the sans-I/O parts of a node."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from gossipfl.checkpoint import load_checkpoint, save_checkpoint
+from gossipfl.config import config_from_dict, load_config
+from gossipfl.errors import ConfigError, ModelError
+from gossipfl.merge import age_weighted_merge, update_norm_is_outlier
+from gossipfl.peers import PeerTable
+from gossipfl.zoo import ArchSpec, build
+
+
+def test_config_defaults_and_relative_paths(tmp_path):
+    path = tmp_path / "node.toml"
+    path.write_text('[node]\nname = "a"\n[tls]\ncert = "c/n.crt"\n[gossip]\nperiod = 1\n')
+    config = load_config(path)
+    assert config.gossip.period == 1.0 and isinstance(config.gossip.period, float)
+    assert config.tls.cert == tmp_path / "c" / "n.crt"
+    assert config.tls.key == tmp_path / "certs" / "node.key", "defaults resolve against the file too"
+    assert config.mdns_interfaces == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"gossip": {"perod": 1}}, "gossip.perod: unknown key"),
+    ({"gossips": {}}, "gossips: unknown section"),
+    ({"gossip": {"period": -1}}, "gossip.period: must be > 0"),
+    ({"gossip": {"period": "fast"}}, "gossip.period: must be a finite number"),
+    ({"gossip": {"scheme": "zip"}}, "gossip.scheme: must be one of"),
+    ({"listen": {"port": 70000}}, "listen.port: must be 0 to 65535"),
+    ({"listen": {"address": "localhost"}}, "listen.address: 'localhost' is not an IP address"),
+    ({"discovery": {"static_peers": ["10.0.0.1"]}}, r"discovery.static_peers\[0\]: must be host:port"),
+    ({"discovery": {"mdns": "yes"}}, "discovery.mdns: must be true or false"),
+    ({"training": {"batch_size": 2.5}}, "training.batch_size: must be a whole number"),
+    ({"training": {"duty_cycle": 0}}, r"training.duty_cycle: must be in \(0, 1\]"),
+    ({"tls": {"allowlist": ["abc"]}}, r"tls.allowlist\[0\]: must be a 64-character hex node id"),
+    ({"node": {"role": "server"}}, "node.role: must be one of node, gateway"),
+    ({"node": "x"}, r"node: must be a table"),
+])
+def test_config_errors_name_the_key(table, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(table)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[node\nname=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_age_weighted_merge():
+    local = np.array([0.0, 2.0], np.float32)
+    merged = age_weighted_merge(local, 100.0, np.array([4.0, 2.0], np.float32), 300.0)
+    assert np.allclose(local, [3.0, 2.0]) and merged.age == 300.0 and merged.weight_remote == 0.75
+    fresh = np.zeros(2, np.float32)
+    assert age_weighted_merge(fresh, 0.0, np.ones(2, np.float32), 0.0).weight_remote == 0.5
+    assert np.allclose(fresh, 0.5)
+
+
+def test_outlier_rule():
+    history = [1.0, 1.2, 0.9, 1.1, 1.0]
+    assert not update_norm_is_outlier(5.0, history, factor=10)
+    assert update_norm_is_outlier(50.0, history, factor=10)
+    assert not update_norm_is_outlier(1e9, history[:3], factor=10), "no refusals before enough history"
+
+
+def test_peer_backoff_eviction_and_return():
+    table = PeerTable(period=1.0, failures_to_evict=3, max_backoff=8.0)
+    rng = random.Random(0)
+    a = table.seen(b"a" * 32, "127.0.0.1", 1, "mdns", now=0.0)
+    table.seen(b"b" * 32, "127.0.0.1", 2, "static", now=0.0)
+    assert {p.node_id for p in table.live()} == {b"a" * 32, b"b" * 32}
+    assert not table.failed(a.node_id, now=0.0)
+    assert a.next_try == 2.0
+    assert not table.failed(a.node_id, now=2.0)
+    assert table.failed(a.node_id, now=6.0), "third failure in a row evicts"
+    assert a.evicted and a.next_try == 6.0 + 8.0
+    assert [p.node_id for p in table.live()] == [b"b" * 32]
+    picks = {table.choose(7.0, rng).node_id for _ in range(50)}
+    assert picks == {b"b" * 32}, "an evicted peer is not chosen before its retry time"
+    assert table.choose(20.0, rng) is not None
+    table.succeeded(a.node_id, now=21.0)
+    assert not a.evicted and a.failures == 0
+    table.failed(a.node_id, 22.0)
+    table.seen(a.node_id, "127.0.0.1", 1, "mdns", now=23.0)
+    assert a.failures == 0 and a.next_try == 23.0
+    table.seen(a.node_id, "10.1.1.1", 5555, "inbound", now=24.0)
+    assert a.address == "127.0.0.1:1", "an inbound connection does not replace the listening address"
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    model = build(ArchSpec("mlp", 8, 3, hidden=(4,), seed=1))
+    path = tmp_path / "checkpoint.onnx"
+    save_checkpoint(path, model, {"age": 1234.0, "seq": 7})
+    restored, state = load_checkpoint(path, model.fingerprint)
+    assert np.array_equal(restored.params, model.params)
+    assert state["age"] == 1234.0 and state["seq"] == 7
+    assert (path.stat().st_mode & 0o777) == 0o600
+    other = build(ArchSpec("mlp", 8, 3, hidden=(5,)))
+    with pytest.raises(ModelError, match="different model"):
+        load_checkpoint(path, other.fingerprint)
+    model.save(tmp_path / "plain.onnx")
+    with pytest.raises(ModelError, match="not a gossipfl checkpoint"):
+        load_checkpoint(tmp_path / "plain.onnx")
