@@ -144,6 +144,8 @@ class Trainer:
         bind_out(LOSS, self._loss)
         self._io = io
         self._rng = np.random.default_rng(self.config.seed)
+        self._order: np.ndarray | None = None
+        self._cursor = 0
         self._predict: ort.InferenceSession | None = None
 
     # ---------------------------------------------------------------- training
@@ -188,6 +190,27 @@ class Trainer:
                 break
             losses.append(self.step(xs[start : start + size], ys[start : start + size]))
         return float(np.mean(losses))
+
+    def train_steps(self, x: np.ndarray, y: np.ndarray, steps: int) -> tuple[float, int]:
+        """``steps`` batches from a shuffled pass over (x, y) that carries over between calls.
+
+        The daemon trains in short slices between merges; the cursor makes consecutive slices walk
+        through an epoch instead of re-drawing the first batches. A new pass starts, reshuffled,
+        when the data ends or changes size. Returns the mean loss and the number of samples seen.
+        """
+        if len(x) == 0:
+            raise DataError("no training samples")
+        if self._order is None or len(self._order) != len(x) or self._cursor >= len(x):
+            self._order, self._cursor = self._rng.permutation(len(x)), 0
+        losses, samples = [], 0
+        for _ in range(steps):
+            if self._cursor >= len(x):
+                self._order, self._cursor = self._rng.permutation(len(x)), 0
+            rows = self._order[self._cursor : self._cursor + self.config.batch_size]
+            self._cursor += len(rows)
+            losses.append(self.step(x[rows], y[rows]))
+            samples += len(rows)
+        return float(np.mean(losses)), samples
 
     def fit(self, x: np.ndarray, y: np.ndarray, epochs: int) -> list[float]:
         return [self.epoch(x, y) for _ in range(epochs)]

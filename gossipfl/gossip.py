@@ -1,0 +1,136 @@
+"""Per-peer delta references for asynchronous gossip, as a state machine with no I/O.
+
+For every peer j, node i keeps two references (``codec.Reference``), each with a sequence number:
+
+- ``outgoing[j]``: the copy of i's model that j holds. A push codes ``x_i - outgoing[j]``; with error
+  feedback the reference moves by exactly what j decodes, so what a lossy scheme drops from one
+  message is sent in a later one.
+- ``incoming[j]``: i's reconstruction of j's model, moved by every delta j sends.
+
+A message names the base sequence it is a delta against. A receiver whose ``incoming[j]`` is not at
+that sequence (it restarted, evicted j from its table, or lost a message) answers need-full, and the
+sender resets ``outgoing[j]`` to zeros and sends the whole model (base 0). Both sides change their
+references only when the exchange completes (``commit_*``), so a dropped connection leaves both at
+the old sequence or, at worst, makes the next message answer need-full: never silently diverged.
+
+The number of peers with references is bounded; the least recently used go first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from gossipfl.codec import CodecConfig, Reference
+from gossipfl.errors import CodecError
+from gossipfl.merge import update_norm_is_outlier
+
+NORM_HISTORY = 32
+
+
+@dataclass
+class Push:
+    """A coded delta ready to send; ``commit_push`` adopts ``reference`` once the peer acknowledged."""
+
+    peer: bytes
+    base_seq: int
+    new_seq: int
+    payload: bytes
+    reference: Reference
+
+
+@dataclass
+class Received:
+    """A decoded model from a peer, not yet adopted; ``commit_receive`` adopts it."""
+
+    peer: bytes
+    reference: Reference
+    distance: float
+
+    @property
+    def model(self) -> np.ndarray:
+        return self.reference.values
+
+
+class NeedFull(Exception):
+    """The delta's base is not the reference we hold for that peer: ask for the full model."""
+
+    def __init__(self, base_seq: int, held_seq: int | None) -> None:
+        self.base_seq, self.held_seq = base_seq, held_seq
+        super().__init__(f"no reference at sequence {base_seq} (holding {held_seq})")
+
+
+class Refused(Exception):
+    """The update is well-formed but not accepted; ``reason`` is a metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}")
+
+
+class _LRU(OrderedDict[bytes, Reference]):
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def touch(self, key: bytes, value: Reference) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+
+class GossipState:
+    def __init__(self, count: int, codec: CodecConfig, max_peers: int = 16, outlier_factor: float = 10.0) -> None:
+        self.count = count
+        self.codec = codec
+        self.outlier_factor = outlier_factor
+        self.outgoing = _LRU(max_peers)
+        self.incoming = _LRU(max_peers)
+        self.recent_distances: deque[float] = deque(maxlen=NORM_HISTORY)
+
+    # ---------------------------------------------------------------- sending
+
+    def prepare_push(self, peer: bytes, params: np.ndarray, full: bool = False) -> Push:
+        """Code our model for ``peer`` against what it holds (or against zero when ``full``)."""
+        held = None if full else self.outgoing.get(peer)
+        reference = Reference(self.count, 0) if held is None else held.copy()
+        base = reference.seq
+        payload = reference.encode_towards(params, self.codec, new_seq=base + 1)
+        return Push(peer, base, base + 1, payload, reference)
+
+    def commit_push(self, push: Push) -> None:
+        self.outgoing.touch(push.peer, push.reference)
+
+    def forget(self, peer: bytes) -> None:
+        """The peer lost our reference (need-full) or is gone: start again from zero."""
+        self.outgoing.pop(peer, None)
+        self.incoming.pop(peer, None)
+
+    # ---------------------------------------------------------------- receiving
+
+    def receive(self, peer: bytes, base_seq: int, new_seq: int, payload: bytes, local: np.ndarray) -> Received:
+        """Decode a delta from ``peer``. Raises NeedFull, Refused, or CodecError (bad payload)."""
+        if new_seq != base_seq + 1:
+            raise Refused("sequence", f"new sequence {new_seq} does not follow base {base_seq}")
+        held = self.incoming.get(peer)
+        if base_seq == 0:
+            reference = Reference(self.count, 0)
+        elif held is not None and held.seq == base_seq:
+            reference = held.copy()
+        else:
+            raise NeedFull(base_seq, None if held is None else held.seq)
+        reference.apply(payload, new_seq=new_seq)  # CodecError on anything malformed, NaN or Inf
+        distance = float(np.linalg.norm(reference.values - local))
+        if not np.isfinite(distance):
+            raise CodecError("decoded model is not finite")
+        if update_norm_is_outlier(distance, list(self.recent_distances), self.outlier_factor):
+            median = float(np.median(self.recent_distances))
+            raise Refused("outlier", f"model is {distance:.3g} away, recent median {median:.3g}")
+        return Received(peer, reference, distance)
+
+    def commit_receive(self, received: Received) -> None:
+        self.incoming.touch(received.peer, received.reference)
+        self.recent_distances.append(received.distance)

@@ -1,0 +1,107 @@
+"""The per-peer reference protocol, driven directly: two nodes' states and the messages between them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gossipfl.codec import CodecConfig
+from gossipfl.errors import CodecError
+from gossipfl.gossip import GossipState, NeedFull, Refused
+
+A, B = b"a" * 32, b"b" * 32
+N = 4096
+
+
+def states(scheme: str = "int8"):
+    codec = CodecConfig(scheme=scheme, int8_block=256)
+    return GossipState(N, codec), GossipState(N, codec)
+
+
+def send(sender: GossipState, receiver: GossipState, x: np.ndarray, local: np.ndarray, ack: bool = True):
+    push = sender.prepare_push(B, x)
+    try:
+        got = receiver.receive(A, push.base_seq, push.new_seq, push.payload, local)
+    except NeedFull:
+        sender.forget(B)
+        push = sender.prepare_push(B, x, full=True)
+        got = receiver.receive(A, push.base_seq, push.new_seq, push.payload, local)
+    receiver.commit_receive(got)
+    if ack:
+        sender.commit_push(push)
+    return push, got
+
+
+@pytest.mark.parametrize("scheme", ["int8", "topk", "float16"])
+def test_receiver_tracks_a_drifting_model(scheme):
+    a, b = states(scheme)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=N).astype(np.float32)
+    local = np.zeros(N, np.float32)
+    for _ in range(60):
+        x += rng.normal(0, 0.01, N).astype(np.float32)
+        push, got = send(a, b, x, local)
+    assert push.base_seq > 0, "after the first exchange deltas are incremental"
+    err = np.linalg.norm(got.model - x) / np.linalg.norm(x)
+    assert err < (0.02 if scheme != "topk" else 0.35), err
+    assert np.array_equal(a.outgoing[B].values, b.incoming[A].values), "both ends hold the same reference"
+
+
+def test_lost_reference_gets_need_full_then_recovers():
+    a, b = states()
+    x = np.random.default_rng(1).normal(size=N).astype(np.float32)
+    send(a, b, x, np.zeros(N, np.float32))
+    b.forget(A)  # the receiver restarted
+    push = a.prepare_push(B, x)
+    with pytest.raises(NeedFull) as need:
+        b.receive(A, push.base_seq, push.new_seq, push.payload, x)
+    assert need.value.base_seq == 1 and need.value.held_seq is None
+    push, got = send(a, b, x, x)
+    assert push.base_seq == 0 and np.allclose(got.model, x, atol=0.05)
+
+
+def test_unacknowledged_push_does_not_move_the_sender():
+    a, b = states()
+    x = np.random.default_rng(2).normal(size=N).astype(np.float32)
+    send(a, b, x, np.zeros(N, np.float32))
+    send(a, b, x * 1.01, x, ack=False)  # receiver applied, ack lost
+    assert a.outgoing[B].seq == 1 and b.incoming[A].seq == 2
+    nxt = a.prepare_push(B, x)
+    with pytest.raises(NeedFull):
+        b.receive(A, nxt.base_seq, nxt.new_seq, nxt.payload, x)
+
+
+def test_outlier_is_refused_and_leaves_state_unchanged():
+    a, b = states()
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=N).astype(np.float32)
+    local = x + rng.normal(0, 0.01, N).astype(np.float32)
+    for _ in range(6):
+        send(a, b, x, local)
+    before = b.incoming[A].values.copy()
+    push = a.prepare_push(B, x * 100)
+    with pytest.raises(Refused) as refused:
+        b.receive(A, push.base_seq, push.new_seq, push.payload, local)
+    assert refused.value.reason == "outlier"
+    assert np.array_equal(b.incoming[A].values, before)
+
+
+def test_corrupt_payload_and_bad_sequences():
+    a, b = states()
+    x = np.ones(N, np.float32)
+    push = a.prepare_push(B, x)
+    broken = bytearray(push.payload)
+    broken[len(broken) // 2] ^= 0xFF
+    with pytest.raises(CodecError):
+        b.receive(A, 0, 1, bytes(broken), x)
+    with pytest.raises(Refused, match="sequence"):
+        b.receive(A, 0, 5, push.payload, x)
+    assert A not in b.incoming
+
+
+def test_reference_table_is_bounded():
+    codec = CodecConfig(scheme="float16")
+    s = GossipState(8, codec, max_peers=3)
+    for i in range(5):
+        s.commit_push(s.prepare_push(bytes([i]) * 32, np.ones(8, np.float32)))
+    assert list(s.outgoing) == [bytes([i]) * 32 for i in (2, 3, 4)]
