@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gossipfl import identity
 from gossipfl.data import DataSpec, load_directory, read_file
 from gossipfl.errors import DataError, GossipflError
 from gossipfl.model import Model
@@ -164,6 +165,35 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs_init_ca(args: argparse.Namespace) -> int:
+    cert = identity.init_ca(args.dir, args.name, days=args.days)
+    node_id = identity.format_node_id(identity.node_id_from_cert_file(cert))
+    print(f"wrote {Path(args.dir) / identity.CA_KEY} (keep it secret) and {cert}; CA id {node_id}")
+    return 0
+
+
+def cmd_certs_issue(args: argparse.Namespace) -> int:
+    node_id = identity.issue_node_cert(args.ca, args.name, args.out, days=args.days)
+    print(identity.format_node_id(node_id))
+    return 0
+
+
+def cmd_certs_show(args: argparse.Namespace) -> int:
+    info = identity.describe_certificate(args.file)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        dns = ", ".join(info["dns_names"]) or "-"
+        print(f"node id   {info['node_id']}\n"
+              f"subject   {info['subject']}\n"
+              f"issuer    {info['issuer']}\n"
+              f"valid     {info['not_before']} to {info['not_after']} ({info['status']})\n"
+              f"ca        {'yes' if info['is_ca'] else 'no'}\n"
+              f"dns       {dns}\n"
+              f"serial    {info['serial']}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -216,6 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--label-column", default="label")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(handler=cmd_predict)
+
+    certs = sub.add_parser("certs", help="the cluster CA and node certificates for mutual TLS")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True, parser_class=_Parser)
+    ca = certs_sub.add_parser("init-ca", help="create the cluster CA (ca.key, ca.crt) in a directory")
+    ca.add_argument("--dir", required=True)
+    ca.add_argument("--name", default="gossipfl cluster CA", help="the CA's common name")
+    ca.add_argument("--days", type=_positive_int, default=identity.CA_DAYS)
+    ca.set_defaults(handler=cmd_certs_init_ca)
+    issue = certs_sub.add_parser("issue", help="make a node key and certificate; prints the node id")
+    issue.add_argument("--ca", required=True, help="directory holding ca.key and ca.crt")
+    issue.add_argument("--name", required=True, help="node name: 1-63 of A-Z a-z 0-9 . _ -")
+    issue.add_argument("--out", required=True, help="directory for node.key, node.crt and ca.crt")
+    issue.add_argument("--days", type=_positive_int, default=identity.NODE_DAYS)
+    issue.set_defaults(handler=cmd_certs_issue)
+    show = certs_sub.add_parser("show", help="node id, subject, issuer and validity of a certificate")
+    show.add_argument("file")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_certs_show)
     return parser
 
 

@@ -39,3 +39,7 @@ class CodecError(GossipflError):
 
 class ProtocolError(GossipflError):
     """A peer sent bytes that are not a valid gossipfl frame or message."""
+
+
+class IdentityError(GossipflError):
+    """A certificate, key or node id is missing, malformed, untrusted, or not the one expected."""
