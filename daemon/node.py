@@ -1,0 +1,466 @@
+"""The gossip node: trio tasks that wire the gossipfl library to sockets, disk, the clock and mDNS.
+
+Tasks, all in one nursery:
+- ``_serve``: the mutual-TLS peer listener; each connection is handled in its own task, bounded in
+  number, and every read has a deadline.
+- ``_discovery``: mDNS advertisement and browsing (python-zeroconf in its own thread, see
+  discovery.py); static peers are added at start.
+- ``_gossip_loop``: every period (with jitter) push our model to one random live peer.
+- ``_learn_loop``: local training in a worker thread, in short slices, at a configured duty cycle.
+- ``_checkpoint_loop``, ``_data_loop``, ``_lag_monitor``.
+
+``model.params`` is shared by training (in a worker thread) and merges (on the event loop): a trio
+lock is held around each training slice and each merge, so they never overlap; a slice is short, so a
+merge waits at most one slice. Coding and decoding large payloads also run in worker threads, so the
+event loop stays responsive.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from gossipfl import wire
+from gossipfl.checkpoint import load_checkpoint, save_checkpoint
+from gossipfl.codec import CodecConfig
+from gossipfl.config import NodeConfig, parse_host_port
+from gossipfl.data import DataSpec, LocalData
+from gossipfl.errors import CodecError, GossipflError, ModelError, ProtocolError
+from gossipfl.gossip import GossipState, NeedFull, Refused
+from gossipfl.identity import NodeIdentity, client_context, format_node_id, parse_allowlist, server_context
+from gossipfl.merge import age_weighted_merge
+from gossipfl.model import Model
+from gossipfl.optim import OptimizerConfig
+from gossipfl.peers import Peer, PeerTable
+from gossipfl.trainer import Metrics, TrainConfig, Trainer
+
+from .connection import MessageStream, PeerRefused, expect, tls_handshake, verify_peer
+from .discovery import Advertisement, Discovery, PeerGone, PeerSeen
+from .logs import fields
+
+log = logging.getLogger("gossipfld.node")
+
+CHECKPOINT = "checkpoint.onnx"
+EVAL_EVERY = 5.0  # seconds between validation runs
+LAG_PROBE = 0.05
+
+
+@dataclass
+class Counters:
+    values: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, amount: float = 1) -> None:
+        self.values[name] = self.values.get(name, 0) + amount
+
+    def get(self, name: str) -> float:
+        return self.values.get(name, 0)
+
+
+def short(node_id: bytes) -> str:
+    return node_id.hex()[:12] if len(node_id) == 32 else node_id.decode(errors="replace")
+
+
+class Node:
+    def __init__(self, config: NodeConfig, identity: NodeIdentity) -> None:
+        self.config = config
+        self.identity = identity
+        self.node_id = identity.node_id
+        self.state_dir = Path(config.node.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_path = self.state_dir / CHECKPOINT
+        for stale in self.state_dir.glob(f".{CHECKPOINT}.*.tmp"):  # left by a kill mid-write
+            stale.unlink(missing_ok=True)
+        self.counters = Counters()
+        self.started_at = time.time()
+        self.age = 0.0
+        self.model, state = self._load_model()
+        self.age = float(state.get("age", 0.0))
+        for key, value in state.get("counters", {}).items():
+            if isinstance(value, int | float):
+                self.counters.values[key] = value
+        t = config.training
+        self.trainer = Trainer(self.model, TrainConfig(
+            optimizer=OptimizerConfig(t.optimizer, lr=t.lr, momentum=t.momentum),
+            batch_size=t.batch_size, seed=t.seed, threads=t.threads))
+        self.data = LocalData(config.data.directory, DataSpec(
+            features=self.model.features_per_sample, task=self.model.task,
+            classes=self.model.num_outputs if self.model.task == "classification" else None,
+            label_column=config.data.label_column), config.data.validation_fraction)
+        g = config.gossip
+        self.codec = CodecConfig(scheme=g.scheme, topk_fraction=g.topk_fraction, int8_block=256, nthreads=1)
+        self.gossip = GossipState(self.model.num_params, self.codec, g.max_peers, config.limits.outlier_factor)
+        self.peers = PeerTable(g.period, g.failures_to_evict, g.max_backoff)
+        self.allowlist = parse_allowlist(config.tls.allowlist) if config.tls.allowlist else None
+        self.limits = wire.Limits.for_model(self.model.num_params)
+        self.lock = trio.Lock()
+        self.rng = random.Random()
+        self.validation: Metrics | None = None
+        self.train_loss: float | None = None
+        self.max_lag = 0.0
+        self.port: int | None = None
+        self.paused = False
+        self.training_active = False
+        self.open_connections = 0
+        self.discovery: Discovery | None = None
+
+    # ---------------------------------------------------------------- start-up
+
+    def _load_model(self) -> tuple[Model, dict[str, Any]]:
+        initial = Model.load(self.config.model.path)
+        if self.checkpoint_path.exists():
+            try:
+                model, state = load_checkpoint(self.checkpoint_path, initial.fingerprint)
+            except ModelError as exc:
+                # Never silently start over: an operator must move the bad checkpoint away.
+                raise ModelError(f"cannot resume: {exc}; move {self.checkpoint_path} away to start afresh") from exc
+            log.info("resumed from checkpoint", extra=fields(age=state.get("age"), path=str(self.checkpoint_path)))
+            return model, state
+        return initial, {}
+
+    @property
+    def hello(self) -> wire.Hello:
+        return wire.Hello(self.node_id, wire.PROTOCOL_VERSION, self.model.fingerprint, self.config.node.role,
+                          (self.config.gossip.scheme,))
+
+    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled or signalled; then checkpoint. ``started`` once peers can connect."""
+        # Signals stay captured until the final checkpoint is written: a second SIGTERM must not
+        # kill the process half-way through its shutdown.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            try:
+                async with trio.open_nursery() as nursery:
+                    await self._start(nursery, signals)
+                    task_status.started(self)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.checkpoint()
+                    log.info("node stopped", extra=fields(age=self.age))
+
+    async def _start(self, nursery: trio.Nursery, signals: Any) -> None:
+        await nursery.start(self._serve)
+        nursery.start_soon(self._signals, signals, nursery.cancel_scope)
+        await trio.to_thread.run_sync(self.data.refresh)
+        for index, text in enumerate(self.config.discovery.static_peers):
+            host, port = parse_host_port(text, f"discovery.static_peers[{index}]")
+            self.peers.seen(b"static:" + text.encode(), host, port, "static", trio.current_time())
+        if self.config.discovery.mdns:
+            await nursery.start(self._discovery)
+        nursery.start_soon(self._gossip_loop)
+        nursery.start_soon(self._learn_loop)
+        nursery.start_soon(self._checkpoint_loop)
+        nursery.start_soon(self._data_loop)
+        nursery.start_soon(self._lag_monitor)
+        log.info("node started", extra=fields(
+            id=format_node_id(self.node_id), port=self.port, model=self.model.fingerprint_hex[:16],
+            params=self.model.num_params, age=self.age, samples=len(self.data.train)))
+
+    async def _signals(self, signals: Any, cancel_scope: trio.CancelScope) -> None:
+        async for signum in signals:
+            log.info("stopping", extra=fields(signal=signal.Signals(signum).name))
+            cancel_scope.cancel()
+            return
+
+    # ---------------------------------------------------------------- learning
+
+    async def _learn_loop(self) -> None:
+        t = self.config.training
+        while True:
+            train = self.data.train
+            if not t.enabled or self.paused or len(train) == 0:
+                self.training_active = False
+                await trio.sleep(0.5)
+                continue
+            self.training_active = True
+            start = trio.current_time()
+            async with self.lock:
+                loss, samples = await trio.to_thread.run_sync(self.trainer.train_steps, train.x, train.y,
+                                                              t.slice_steps)
+            self.age += samples
+            self.train_loss = loss
+            self.counters.add("train_steps", t.slice_steps)
+            self.counters.add("train_samples", samples)
+            busy = trio.current_time() - start
+            if trio.current_time() - getattr(self, "_last_eval", -math.inf) > EVAL_EVERY:
+                await self.evaluate()
+            await trio.sleep(max(busy * (1 - t.duty_cycle) / t.duty_cycle, 0.001))
+
+    async def evaluate(self) -> Metrics | None:
+        self._last_eval = trio.current_time()
+        validation = self.data.validation
+        if len(validation) == 0:
+            return None
+        async with self.lock:
+            self.validation = await trio.to_thread.run_sync(self.trainer.evaluate, validation.x, validation.y)
+        return self.validation
+
+    async def _data_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.data.rescan_seconds)
+            try:
+                loaded = await trio.to_thread.run_sync(self.data.refresh)
+            except GossipflError as exc:
+                log.warning("data directory unreadable", extra=fields(error=str(exc)))
+                continue
+            if loaded:
+                log.info("new data", extra=fields(files=len(loaded), samples=len(self.data.train)))
+
+    # ---------------------------------------------------------------- state
+
+    def state(self) -> dict[str, Any]:
+        return {"age": self.age, "node_id": format_node_id(self.node_id), "counters": dict(self.counters.values),
+                "saved_at": time.time()}
+
+    async def checkpoint(self) -> None:
+        async with self.lock:
+            snapshot = self.model.copy()
+            state = self.state()
+        await trio.to_thread.run_sync(save_checkpoint, self.checkpoint_path, snapshot, state)
+        self.counters.add("checkpoints")
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.state.checkpoint_seconds)
+            try:
+                await self.checkpoint()
+            except OSError as exc:
+                log.error("checkpoint failed", extra=fields(error=str(exc)))
+
+    async def _lag_monitor(self) -> None:
+        """How late the event loop wakes up: a blocked loop shows here (and stops the watchdog)."""
+        while True:
+            start = trio.current_time()
+            await trio.sleep(LAG_PROBE)
+            lag = trio.current_time() - start - LAG_PROBE
+            self.max_lag = max(self.max_lag, lag)
+            self.counters.values["loop_lag_seconds"] = lag
+
+    # ---------------------------------------------------------------- discovery
+
+    async def _discovery(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        interfaces = self.config.mdns_interfaces
+        advertised = [self.config.listen.address] if self.config.listen.address not in ("0.0.0.0", "::") \
+            else interfaces
+        assert self.port is not None
+        advert = Advertisement(self.node_id, wire.PROTOCOL_VERSION, self.model.fingerprint, self.port,
+                               self.config.node.role, tuple(advertised))
+        self.discovery = Discovery(advert, interfaces)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.discovery.run)
+            task_status.started()
+            async for event in self.discovery.events:
+                now = trio.current_time()
+                if isinstance(event, PeerSeen):
+                    if event.fingerprint != self.model.fingerprint:
+                        self.counters.add("refused.fingerprint")
+                        log.info("ignoring peer with another model", extra=fields(peer=short(event.node_id)))
+                        continue
+                    self.peers.seen(event.node_id, event.addresses[0], event.port, "mdns", now, event.role,
+                                    event.fingerprint)
+                    log.info("peer seen", extra=fields(peer=short(event.node_id), addr=event.addresses[0],
+                                                       port=event.port))
+                elif isinstance(event, PeerGone):
+                    self.peers.gone(event.node_id)
+                    log.info("peer gone", extra=fields(peer=short(event.node_id)))
+
+    # ---------------------------------------------------------------- gossip: the active side
+
+    async def _gossip_loop(self) -> None:
+        g = self.config.gossip
+        while True:
+            await trio.sleep(g.period * (1 + self.rng.uniform(-g.jitter, g.jitter)))
+            if self.paused:
+                continue
+            peer = self.peers.choose(trio.current_time(), self.rng)
+            if peer is not None:
+                await self.push_to(peer)
+
+    async def push_to(self, peer: Peer) -> bool:
+        """One push exchange with ``peer``; failures count against its liveness, never raise."""
+        expected = peer.node_id if len(peer.node_id) == 32 else None
+        try:
+            with trio.fail_after(self.config.limits.read_timeout * 3):
+                return await self._push(peer, expected)
+        except (PeerRefused, ProtocolError, CodecError, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            reason = exc.reason if isinstance(exc, PeerRefused) else type(exc).__name__
+            self.counters.add(f"failed.{reason}")
+            if isinstance(exc, PeerRefused) and exc.reason in ("identity", "tls", "peer-fingerprint_mismatch"):
+                self.counters.add(f"refused.{exc.reason}")
+            if self.peers.failed(peer.node_id, trio.current_time()):
+                self.counters.add("evictions")
+                log.info("peer evicted", extra=fields(peer=short(peer.node_id), error=str(exc)))
+            else:
+                log.debug("push failed", extra=fields(peer=short(peer.node_id), error=str(exc)))
+            return False
+
+    async def _dial(self, peer: Peer) -> trio.SSLStream:
+        with trio.fail_after(self.config.limits.connect_timeout):
+            tcp = await trio.open_tcp_stream(peer.host, peer.port)
+        return trio.SSLStream(tcp, client_context(self.identity), server_hostname=None)
+
+    async def _push(self, peer: Peer, expected: bytes | None) -> bool:
+        stream = await self._dial(peer)
+        conn = MessageStream(stream, self.limits, self.config.limits.read_timeout)
+        try:
+            await tls_handshake(stream, self.config.limits.connect_timeout)
+            peer_id = verify_peer(stream, expected, self.allowlist)
+            await conn.send(self.hello)
+            theirs = expect(await conn.receive(), wire.Hello)
+            self._check_hello(theirs, peer_id)
+            if expected is None:  # a static peer: now we know who it is
+                self.peers.gone(peer.node_id)
+                peer = self.peers.seen(peer_id, peer.host, peer.port, "static", trio.current_time(), theirs.role)
+            async with self.lock:
+                params, age = self.model.params.copy(), self.age
+            push = await trio.to_thread.run_sync(self.gossip.prepare_push, peer_id, params)
+            await conn.send(wire.ModelDelta(push.base_seq, push.new_seq, age, 0, push.payload))
+            reply = expect(await conn.receive(), wire.Ack, wire.NeedFull)
+            if isinstance(reply, wire.NeedFull):
+                self.counters.add("need_full_received")
+                self.gossip.forget(peer_id)
+                push = await trio.to_thread.run_sync(lambda: self.gossip.prepare_push(peer_id, params, full=True))
+                await conn.send(wire.ModelDelta(push.base_seq, push.new_seq, age, 0, push.payload))
+                reply = expect(await conn.receive(), wire.Ack)
+            self.gossip.commit_push(push)
+            self.peers.succeeded(peer_id, trio.current_time())
+            self.counters.add("exchanges_out")
+            self._account(peer, conn, peer_id)
+            return True
+        finally:
+            await conn.aclose()
+
+    def _account(self, peer: Peer | None, conn: MessageStream, peer_id: bytes) -> None:
+        self.counters.add("bytes_out", conn.traffic.bytes_out)
+        self.counters.add("bytes_in", conn.traffic.bytes_in)
+        target = self.peers.get(peer_id) or peer
+        if target is not None:
+            target.stats.exchanges += 1
+            target.stats.bytes_out += conn.traffic.bytes_out
+            target.stats.bytes_in += conn.traffic.bytes_in
+
+    def _check_hello(self, hello: wire.Hello, peer_id: bytes) -> None:
+        if hello.node_id != peer_id:
+            raise PeerRefused("identity", "Hello names another node id than the certificate")
+        if hello.model_fingerprint != self.model.fingerprint:
+            raise PeerRefused("fingerprint", "peer trains another model")
+        if self.peers.get(peer_id) is not None and self.peers.get(peer_id).blocked:  # type: ignore[union-attr]
+            raise PeerRefused("blocked", "peer is blocked by the operator")
+
+    # ---------------------------------------------------------------- gossip: the passive side
+
+    async def _serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.config.listen.port, host=self.config.listen.address)
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, nursery)
+            task_status.started(self.port)
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                try:
+                    tcp = await listener.accept()
+                except OSError as exc:  # EMFILE and friends: back off, never die
+                    log.warning("accept failed", extra=fields(error=str(exc)))
+                    await trio.sleep(0.1)
+                    continue
+                if self.open_connections >= self.config.limits.max_connections:
+                    self.counters.add("refused.overloaded")
+                    await tcp.aclose()
+                    continue
+                self.open_connections += 1
+                nursery.start_soon(self._handle, tcp)
+
+    async def _handle(self, tcp: trio.SocketStream) -> None:
+        stream = trio.SSLStream(tcp, server_context(self.identity), server_side=True)
+        conn = MessageStream(stream, self.limits, self.config.limits.read_timeout)
+        peer_id = b""
+        try:
+            with trio.fail_after(self.config.limits.read_timeout * 3):
+                await tls_handshake(stream, self.config.limits.connect_timeout)
+                peer_id = verify_peer(stream, None, self.allowlist)
+                theirs = expect(await conn.receive(), wire.Hello)
+                try:
+                    self._check_hello(theirs, peer_id)
+                except PeerRefused as exc:
+                    code = wire.ErrorCode.FINGERPRINT_MISMATCH if exc.reason == "fingerprint" \
+                        else wire.ErrorCode.REFUSED
+                    await conn.send(wire.Error(code, str(exc)))
+                    raise
+                await conn.send(self.hello)
+                host, _ = tcp.socket.getpeername()[:2]
+                self.peers.seen(peer_id, host, 0, "inbound", trio.current_time())
+                await self._serve_deltas(conn, peer_id)
+        except (PeerRefused, ProtocolError, CodecError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+            reason = exc.reason if isinstance(exc, PeerRefused) else type(exc).__name__
+            if reason != "closed":
+                self.counters.add(f"refused.{reason}")
+                log.info("inbound connection refused", extra=fields(peer=short(peer_id) if peer_id else "?",
+                                                                   reason=reason, error=str(exc)))
+        finally:
+            if peer_id:
+                self._account(None, conn, peer_id)
+            await conn.aclose()
+            self.open_connections -= 1
+
+    async def _serve_deltas(self, conn: MessageStream, peer_id: bytes) -> None:
+        while True:
+            try:
+                message = await conn.receive()
+            except PeerRefused as exc:
+                if exc.reason == "closed":
+                    return
+                raise
+            delta = expect(message, wire.ModelDelta)
+            async with self.lock:
+                local = self.model.params.copy()
+            try:
+                received = await trio.to_thread.run_sync(
+                    self.gossip.receive, peer_id, delta.base_seq, delta.new_seq, delta.payload, local)
+            except NeedFull as exc:
+                self.counters.add("need_full_sent")
+                await conn.send(wire.NeedFull(exc.base_seq))
+                continue
+            except Refused as exc:
+                self.counters.add(f"refused.{exc.reason}")
+                log.warning("update refused", extra=fields(peer=short(peer_id), reason=exc.reason, error=str(exc)))
+                await conn.send(wire.Error(wire.ErrorCode.REFUSED, str(exc)[:200]))
+                return
+            except CodecError as exc:
+                self.counters.add("refused.codec")
+                log.warning("bad update", extra=fields(peer=short(peer_id), error=str(exc)))
+                await conn.send(wire.Error(wire.ErrorCode.CODEC, str(exc)[:200]))
+                return
+            async with self.lock:
+                merged = age_weighted_merge(self.model.params, self.age, received.model, delta.age)
+                self.age = merged.age
+                self.gossip.commit_receive(received)
+            self.counters.add("merges")
+            self.counters.add("exchanges_in")
+            self.peers.succeeded(peer_id, trio.current_time())
+            log.debug("merged", extra=fields(peer=short(peer_id), weight=round(merged.weight_remote, 3),
+                                             age=self.age, distance=round(received.distance, 4)))
+            await conn.send(wire.Ack(delta.new_seq))
+
+    # ---------------------------------------------------------------- reporting
+
+    def status(self) -> dict[str, Any]:
+        v = self.validation
+        return {
+            "node_id": format_node_id(self.node_id), "name": self.config.node.name, "role": self.config.node.role,
+            "mode": self.config.node.mode, "fingerprint": self.model.fingerprint_hex, "age": self.age,
+            "port": self.port, "uptime": time.time() - self.started_at, "paused": self.paused,
+            "training": self.training_active, "train_samples": len(self.data.train),
+            "validation": v.as_dict() if v else None, "train_loss": self.train_loss,
+            "peers": len(self.peers.live()), "max_loop_lag": self.max_lag,
+            "param_norm": float(np.linalg.norm(self.model.params)), "counters": dict(self.counters.values),
+        }
