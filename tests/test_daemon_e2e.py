@@ -1,0 +1,242 @@
+"""End to end: real gossipfld processes, real mutual TLS, real mDNS on 127.0.0.1, real files.
+
+Accuracy is read from the checkpoints the daemons write on SIGTERM, evaluated on a held-out part of
+digits that no node trained on.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gossipfld.cluster import Cluster, ClusterPlan, evaluate_checkpoint, prepare, write_toml
+
+from gossipfl.datasets import load_digits, train_test_split
+from gossipfl.identity import init_ca, issue_node_cert
+from gossipfl.model import Model
+from gossipfl.optim import OptimizerConfig
+from gossipfl.trainer import TrainConfig, Trainer
+
+pytestmark = pytest.mark.slow
+
+TRAINING = {"duty_cycle": 0.2, "lr": 0.05}
+
+
+@pytest.fixture(scope="module")
+def split():
+    x, y = load_digits()
+    return train_test_split(x, y, test_fraction=0.25, seed=1)
+
+
+def _port_base(offset: int) -> int:
+    """A run of free loopback ports (the OS's ephemeral range is left alone)."""
+    import socket
+
+    for _ in range(100):
+        base = 20000 + int(np.random.default_rng().integers(0, 400)) * 50
+        try:
+            socks = []
+            for port in range(base, base + 20):
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", port))
+                socks.append(sock)
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free ports")
+
+
+def _ts(line: str) -> float:
+    match = re.match(r"ts=(\S+)Z", line)
+    assert match, line
+    return time.mktime(time.strptime(match.group(1)[:19], "%Y-%m-%dT%H:%M:%S")) + float("0." + match.group(1)[20:])
+
+
+def test_three_daemons_find_each_other_by_mdns_and_exchange(tmp_path, split):
+    x_train, y_train, x_test, y_test = split
+    specs = prepare(tmp_path, ClusterPlan(nodes=3, base_port=_port_base(0), training=TRAINING), x_train, y_train)
+    with Cluster(specs) as cluster:
+        for spec in specs:
+            assert cluster.wait_for_log(spec, "node started", 30), cluster.log_lines(spec)
+        time.sleep(8)
+        codes = cluster.stop_all()
+    assert codes == {s.name: 0 for s in specs}, "SIGTERM stops every daemon cleanly"
+    ids = {s.node_id.hex()[:12] for s in specs}
+    for spec in specs:
+        lines = cluster.log_lines(spec)
+        registered = _ts(next(line for line in lines if "registered" in line))
+        seen = {m.group(1): _ts(line) for line in lines if (m := re.search(r'"peer seen" peer=(\w+)', line))}
+        assert set(seen) == ids - {spec.node_id.hex()[:12]}, "each sees the two others, never itself"
+        last_registration = max(_ts(next(ln for ln in cluster.log_lines(s) if "registered" in ln)) for s in specs)
+        assert max(seen.values()) - max(registered, last_registration) < 5.0
+        assert any("node stopped" in line for line in lines)
+        _metrics, state, _ = evaluate_checkpoint(spec, x_test, y_test)
+        counters = state["counters"]
+        assert counters["merges"] >= 2 and counters["exchanges_out"] >= 2, counters
+        assert not any(k.startswith("refused.") for k in counters), counters
+
+
+def _alone(model_path: Path, x, y, epochs: int = 40) -> Model:
+    model = Model.load(model_path)
+    Trainer(model, TrainConfig(optimizer=OptimizerConfig("sgd", lr=0.05))).fit(x, y, epochs)
+    return model
+
+
+def _spread(vectors: list[np.ndarray]) -> float:
+    mean = np.mean(vectors, axis=0)
+    return float(np.mean([np.linalg.norm(v - mean) for v in vectors]))
+
+
+def test_five_daemons_on_non_iid_shards_learn_together(tmp_path, split):
+    x_train, y_train, x_test, y_test = split
+    plan = ClusterPlan(nodes=5, alpha=0.5, base_port=_port_base(1), training=TRAINING, gossip={"period": 0.3})
+    specs = prepare(tmp_path, plan, x_train, y_train)
+    with Cluster(specs) as cluster:
+        time.sleep(35)
+        assert all(code == 0 for code in cluster.stop_all().values())
+    from gossipfl.data import DataSpec, load_directory
+
+    gossip, alone = [], []
+    for spec in specs:
+        metrics, _, model = evaluate_checkpoint(spec, x_test, y_test)
+        shard = load_directory(spec.directory / "data", DataSpec(features=64, classes=10)).all
+        isolated = _alone(tmp_path / "model.onnx", shard.x, shard.y)
+        alone_metrics = Trainer(isolated).evaluate(x_test, y_test)
+        gossip.append((metrics.accuracy, model.params.copy()))
+        alone.append((alone_metrics.accuracy, isolated.params.copy()))
+    together, single = np.array([a for a, _ in gossip]), np.array([a for a, _ in alone])
+    print("gossip accuracy", together.round(3), "shard alone", single.round(3))
+    assert np.all(together > single), "every node beats what its own shard alone gives"
+    assert together.mean() - single.mean() > 0.15, "and on average by far"
+    assert together.min() > 0.85 and together.min() > single.min() + 0.25, "the poorest shard gains most"
+    ratio = _spread([p for _, p in alone]) / _spread([p for _, p in gossip])
+    print("spread alone / gossip", round(ratio, 1))
+    assert ratio >= 10, ratio
+
+
+def test_sigkill_restart_resumes_and_peers_take_it_back(tmp_path, split):
+    x_train, y_train, _, _ = split
+    plan = ClusterPlan(nodes=3, base_port=_port_base(2), training=TRAINING,
+                       gossip={"period": 0.3, "failures_to_evict": 2, "max_backoff": 2.0},
+                       extra={"state": {"checkpoint_seconds": 0.5}})
+    specs = prepare(tmp_path, plan, x_train, y_train)
+    victim = specs[0]
+    with Cluster(specs) as cluster:
+        time.sleep(6)
+        cluster.kill(victim)
+        _, before, _ = evaluate_checkpoint(victim, x_train, y_train)
+        assert before["age"] > 0
+        time.sleep(5)  # the others fail to reach it and evict it
+        cluster.start(victim)
+        assert cluster.wait_for_log(victim, "resumed from checkpoint", 30)
+        time.sleep(8)
+        codes = cluster.stop_all()
+    assert all(code == 0 for code in codes.values())
+    resumed = next(ln for ln in cluster.log_lines(victim) if "resumed from checkpoint" in ln)
+    assert f"age={before['age']}" in resumed, "the restarted daemon starts from the checkpointed age"
+    _, after, _ = evaluate_checkpoint(victim, x_train, y_train)
+    assert after["age"] > before["age"] and after["counters"]["merges"] > before["counters"].get("merges", 0)
+    for other in specs[1:]:
+        _, state, _ = evaluate_checkpoint(other, x_train, y_train)
+        assert state["counters"].get("evictions", 0) >= 1, state["counters"]
+        evicted_at = [ln for ln in cluster.log_lines(other) if "peer evicted" in ln]
+        assert evicted_at and victim.node_id.hex()[:12] in evicted_at[0]
+
+
+def test_kill_during_checkpoint_writes_never_corrupts(tmp_path, split):
+    x_train, y_train, _, _ = split
+    plan = ClusterPlan(nodes=1, base_port=_port_base(3), mdns=False, training={"duty_cycle": 0.5},
+                       extra={"state": {"checkpoint_seconds": 0.01}})
+    specs = prepare(tmp_path, plan, x_train, y_train)
+    spec = specs[0]
+    rng = np.random.default_rng(0)
+    cluster = Cluster(specs)
+    with cluster:
+        for _ in range(8):
+            cluster.start(spec)
+            assert cluster.wait_for_log(spec, "node started", 30)
+            time.sleep(float(rng.uniform(0.2, 1.0)))
+            cluster.kill(spec)
+            _, state, _ = evaluate_checkpoint(spec, x_train, y_train)  # raises if unreadable
+            assert state["age"] > 0
+    assert len(cluster.log_lines(spec)) > 0
+
+
+def test_foreign_ca_wrong_id_and_other_model_are_refused(tmp_path, split):
+    x_train, y_train, _, _ = split
+    base = _port_base(4)
+    plan = ClusterPlan(nodes=2, base_port=base, mdns=False, static_peers=True, training=TRAINING,
+                       gossip={"period": 0.3})
+    specs = prepare(tmp_path, plan, x_train, y_train)
+    target = specs[0]
+    rogues = []
+    # 1. a certificate from another CA
+    init_ca(tmp_path / "other-ca")
+    issue_node_cert(tmp_path / "other-ca", "stranger", tmp_path / "stranger" / "certs")
+    # 2. the same CA but another model
+    issue_node_cert(tmp_path / "ca", "othermodel", tmp_path / "othermodel" / "certs")
+    from gossipfl.zoo import ArchSpec, build
+
+    build(ArchSpec("mlp", 64, 10, hidden=(16,))).save(tmp_path / "other-model.onnx")
+    for i, (name, model) in enumerate([("stranger", tmp_path / "model.onnx"),
+                                       ("othermodel", tmp_path / "other-model.onnx")]):
+        directory = tmp_path / name
+        (directory / "data").mkdir(parents=True, exist_ok=True)
+        config = directory / "node.toml"
+        write_toml(config, {
+            "node": {"name": name, "state_dir": "state"},
+            "listen": {"address": "127.0.0.1", "port": base + 10 + i},
+            "discovery": {"mdns": False, "static_peers": [f"127.0.0.1:{target.port}"]},
+            "tls": {"cert": "certs/node.crt", "key": "certs/node.key", "ca": "certs/ca.crt"},
+            "model": {"path": str(model)},
+            "gossip": {"period": 0.3},
+        })
+        from gossipfld.cluster import NodeSpec
+
+        rogues.append(NodeSpec(name, directory, config, b"", base + 10 + i))
+    with Cluster(specs + rogues) as cluster:
+        time.sleep(6)
+        codes = cluster.stop_all()
+    assert all(code == 0 for code in codes.values()), codes
+    _, state, _ = evaluate_checkpoint(target, x_train, y_train)
+    counters = state["counters"]
+    assert counters.get("refused.tls", 0) >= 1, counters  # the stranger's handshakes
+    assert counters.get("refused.fingerprint", 0) >= 1, counters  # the other model's Hello
+    assert counters.get("merges", 0) >= 1, "the honest peer still gets through"
+    stranger = next(r for r in rogues if r.name == "stranger")
+    _, s_state, _ = evaluate_checkpoint(stranger, x_train, y_train)
+    assert s_state["counters"].get("merges", 0) == 0 and s_state["counters"].get("exchanges_out", 0) == 0
+
+
+def test_valid_certificate_under_another_advertised_id_is_refused(tmp_path, split):
+    """mDNS says node X listens on a port where node Y answers: the dialler refuses after TLS."""
+    from gossipfld.discovery import Advertisement
+    from zeroconf import Zeroconf
+
+    from gossipfl import wire
+
+    x_train, y_train, _, _ = split
+    specs = prepare(tmp_path, ClusterPlan(nodes=2, base_port=_port_base(5), training=TRAINING,
+                                          gossip={"period": 0.3}), x_train, y_train)
+    fingerprint = Model.load(tmp_path / "model.onnx").fingerprint
+    forged = Advertisement(bytes(range(32)), wire.PROTOCOL_VERSION, fingerprint, specs[1].port, "node",
+                           ("127.0.0.1",))
+    zc = Zeroconf(interfaces=["127.0.0.1"])
+    try:
+        with Cluster(specs) as cluster:
+            assert cluster.wait_for_log(specs[0], "node started", 30)
+            zc.register_service(forged.service_info())
+            time.sleep(6)
+            codes = cluster.stop_all()
+    finally:
+        zc.close()
+    assert all(code == 0 for code in codes.values())
+    _, state, _ = evaluate_checkpoint(specs[0], x_train, y_train)
+    assert state["counters"].get("refused.identity", 0) >= 1, state["counters"]
+    assert state["counters"].get("merges", 0) >= 1, "the real peer is still reached"
