@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from gossipfl import identity
+from gossipfl.config import load_config
 from gossipfl.data import DataSpec, load_directory, read_file
 from gossipfl.errors import DataError, GossipflError
 from gossipfl.model import Model
@@ -197,6 +198,18 @@ def cmd_certs_show(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """What gossipfld would refuse at start, said offline: keys, values, and the files they name."""
+    config = load_config(args.file)
+    ident = identity.NodeIdentity.load(config.tls.cert, config.tls.key, config.tls.ca)
+    model = Model.load(config.model.path)
+    Trainer(model)  # the model must be trainable
+    if not config.data.directory.is_dir():
+        raise DataError(f"data.directory: {config.data.directory} is not a directory")
+    print(f"{args.file}: ok; node {identity.format_node_id(ident.node_id)}, {model.describe()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gossipfl", description="Serverless gossip learning for fleets of Linux devices.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log library messages to stderr")
@@ -264,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("file")
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_certs_show)
+    config = sub.add_parser("config", help="check a node configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    check = config_sub.add_parser("check", help="check a TOML config and the files it names, offline")
+    check.add_argument("file")
+    check.set_defaults(handler=cmd_config_check)
     return parser
 
 

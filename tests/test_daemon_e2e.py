@@ -240,3 +240,28 @@ def test_valid_certificate_under_another_advertised_id_is_refused(tmp_path, spli
     _, state, _ = evaluate_checkpoint(specs[0], x_train, y_train)
     assert state["counters"].get("refused.identity", 0) >= 1, state["counters"]
     assert state["counters"].get("merges", 0) >= 1, "the real peer is still reached"
+
+
+def test_bad_config_is_refused_at_start_and_by_config_check(tmp_path, split):
+    import subprocess
+    import sys
+
+    x_train, y_train, _, _ = split
+    spec = prepare(tmp_path, ClusterPlan(nodes=1, base_port=_port_base(6), mdns=False), x_train, y_train)[0]
+    ok = subprocess.run([sys.executable, "-m", "gossipfl.cli", "config", "check", str(spec.config)],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and spec.node_id.hex() in ok.stdout, ok.stderr
+    text = spec.config.read_text().replace("period = 0.5", "period = 0.5\nperod = 3")
+    spec.config.write_text(text)
+    check = subprocess.run([sys.executable, "-m", "gossipfl.cli", "config", "check", str(spec.config)],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode != 0 and check.stderr.strip().count("\n") == 0
+    assert "gossip.perod: unknown key" in check.stderr
+    daemon = subprocess.run([sys.executable, "-m", "gossipfld.main", "--config", str(spec.config)],
+                            capture_output=True, text=True, timeout=60)
+    assert daemon.returncode == 2 and "gossip.perod: unknown key" in daemon.stderr
+    assert "Traceback" not in daemon.stderr
+    spec.config.write_text(text.replace("\nperod = 3", "").replace("certs/node.key", "certs/missing.key"))
+    daemon = subprocess.run([sys.executable, "-m", "gossipfld.main", "--config", str(spec.config)],
+                            capture_output=True, text=True, timeout=60)
+    assert daemon.returncode == 2 and "missing.key" in daemon.stderr
