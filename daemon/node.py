@@ -217,7 +217,7 @@ class Node:
 
     def state(self) -> dict[str, Any]:
         return {"age": self.age, "node_id": format_node_id(self.node_id), "counters": dict(self.counters.values),
-                "saved_at": time.time()}
+                "max_loop_lag": self.max_lag, "saved_at": time.time()}
 
     async def checkpoint(self) -> None:
         async with self.lock:
@@ -241,7 +241,6 @@ class Node:
             await trio.sleep(LAG_PROBE)
             lag = trio.current_time() - start - LAG_PROBE
             self.max_lag = max(self.max_lag, lag)
-            self.counters.values["loop_lag_seconds"] = lag
 
     # ---------------------------------------------------------------- discovery
 

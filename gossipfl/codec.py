@@ -63,8 +63,9 @@ MAGIC: Final = b"GFLD"
 #: expects: a wrong expected count from a caller should not turn into a multi-gigabyte allocation.
 DEFAULT_MAX_COUNT: Final = 1 << 28
 
-# magic, version, scheme, value dtype, chunk size as log2, element count, kept entries, int8 block size
-_HEADER: Final = struct.Struct("<4sBBBBQQI4x")
+# magic, version, scheme, value dtype, chunk size as log2, element count, kept entries, int8 block size,
+# reserved (must be 0)
+_HEADER: Final = struct.Struct("<4sBBBBQQII")
 HEADER_SIZE: Final = _HEADER.size  # 32
 DIGEST_SIZE: Final = 16
 _TABLE_ENTRY: Final = 4  # u32 compressed size of each blosc2 chunk
@@ -148,7 +149,7 @@ class CodecConfig:
         if self.scheme not in _SCHEMES:
             raise ConfigError(f"codec scheme {self.scheme!r} is not one of {sorted(_SCHEMES)}")
         frac = self.topk_fraction
-        if not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0.0 < frac <= 1.0:
+        if not isinstance(frac, (int, float, np.floating)) or isinstance(frac, bool) or not 0.0 < frac <= 1.0:
             raise ConfigError(f"codec topk_fraction {frac!r} must be a number in (0, 1]")
         if self.topk_values not in _SCHEME_DTYPES["topk"]:
             raise ConfigError(f"codec topk_values {self.topk_values!r} must be 'int8' or 'float16'")
@@ -169,6 +170,10 @@ class CodecConfig:
                 f"codec chunk_bytes {self.chunk_bytes!r} must be a power of two in "
                 f"[{1 << _CHUNK_LOG2_MIN}, {1 << _CHUNK_LOG2_MAX}]"
             )
+        # numpy scalars from a config loader become plain Python numbers
+        for name in ("int8_block", "clevel", "nthreads", "chunk_bytes"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "topk_fraction", float(frac))
 
 
 @dataclass(frozen=True)
@@ -238,7 +243,9 @@ def _encode(delta: np.ndarray, config: CodecConfig) -> tuple[bytes, PayloadHeade
         raise CodecError(f"topk can code at most {_TOPK_MAX_COUNT} elements, got {n}")
     if not _all_finite(delta):
         bad = int(np.flatnonzero(~np.isfinite(delta))[0])
-        raise CodecError(f"delta holds a non-finite value at index {bad} ({delta[bad]!r}); refusing to send it")
+        raise CodecError(
+            f"delta holds a non-finite value at index {bad} ({float(delta[bad])!r}); refusing to send it"
+        )
 
     scheme = config.scheme
     k = 0
@@ -283,6 +290,7 @@ def _encode(delta: np.ndarray, config: CodecConfig) -> tuple[bytes, PayloadHeade
         n,
         k,
         block,
+        0,
     )
     table = struct.pack(f"<{len(chunks)}I", *(len(c) for c in chunks))
     hasher = hashlib.sha256(head)
@@ -386,8 +394,9 @@ def _dequantize_int8(scales: np.ndarray, q: np.ndarray, block: int) -> np.ndarra
     return out
 
 
-def _per_block(op: Callable[..., object], a: np.ndarray, per_block: np.ndarray, block: int, start: int,
-               out: np.ndarray) -> None:
+def _per_block(
+    op: Callable[..., object], a: np.ndarray, per_block: np.ndarray, block: int, start: int, out: np.ndarray
+) -> None:
     """out = op(a, per_block[block of each element]) for a tile a = x[start:start+len(a)].
 
     Blocks and tiles are both powers of two, so a tile is either inside one block or made of whole
@@ -399,8 +408,11 @@ def _per_block(op: Callable[..., object], a: np.ndarray, per_block: np.ndarray, 
     b0 = start // block
     nfull = m // block
     if nfull:
-        op(a[: nfull * block].reshape(nfull, block), per_block[b0 : b0 + nfull, None],
-           out=out[: nfull * block].reshape(nfull, block))
+        op(
+            a[: nfull * block].reshape(nfull, block),
+            per_block[b0 : b0 + nfull, None],
+            out=out[: nfull * block].reshape(nfull, block),
+        )
     if m % block:
         op(a[nfull * block :], per_block[b0 + nfull], out=out[nfull * block :])
 
@@ -491,11 +503,13 @@ def read_header(buf: bytes | bytearray | memoryview) -> PayloadHeader:
 
 
 def _parse_header(mv: memoryview) -> PayloadHeader:
-    magic, version, scheme_id, dtype_id, chunk_log2, count, k, block = _HEADER.unpack_from(mv)
+    magic, version, scheme_id, dtype_id, chunk_log2, count, k, block, reserved = _HEADER.unpack_from(mv)
     if magic != MAGIC:
         raise CodecError(f"not a gossipfl delta payload: magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != CODEC_VERSION:
         raise CodecError(f"unsupported codec version {version} (this build reads version {CODEC_VERSION})")
+    if reserved != 0:
+        raise CodecError(f"reserved header field is {reserved}, must be 0")
     scheme = _SCHEME_NAMES.get(scheme_id)
     if scheme is None:
         raise CodecError(f"unknown codec scheme id {scheme_id}")
@@ -503,7 +517,9 @@ def _parse_header(mv: memoryview) -> PayloadHeader:
     if value_dtype not in _SCHEME_DTYPES[scheme]:
         raise CodecError(f"value dtype id {dtype_id} is not allowed for scheme {scheme}")
     if not _CHUNK_LOG2_MIN <= chunk_log2 <= _CHUNK_LOG2_MAX:
-        raise CodecError(f"chunk size 2**{chunk_log2} is outside [2**{_CHUNK_LOG2_MIN}, 2**{_CHUNK_LOG2_MAX}]")
+        raise CodecError(
+            f"chunk size 2**{chunk_log2} is outside [2**{_CHUNK_LOG2_MIN}, 2**{_CHUNK_LOG2_MAX}]"
+        )
     if scheme == "topk":
         if count > _TOPK_MAX_COUNT:
             raise CodecError(f"topk payload claims {count} elements, more than {_TOPK_MAX_COUNT}")
@@ -535,12 +551,14 @@ def decode_delta(
     return _decode(buf, expected_count, max_count, nthreads)[0]
 
 
-def _decode(buf: bytes | bytearray | memoryview, expected_count: int, max_count: int,
-            nthreads: int) -> tuple[np.ndarray, PayloadHeader]:
+def _decode(
+    buf: bytes | bytearray | memoryview, expected_count: int, max_count: int, nthreads: int
+) -> tuple[np.ndarray, PayloadHeader]:
     if not _is_int(expected_count) or expected_count < 0:
         raise ValueError(f"expected_count must be a non-negative integer, got {expected_count!r}")
     if not _is_int(max_count) or max_count < 0:
         raise ValueError(f"max_count must be a non-negative integer, got {max_count!r}")
+    expected_count, max_count = int(expected_count), int(max_count)
     if expected_count > max_count:
         raise ValueError(f"expected_count {expected_count} is above max_count {max_count}")
     mv = _bytes_view(buf)
@@ -568,11 +586,14 @@ def _decode(buf: bytes | bytearray | memoryview, expected_count: int, max_count:
     ntable = sum(nchunks)
     body_start = HEADER_SIZE + _TABLE_ENTRY * ntable
     if body_start + DIGEST_SIZE > total:
-        raise CodecError(f"payload too short for its chunk table: {total} bytes, table needs {ntable} entries")
+        raise CodecError(
+            f"payload too short for its chunk table: {total} bytes, table needs {ntable} entries"
+        )
     sizes = struct.unpack_from(f"<{ntable}I", mv, HEADER_SIZE)
     if body_start + sum(sizes) + DIGEST_SIZE != total:
         raise CodecError(
-            f"chunk sizes add up to {sum(sizes)} bytes but the payload holds {total - body_start - DIGEST_SIZE}"
+            f"chunk sizes add up to {sum(sizes)} bytes "
+            f"but the payload holds {total - body_start - DIGEST_SIZE}"
         )
 
     # Everything is consistent: allocate exactly what the header and the expected count imply.
@@ -607,7 +628,9 @@ def _decompress_chunk(chunk: memoryview, dst: np.ndarray, sec: _Section, nthread
     if c_nbytes != nbytes:
         raise CodecError(f"{where}: blosc2 header says {c_nbytes} bytes uncompressed, expected {nbytes}")
     if c_cbytes != len(chunk):
-        raise CodecError(f"{where}: blosc2 header says {c_cbytes} bytes compressed, the chunk has {len(chunk)}")
+        raise CodecError(
+            f"{where}: blosc2 header says {c_cbytes} bytes compressed, the chunk has {len(chunk)}"
+        )
     _check_blosc_header(chunk, sec, where)
     try:
         blosc2.decompress2(chunk, dst=dst, nthreads=nthreads)
@@ -633,13 +656,17 @@ def _check_blosc_header(chunk: memoryview, sec: _Section, where: str) -> None:
     filters_meta = bytes(chunk[24:30])
     reserved, b2flags = chunk[30], chunk[31]
     if any(f not in _BLOSC_FILTERS for f in filters) or any(filters_meta):
-        raise CodecError(f"{where}: blosc2 filter pipeline {filters.hex()} is not accepted")
+        raise CodecError(
+            f"{where}: blosc2 filter pipeline {filters.hex()} (meta {filters_meta.hex()}) is not accepted"
+        )
     # A memcpyed chunk (flags bit 1) stores raw bytes and leaves the format bits at 0.
     allowed = _BLOSC_CODECS if flags & 0x02 else _BLOSC_FORMATS.get(flags >> 5)
-    if allowed is None or codec_id not in allowed or codec_meta != 0:
+    if allowed is None or codec_id not in allowed:
         raise CodecError(f"{where}: blosc2 codec {codec_id} (format {flags >> 5}) is not accepted")
+    if codec_meta != 0:
+        raise CodecError(f"{where}: blosc2 codec metadata {codec_meta} is not accepted")
     if reserved != 0 or b2flags not in _BLOSC2_FLAGS_OK:
-        raise CodecError(f"{where}: blosc2 flags {b2flags:#04x} are not accepted")
+        raise CodecError(f"{where}: blosc2 flags {b2flags:#04x} (reserved byte {reserved}) are not accepted")
 
 
 def _check_sections(header: PayloadHeader, arrays: list[np.ndarray]) -> None:
@@ -653,7 +680,9 @@ def _check_sections(header: PayloadHeader, arrays: list[np.ndarray]) -> None:
         ok = (scales >= 0) & (scales <= _SCALE_MAX)
         if not ok.all():
             bad = int(np.flatnonzero(~ok)[0])
-            raise CodecError(f"int8 scale {scales[bad]!r} of block {bad} is negative, non-finite or too large")
+            raise CodecError(
+                f"int8 scale {float(scales[bad])!r} of block {bad} is negative, non-finite or too large"
+            )
     values = by_name["values"]
     if values.dtype == _I8:
         if values.size and values.min() < -127:
@@ -699,7 +728,7 @@ def _reconstruct(header: PayloadHeader, arrays: list[np.ndarray]) -> np.ndarray:
 # ------------------------------------------------------------------------------------- error feedback
 
 
-@dataclass
+@dataclass(eq=False)
 class Reference:
     """The public copy of a vector that a sender and its receiver both hold, with a sequence number.
 
@@ -725,6 +754,7 @@ class Reference:
             raise ValueError(f"count must be a non-negative integer, got {self.count!r}")
         if not _is_int(self.seq) or not 0 <= self.seq <= self._MAX_SEQ:
             raise ValueError(f"seq must be an integer in [0, 2**64), got {self.seq!r}")
+        self.count, self.seq = int(self.count), int(self.seq)
         self._values = np.zeros(self.count, np.float32)
 
     @classmethod
@@ -742,8 +772,9 @@ class Reference:
         view.flags.writeable = False
         return view
 
-    def encode_towards(self, x: np.ndarray, config: CodecConfig | None = None, *,
-                       new_seq: int | None = None) -> bytes:
+    def encode_towards(
+        self, x: np.ndarray, config: CodecConfig | None = None, *, new_seq: int | None = None
+    ) -> bytes:
         """Code ``x - values`` and move the reference by exactly what the receiver will decode."""
         _check_vector(x, "x")
         if x.size != self.count:
@@ -756,8 +787,13 @@ class Reference:
         self.seq = seq
         return payload
 
-    def apply(self, payload: bytes | bytearray | memoryview, *, new_seq: int | None = None,
-              max_count: int = DEFAULT_MAX_COUNT) -> np.ndarray:
+    def apply(
+        self,
+        payload: bytes | bytearray | memoryview,
+        *,
+        new_seq: int | None = None,
+        max_count: int = DEFAULT_MAX_COUNT,
+    ) -> np.ndarray:
         """Decode a payload and add it; returns the decoded delta. On any error nothing changes."""
         seq = self._next_seq(new_seq)
         decoded = decode_delta(payload, self.count, max_count=max(max_count, self.count))
@@ -777,7 +813,7 @@ class Reference:
         seq = self.seq + 1 if new_seq is None else new_seq
         if not _is_int(seq) or not 0 <= seq <= self._MAX_SEQ:
             raise ValueError(f"sequence number must be an integer in [0, 2**64), got {seq!r}")
-        return seq
+        return int(seq)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -786,11 +822,12 @@ class Reference:
 def encoded_size_bound(count: int) -> int:
     """The largest payload any configuration can produce for ``count`` elements.
 
-    Worst case is topk keeping everything with float16 values (4 + 2 bytes an element), in 4 KiB chunks
-    that blosc2 could not compress (32 bytes of header each, plus a 4-byte table entry)."""
+    Worst case is topk keeping everything: 4 bytes of gap and 2 of float16 value an element, or 4 + 1 and
+    a 4-byte scale per (at least 64-element) block, hence ``6 n + 4``; all in 4 KiB chunks that blosc2
+    could not compress (32 bytes of header each, plus a 4-byte table entry)."""
     if not _is_int(count) or count < 0:
         raise ValueError(f"count must be a non-negative integer, got {count!r}")
-    body = 6 * count
+    body = 6 * int(count) + 4
     chunks = body // (1 << _CHUNK_LOG2_MIN) + 3
     return HEADER_SIZE + DIGEST_SIZE + body + chunks * (_BLOSC_OVERHEAD + _TABLE_ENTRY)
 
@@ -811,8 +848,9 @@ def _all_finite(x: np.ndarray) -> bool:
     sum proves every term finite. Only an overflowing sum of finite values needs the exact check."""
     if x.size == 0:
         return True
-    if np.isfinite(np.add.reduce(x)):
-        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(x)):
+            return True
     return bool(np.isfinite(x).all())
 
 
@@ -834,7 +872,8 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """Python or numpy integers (a model size often comes from numpy), never bools."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def _is_pow2_in(v: object, lo: int, hi: int) -> bool:

@@ -494,7 +494,8 @@ class Error(Message):
 
 
 _TYPES: Final[dict[int, type[Message]]] = {
-    cls.TYPE: cls for cls in (Hello, ModelDelta, NeedFull, Ack, GatewayRound, GatewayUpdate, Ping, Pong, Error)
+    cls.TYPE: cls
+    for cls in (Hello, ModelDelta, NeedFull, Ack, GatewayRound, GatewayUpdate, Ping, Pong, Error)
 }
 # Largest header each variable-length type can have: a frame claiming more is refused from its prefix.
 _MAX_HEADER: Final[dict[int, int]] = {
@@ -510,7 +511,9 @@ def encode(message: Message) -> bytes:
         raise TypeError(f"not a gossipfl wire message: {type(message).__name__}")
     header = message._pack_header()
     payload = message._payload_bytes()
-    return b"".join([_PREFIX.pack(MAGIC, PROTOCOL_VERSION, message.TYPE, len(header), len(payload)), header, payload])
+    return b"".join(
+        [_PREFIX.pack(MAGIC, PROTOCOL_VERSION, message.TYPE, len(header), len(payload)), header, payload]
+    )
 
 
 # ------------------------------------------------------------------------------------------------ limits
@@ -533,7 +536,13 @@ class Limits:
     max_buffered: int = PREFIX_SIZE + 4096 + codec.encoded_size_bound(_DEFAULT_MAX_ELEMENTS) + (1 << 20)
 
     def __post_init__(self) -> None:
-        for name in ("max_header_size", "max_payload_size", "max_element_count", "max_frame_size", "max_buffered"):
+        for name in (
+            "max_header_size",
+            "max_payload_size",
+            "max_element_count",
+            "max_frame_size",
+            "max_buffered",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"Limits.{name} must be a non-negative integer, got {v!r}")
@@ -543,7 +552,9 @@ class Limits:
             raise ValueError("Limits.max_buffered must be at least max_frame_size")
 
     @classmethod
-    def for_model(cls, element_count: int, *, max_header_size: int = 4096, read_size: int = 1 << 20) -> Limits:
+    def for_model(
+        cls, element_count: int, *, max_header_size: int = 4096, read_size: int = 1 << 20
+    ) -> Limits:
         """Limits for peers sharing a model of ``element_count`` parameters: no legitimate payload can be
         larger than the codec's worst case for that count, so nothing larger is ever buffered."""
         payload = codec.encoded_size_bound(element_count)
@@ -597,7 +608,8 @@ class FrameDecoder:
         if len(self._buf) + len(data) > self.limits.max_buffered:
             self._fail(
                 BufferFull(
-                    f"{len(self._buf) + len(data)} bytes would be buffered, the limit is {self.limits.max_buffered}; "
+                    f"{len(self._buf) + len(data)} bytes would be buffered, "
+                    f"the limit is {self.limits.max_buffered}; "
                     "call next_message() until it returns None after each feed()"
                 )
             )
@@ -656,7 +668,9 @@ class FrameDecoder:
             self._fail(ProtocolError(f"not a gossipfl frame: magic {bytes(magic)!r}, expected {MAGIC!r}"))
         if version != PROTOCOL_VERSION:
             self._fail(
-                UnsupportedVersion(f"frame version {version} is not supported (this build speaks {PROTOCOL_VERSION})")
+                UnsupportedVersion(
+                    f"frame version {version} is not supported (this build speaks {PROTOCOL_VERSION})"
+                )
             )
         cls = _TYPES.get(mtype)
         if cls is None:
@@ -664,22 +678,30 @@ class FrameDecoder:
         assert cls is not None
         name = cls.__name__
         if hlen > lim.max_header_size:
-            self._fail(FrameTooLarge(f"{name} header of {hlen} bytes exceeds the limit {lim.max_header_size}"))
+            self._fail(
+                FrameTooLarge(f"{name} header of {hlen} bytes exceeds the limit {lim.max_header_size}")
+            )
         if plen > lim.max_payload_size:
-            self._fail(FrameTooLarge(f"{name} payload of {plen} bytes exceeds the limit {lim.max_payload_size}"))
+            self._fail(
+                FrameTooLarge(f"{name} payload of {plen} bytes exceeds the limit {lim.max_payload_size}")
+            )
         if PREFIX_SIZE + hlen + plen > lim.max_frame_size:
             self._fail(
                 FrameTooLarge(
-                    f"{name} frame of {PREFIX_SIZE + hlen + plen} bytes exceeds the limit {lim.max_frame_size}"
+                    f"{name} frame of {PREFIX_SIZE + hlen + plen} bytes "
+                    f"exceeds the limit {lim.max_frame_size}"
                 )
             )
         if cls.HEADER_SIZE is not None:
             if hlen != cls.HEADER_SIZE:
-                self._fail(BadMessage(f"{name} header must be {cls.HEADER_SIZE} bytes, the frame says {hlen}"))
+                self._fail(
+                    BadMessage(f"{name} header must be {cls.HEADER_SIZE} bytes, the frame says {hlen}")
+                )
         elif not _MIN_HEADER[mtype] <= hlen <= _MAX_HEADER[mtype]:
             self._fail(
                 BadMessage(
-                    f"{name} header must be {_MIN_HEADER[mtype]}..{_MAX_HEADER[mtype]} bytes, the frame says {hlen}"
+                    f"{name} header must be {_MIN_HEADER[mtype]}..{_MAX_HEADER[mtype]} bytes, "
+                    f"the frame says {hlen}"
                 )
             )
         if cls.HAS_PAYLOAD:
@@ -705,10 +727,14 @@ class FrameDecoder:
         except CodecError as exc:
             raise BadPayload(f"{name} payload: {exc}") from exc
         if info.count > self.limits.max_element_count:
-            raise BadPayload(f"{name} payload has {info.count} elements, the limit is {self.limits.max_element_count}")
+            raise BadPayload(
+                f"{name} payload has {info.count} elements, the limit is {self.limits.max_element_count}"
+            )
         bound = codec.encoded_size_bound(info.count)
         if len(payload) > bound:
-            raise BadPayload(f"{name} payload of {len(payload)} bytes is larger than {info.count} elements need")
+            raise BadPayload(
+                f"{name} payload of {len(payload)} bytes is larger than {info.count} elements need"
+            )
 
     def _truncation_text(self) -> str:
         if self._prefix is None:
