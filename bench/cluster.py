@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--scheme", choices=("float32", "float16", "int8", "topk"), default="int8")
     parser.add_argument("--period", type=float, default=0.5)
     parser.add_argument("--duty-cycle", type=float, default=0.2)
+    parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--sample-every", type=float, default=5.0)
     args = parser.parse_args()
 
@@ -62,7 +63,7 @@ def main() -> None:
         root = Path(tmp)
         plan = ClusterPlan(nodes=args.nodes, split=args.split, alpha=args.alpha, base_port=21000,
                            gossip={"period": args.period, "scheme": args.scheme},
-                           training={"duty_cycle": args.duty_cycle},
+                           training={"duty_cycle": args.duty_cycle, "lr": args.lr},
                            extra={"state": {"checkpoint_seconds": 1.0}})
         specs = prepare(root, plan, x_train, y_train)
         central = central_accuracy(root / "model.onnx", x_train, y_train, x_test, y_test, epochs=40)
@@ -91,7 +92,7 @@ def main() -> None:
 
     print(f"{args.nodes} gossipfld daemons on loopback, digits split {args.split}"
           f"{f' (alpha {args.alpha})' if args.split == 'dirichlet' else ''}, codec {args.scheme}, "
-          f"gossip period {args.period}s, training duty cycle {args.duty_cycle}, {args.seconds:.0f}s")
+          f"gossip period {args.period}s, lr {args.lr}, training duty cycle {args.duty_cycle}, {args.seconds:.0f}s")
     print(f"{'time s':>7} {'mean acc':>9} {'min acc':>8} {'kB sent/node':>13}")
     for t, mean, low, kb in rows:
         print(f"{t:7.1f} {mean:9.4f} {low:8.4f} {kb / 1024:13.1f}")
