@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from gossipfld.cluster import Cluster, ClusterPlan, evaluate_checkpoint, prepare
 
 from gossipfl.datasets import load_digits, train_test_split
 from gossipfl.errors import GossipflError
 from gossipfl.model import Model
 from gossipfl.optim import OptimizerConfig
 from gossipfl.trainer import TrainConfig, Trainer
+from gossipfld.cluster import Cluster, ClusterPlan, evaluate_checkpoint, prepare
 
 
 def rss_mb(pid: int) -> float | None:

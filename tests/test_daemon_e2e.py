@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gossipfld.cluster import Cluster, ClusterPlan, evaluate_checkpoint, prepare, write_toml
 
 from gossipfl.datasets import load_digits, train_test_split
 from gossipfl.identity import init_ca, issue_node_cert
 from gossipfl.model import Model
 from gossipfl.optim import OptimizerConfig
 from gossipfl.trainer import TrainConfig, Trainer
+from gossipfld.cluster import Cluster, ClusterPlan, evaluate_checkpoint, prepare, write_toml
 
 pytestmark = pytest.mark.slow
 
@@ -216,10 +216,10 @@ def test_foreign_ca_wrong_id_and_other_model_are_refused(tmp_path, split):
 
 def test_valid_certificate_under_another_advertised_id_is_refused(tmp_path, split):
     """mDNS says node X listens on a port where node Y answers: the dialler refuses after TLS."""
-    from gossipfld.discovery import Advertisement
     from zeroconf import Zeroconf
 
     from gossipfl import wire
+    from gossipfld.discovery import Advertisement
 
     x_train, y_train, _, _ = split
     specs = prepare(tmp_path, ClusterPlan(nodes=2, base_port=_port_base(5), training=TRAINING,
