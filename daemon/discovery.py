@@ -235,7 +235,9 @@ def peer_from_records(
     if not _DECIMAL.fullmatch(version) or int(version) > MAX_PROTOCOL:
         raise MalformedAdvertisement(f"TXT v: not a decimal in 0..{MAX_PROTOCOL}")
     role_raw = txt.get("role")
-    role = role_raw.decode("ascii", "replace") if role_raw is not None else None
+    if role_raw is None:
+        raise MalformedAdvertisement("TXT role: missing")
+    role = role_raw.decode("ascii", "replace")
     if role not in ROLES:
         raise MalformedAdvertisement(f"TXT role: must be one of {', '.join(ROLES)}")
     if not _is_int_in(port, 1, 65535):

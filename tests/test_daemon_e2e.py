@@ -265,3 +265,28 @@ def test_bad_config_is_refused_at_start_and_by_config_check(tmp_path, split):
     daemon = subprocess.run([sys.executable, "-m", "gossipfld.main", "--config", str(spec.config)],
                             capture_output=True, text=True, timeout=60)
     assert daemon.returncode == 2 and "missing.key" in daemon.stderr
+
+
+def test_daemons_in_network_namespaces_find_each_other_by_mdns(tmp_path, split):
+    """Three hosts on a bridge, one daemon each, mDNS only: they find each other and exchange models."""
+    from .netns import netns_lab, require_netns
+
+    require_netns()
+    x_train, y_train, _, _ = split
+    with netns_lab(3, subnet="10.78.0.0/24") as lab:
+        plan = ClusterPlan(nodes=3, addresses=[h.address for h in lab.hosts], base_port=7900, training=TRAINING,
+                           gossip={"period": 0.3})
+        specs = prepare(tmp_path, plan, x_train, y_train)
+        for spec, host in zip(specs, lab.hosts, strict=True):
+            spec.netns = host.ns
+        with Cluster(specs) as cluster:
+            for spec in specs:
+                assert cluster.wait_for_log(spec, "node started", 30), cluster.log_lines(spec)
+            time.sleep(8)
+            codes = cluster.stop_all()
+    assert all(code == 0 for code in codes.values()), codes
+    for spec in specs:
+        seen = {m.group(1) for ln in cluster.log_lines(spec) if (m := re.search(r'"peer seen" peer=(\w+)', ln))}
+        assert seen == {s.node_id.hex()[:12] for s in specs if s is not spec}
+        _, state, _ = evaluate_checkpoint(spec, x_train, y_train)
+        assert state["counters"].get("merges", 0) >= 1, state["counters"]
