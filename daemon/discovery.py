@@ -46,7 +46,7 @@ import signal
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 
@@ -356,22 +356,23 @@ class Discovery:
         try:
             zc = await trio.to_thread.run_sync(functools.partial(Zeroconf, interfaces=list(self.interfaces)))
             self._zc = zc
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._process_changes, nursery)
-                browser = await trio.to_thread.run_sync(
-                    functools.partial(ServiceBrowser, zc, SERVICE_TYPE, handlers=[self._on_change])
-                )
-                if self._advertisement is not None:
-                    async with self._lock:
-                        info = self._advertisement.service_info()
-                        t0 = time.monotonic()
-                        await trio.to_thread.run_sync(
-                            functools.partial(zc.register_service, info, allow_name_change=False)
-                        )
-                        self._info = info
-                        self.registration_seconds = time.monotonic() - t0
-                    log.info("registered %s in %.2f s", info.name, self.registration_seconds)
-                task_status.started(self)
+            with _collapse_single():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._process_changes, nursery)
+                    browser = await trio.to_thread.run_sync(
+                        functools.partial(ServiceBrowser, zc, SERVICE_TYPE, handlers=[self._on_change])
+                    )
+                    if self._advertisement is not None:
+                        async with self._lock:
+                            info = self._advertisement.service_info()
+                            t0 = time.monotonic()
+                            await trio.to_thread.run_sync(
+                                functools.partial(zc.register_service, info, allow_name_change=False)
+                            )
+                            self._info = info
+                            self.registration_seconds = time.monotonic() - t0
+                        log.info("registered %s in %.2f s", info.name, self.registration_seconds)
+                    task_status.started(self)
         finally:
             with trio.CancelScope(shield=True):
                 async with self._lock:
@@ -523,12 +524,27 @@ async def open_discovery(
     Enters once registered and browsing; on exit (or cancellation) says goodbye and closes zeroconf.
     """
     discovery = Discovery(advertisement, interfaces, resolve_timeout=resolve_timeout, backlog=backlog)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(discovery.run)
-        try:
-            yield discovery
-        finally:
-            nursery.cancel_scope.cancel()
+    with _collapse_single():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(discovery.run)
+            try:
+                yield discovery
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+@contextlib.contextmanager
+def _collapse_single() -> Iterator[None]:
+    """Re-raise a one-exception group from our internal nursery as that exception.
+
+    Without this, an exception raised in the caller's ``async with`` body (or one failure of ours, such as a
+    name conflict) would come out wrapped in an ExceptionGroup, because the body runs inside our nursery."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 # --------------------------------------------------------------------------- diagnostic CLI
@@ -561,39 +577,44 @@ def _hex32(value: str) -> bytes:
 
 
 async def _read_commands(discovery: Discovery, cancel: trio.CancelScope) -> None:
-    """JSON lines on stdin: {"cmd": "update", "fingerprint": hex, "role": ..., "protocol": n, "port": n} or
-    {"cmd": "stop"}. End of input stops too."""
-    stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-    buf = b""
-    async with stream:
-        while True:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                break
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                if not line.strip():
-                    continue
-                try:
-                    cmd = json.loads(line)
-                    if cmd.get("cmd") == "stop":
+    """JSON lines on stdin: ``{"cmd": "update", "fingerprint": hex, "role": ..., "protocol": n, "port": n}`` or
+    ``{"cmd": "stop"}``. End of input stops too."""
+    # FdStream makes the (shared) file description non-blocking; put it back on the way out, as a shell on the
+    # same terminal would otherwise inherit that.
+    async with trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())) as stream:
+        try:
+            buf = b""
+            while chunk := await stream.receive_some(65536):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip() and not await _command(discovery, line):
                         cancel.cancel()
                         return
-                    if cmd.get("cmd") == "update" and discovery.advertisement is not None:
-                        changes: dict[str, object] = {}
-                        if "fingerprint" in cmd:
-                            changes["fingerprint"] = _hex32(cmd["fingerprint"])
-                        for k in ("role", "protocol", "port"):
-                            if k in cmd:
-                                changes[k] = cmd[k]
-                        await discovery.update(replace(discovery.advertisement, **changes))  # type: ignore[arg-type]
-                        _print_json({"event": "updated"})
-                    else:
-                        _print_json({"event": "error", "error": f"unknown command {cmd!r}"})
-                except (ValueError, TypeError, AttributeError, argparse.ArgumentTypeError) as exc:
-                    _print_json({"event": "error", "error": str(exc)})
+        finally:
+            os.set_blocking(sys.stdin.fileno(), True)
     cancel.cancel()
+
+
+async def _command(discovery: Discovery, line: bytes) -> bool:
+    """Run one command line; False means stop."""
+    try:
+        cmd = json.loads(line)
+        if not isinstance(cmd, dict):
+            raise ValueError("a command is a JSON object")
+        if cmd.get("cmd") == "stop":
+            return False
+        if cmd.get("cmd") == "update" and discovery.advertisement is not None:
+            changes: dict[str, object] = {k: cmd[k] for k in ("role", "protocol", "port") if k in cmd}
+            if "fingerprint" in cmd:
+                changes["fingerprint"] = _hex32(cmd["fingerprint"])
+            await discovery.update(replace(discovery.advertisement, **changes))  # type: ignore[arg-type]
+            _print_json({"event": "updated"})
+        else:
+            _print_json({"event": "error", "error": f"unknown command {cmd!r}"})
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        _print_json({"event": "error", "error": str(exc)})
+    return True
 
 
 async def _cli(args: argparse.Namespace) -> None:
@@ -658,9 +679,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(_cli, args)
     except KeyboardInterrupt:
         return 130
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        if args.verbose:
+            raise
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

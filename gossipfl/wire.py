@@ -32,6 +32,7 @@ Public API::
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import operator
@@ -311,20 +312,19 @@ class ModelDelta(Message):
 
 
 @dataclass(frozen=True)
-class NeedFull(Message):
-    """Reply to a delta whose base the receiver does not hold: send the full model (base 0)."""
+class _U64Message(Message):
+    """A message whose whole header is its one field, an unsigned 64-bit integer."""
 
-    base_seq: int
-
-    TYPE: ClassVar[int] = 3
     _S: ClassVar[struct.Struct] = struct.Struct("<Q")
     HEADER_SIZE: ClassVar[int | None] = _S.size
 
     def __post_init__(self) -> None:
-        self._set("base_seq", _uint("base_seq", self.base_seq, U64_MAX))
+        (only,) = dataclasses.fields(self)
+        self._set(only.name, _uint(only.name, getattr(self, only.name), U64_MAX))
 
     def _pack_header(self) -> bytes:
-        return self._S.pack(self.base_seq)
+        (only,) = dataclasses.fields(self)
+        return self._S.pack(getattr(self, only.name))
 
     @classmethod
     def _parse(cls, header: bytes, payload: bytes) -> Self:
@@ -332,24 +332,21 @@ class NeedFull(Message):
 
 
 @dataclass(frozen=True)
-class Ack(Message):
+class NeedFull(_U64Message):
+    """Reply to a delta whose base the receiver does not hold: send the full model (base 0)."""
+
+    base_seq: int
+
+    TYPE: ClassVar[int] = 3
+
+
+@dataclass(frozen=True)
+class Ack(_U64Message):
     """The receiver applied the delta that produced ``seq``: the sender may now code against it."""
 
     seq: int
 
     TYPE: ClassVar[int] = 4
-    _S: ClassVar[struct.Struct] = struct.Struct("<Q")
-    HEADER_SIZE: ClassVar[int | None] = _S.size
-
-    def __post_init__(self) -> None:
-        self._set("seq", _uint("seq", self.seq, U64_MAX))
-
-    def _pack_header(self) -> bytes:
-        return self._S.pack(self.seq)
-
-    @classmethod
-    def _parse(cls, header: bytes, payload: bytes) -> Self:
-        return cls(*cls._S.unpack(header))
 
 
 @dataclass(frozen=True)
@@ -423,33 +420,19 @@ class GatewayUpdate(Message):
 
 
 @dataclass(frozen=True)
-class _NonceMessage(Message):
-    nonce: int
-
-    _S: ClassVar[struct.Struct] = struct.Struct("<Q")
-    HEADER_SIZE: ClassVar[int | None] = _S.size
-
-    def __post_init__(self) -> None:
-        self._set("nonce", _uint("nonce", self.nonce, U64_MAX))
-
-    def _pack_header(self) -> bytes:
-        return self._S.pack(self.nonce)
-
-    @classmethod
-    def _parse(cls, header: bytes, payload: bytes) -> Self:
-        return cls(*cls._S.unpack(header))
-
-
-@dataclass(frozen=True)
-class Ping(_NonceMessage):
+class Ping(_U64Message):
     """Liveness probe; the peer answers with a Pong carrying the same nonce."""
+
+    nonce: int
 
     TYPE: ClassVar[int] = 7
 
 
 @dataclass(frozen=True)
-class Pong(_NonceMessage):
+class Pong(_U64Message):
     """Answer to a Ping, with its nonce."""
+
+    nonce: int
 
     TYPE: ClassVar[int] = 8
 

@@ -16,6 +16,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -457,8 +458,26 @@ def test_malformed_advertisements_are_ignored_and_discovery_keeps_working(caplog
                 out.add(str(rec.args[0]).lower())
         return out
 
+    threads_before = set(threading.enumerate())
     with caplog.at_level(logging.WARNING, logger="gossipfld.discovery"):
         trio.run(main)
+    # No thread outlives the run but trio's idle worker cache: zeroconf's loop and browser threads are joined.
+    left = [t for t in set(threading.enumerate()) - threads_before if not t.name.startswith("Trio thread")]
+    assert not left, left
+
+
+def test_errors_in_the_body_come_out_unwrapped_and_browse_only_needs_no_registration():
+    async def main():
+        with trio.fail_after(5):
+            with pytest.raises(KeyError, match="from the body"):
+                async with open_discovery(None, [LOOPBACK]) as disc:
+                    assert disc.own_name is None and disc.registration_seconds is None
+                    raise KeyError("from the body")
+            with pytest.raises(RuntimeError, match="does not advertise"):
+                async with open_discovery(None, [LOOPBACK]) as disc:
+                    await disc.update(adv())
+
+    trio.run(main)
 
 
 def test_update_refuses_a_new_node_id():

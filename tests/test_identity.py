@@ -10,7 +10,6 @@ import shutil
 import ssl
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -42,6 +41,8 @@ from gossipfl.identity import (
     server_context,
     validate_node_name,
 )
+
+from .conftest import one_line_error, run_cli
 
 TIMEOUT = 10
 
@@ -544,19 +545,7 @@ def test_identity_error_is_a_gossipfl_error():
 
 
 def gossipfl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "gossipfl.cli", "certs", *args], capture_output=True, text=True,
-                          timeout=120)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
+    return run_cli("certs", *args, check=check, timeout=120)
 
 
 def test_cli_init_issue_show(tmp_path):
