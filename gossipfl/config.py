@@ -88,7 +88,6 @@ class GossipSection:
     jitter: float = 0.5  # the period varies by up to this fraction either way
     scheme: str = "int8"
     topk_fraction: float = 0.01
-    push_pull: bool = False
     max_peers: int = 16  # peers we keep delta references for (least recently used go first)
     failures_to_evict: int = 3
     max_backoff: float = 30.0
@@ -251,6 +250,9 @@ def _validate(c: NodeConfig) -> None:
     _check(0 < len(c.node.name) <= 63, "node.name", "must be 1 to 63 characters")
     _check(c.node.role in ROLES, "node.role", f"must be one of {', '.join(ROLES)}, got {c.node.role!r}")
     _check(c.node.mode in MODES, "node.mode", f"must be one of {', '.join(MODES)}, got {c.node.mode!r}")
+    # Gateway mode (server-assisted FedAvg) is not built yet: refuse rather than silently gossip.
+    _check(c.node.mode == "gossip", "node.mode", f"{c.node.mode!r} is not available in this version; use 'gossip'")
+    _check(c.node.role == "node", "node.role", f"{c.node.role!r} is not available in this version; use 'node'")
     _check_ip(c.listen.address, "listen.address")
     _check(0 <= c.listen.port < 65536, "listen.port", f"must be 0 to 65535, got {c.listen.port}")
     for i, addr in enumerate(c.discovery.interfaces):

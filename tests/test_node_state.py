@@ -39,6 +39,7 @@ def test_config_defaults_and_relative_paths(tmp_path):
     ({"training": {"duty_cycle": 0}}, r"training.duty_cycle: must be in \(0, 1\]"),
     ({"tls": {"allowlist": ["abc"]}}, r"tls.allowlist\[0\]: must be a 64-character hex node id"),
     ({"node": {"role": "server"}}, "node.role: must be one of node, gateway"),
+    ({"node": {"mode": "fedavg"}}, "node.mode: 'fedavg' is not available in this version"),
     ({"node": "x"}, r"node: must be a table"),
 ])
 def test_config_errors_name_the_key(table, message):
