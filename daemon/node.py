@@ -61,9 +61,6 @@ class Counters:
     def add(self, name: str, amount: float = 1) -> None:
         self.values[name] = self.values.get(name, 0) + amount
 
-    def get(self, name: str) -> float:
-        return self.values.get(name, 0)
-
 
 def short(node_id: bytes) -> str:
     return node_id.hex()[:12] if len(node_id) == 32 else node_id.decode(errors="replace")

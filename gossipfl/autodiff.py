@@ -325,22 +325,19 @@ def _infer_shapes(proto: onnx.ModelProto) -> dict[str, tuple[Dim, ...] | None]:
     return shapes
 
 
-def _loss_logits(graph: onnx.GraphProto, output: str) -> tuple[str, set[str]]:
-    """The tensor the classification loss reads, and the nodes the loss makes redundant."""
+def _loss_logits(graph: onnx.GraphProto, output: str) -> str:
+    """The tensor the classification loss reads."""
     producer = next((n for n in graph.node if output in n.output), None)
-    skipped: set[str] = set()
     # Walk back over Identity, then drop a final (Log)Softmax over the last axis: the fused loss
     # computes it stably from the logits.
     while producer is not None and producer.op_type == "Identity":
-        skipped.add(producer.output[0])
         output = producer.input[0]
         producer = next((n for n in graph.node if output in n.output), None)
     if producer is not None and producer.op_type in ("Softmax", "LogSoftmax"):
         axis = int(_attr(producer, "axis", -1))  # type: ignore[call-overload]
         if axis in (-1, 1):
-            skipped.add(producer.output[0])
-            return producer.input[0], skipped
-    return output, skipped
+            return producer.input[0]
+    return output
 
 
 def build_gradient_graph(model: Model, dtype: int = TensorProto.FLOAT) -> GradientGraph:
@@ -371,7 +368,7 @@ def build_gradient_graph(model: Model, dtype: int = TensorProto.FLOAT) -> Gradie
 
     # ---- loss and its gradient with respect to the tensor the loss reads
     if model.task == "classification":
-        logits, _ = _loss_logits(graph, output)
+        logits = _loss_logits(graph, output)
         logits_shape = shapes.get(logits)
         if logits_shape is None or len(logits_shape) != 2 or not isinstance(logits_shape[1], int):
             raise ModelError(f"classifier output {logits!r} must be (batch, classes), got {logits_shape}")

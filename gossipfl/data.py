@@ -248,10 +248,6 @@ class LocalData:
         return loaded
 
     @property
-    def files(self) -> list[Path]:
-        return sorted(self._files)
-
-    @property
     def all(self) -> Table:
         return _concat([self.train, self.validation], self.spec)
 

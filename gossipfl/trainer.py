@@ -150,16 +150,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
 
-    def set_learning_rate(self, lr: float) -> None:
-        if not (lr > 0 and math.isfinite(lr)):
-            raise ConfigError(f"learning rate must be positive and finite, got {lr}")
-        self.config = TrainConfig(
-            optimizer=OptimizerConfig(**{**self.config.optimizer.__dict__, "lr": lr}),
-            batch_size=self.config.batch_size, seed=self.config.seed, threads=self.config.threads)
-
     def step(self, x: np.ndarray, y: np.ndarray) -> float:
         """One optimiser step on one batch; returns the batch's loss before the step."""
-        x = self._shape_batch(x)
+        x = shape_inputs(self.model, x)
         y = self._labels(y)
         opt = self.config.optimizer
         self.steps += 1
@@ -223,7 +216,7 @@ class Trainer:
         total_loss, correct, squared = 0.0, 0, 0.0
         feeds = {s.name: self.model.views[s.name] for s in self.model.specs}
         for start in range(0, len(x), EVAL_BATCH):
-            xb = self._shape_batch(x[start : start + EVAL_BATCH])
+            xb = shape_inputs(self.model, x[start : start + EVAL_BATCH])
             yb = self._labels(y[start : start + EVAL_BATCH])
             loss, out = self._eval.run([LOSS, self.model.output_name],
                                        {**feeds, self.model.input_name: xb, LABELS: yb})
@@ -247,9 +240,6 @@ class Trainer:
         return self._predict
 
     # ---------------------------------------------------------------- input checks
-
-    def _shape_batch(self, x: np.ndarray) -> np.ndarray:
-        return shape_inputs(self.model, x)
 
     def _labels(self, y: np.ndarray) -> np.ndarray:
         if self.model.task == "classification":
