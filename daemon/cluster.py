@@ -28,6 +28,8 @@ from gossipfl.model import Model
 from gossipfl.trainer import Metrics, Trainer
 from gossipfl.zoo import ArchSpec, build
 
+CONTROL_SOCKET = "control.sock"
+
 
 @dataclass
 class NodeSpec:
@@ -47,6 +49,10 @@ class NodeSpec:
     def log(self) -> Path:
         return self.directory / "gossipfld.log"
 
+    @property
+    def socket(self) -> Path:
+        return self.directory / CONTROL_SOCKET
+
 
 @dataclass
 class ClusterPlan:
@@ -61,7 +67,13 @@ class ClusterPlan:
     static_peers: bool = False
     gossip: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    # Server-assisted FedAvg: the first ``gateways`` nodes are gateways without data of their own;
+    # the others run in ``mode`` and share the data set among them.
+    gateways: int = 0
+    mode: str = "gossip"
+    fedavg: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    per_node: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
 
 def _toml_value(value: Any) -> str:
@@ -92,10 +104,12 @@ def prepare(root: Path, plan: ClusterPlan, x: np.ndarray, y: np.ndarray) -> list
     classes = int(y.max()) + 1
     model = build(ArchSpec("mlp", x.shape[1], classes, hidden=tuple(plan.hidden), seed=plan.seed))
     model.save(root / "model.onnx")
+    learners = plan.nodes - plan.gateways
     if plan.split == "iid":
-        shards = iid_shards(len(y), plan.nodes, plan.seed)
+        shards = iid_shards(len(y), learners, plan.seed)
     else:
-        shards = dirichlet_shards(y, plan.nodes, plan.alpha, plan.seed)
+        shards = dirichlet_shards(y, learners, plan.alpha, plan.seed)
+    shards = [np.zeros(0, dtype=np.int64)] * plan.gateways + list(shards)
     addresses = list(plan.addresses or ["127.0.0.1"] * plan.nodes)
     ports = [plan.base_port + i for i in range(plan.nodes)]
     specs = []
@@ -103,10 +117,15 @@ def prepare(root: Path, plan: ClusterPlan, x: np.ndarray, y: np.ndarray) -> list
         name = f"node{i}"
         directory = root / name
         node_id = issue_node_cert(root / "ca", name, directory / "certs")
-        write_csv(directory / "data" / "shard.csv", x[shards[i]], y[shards[i]])
+        gateway = i < plan.gateways
+        if gateway:
+            (directory / "data").mkdir(parents=True, exist_ok=True)
+        else:
+            write_csv(directory / "data" / "shard.csv", x[shards[i]], y[shards[i]])
         peers = [f"{addresses[j]}:{ports[j]}" for j in range(plan.nodes) if j != i] if plan.static_peers else []
         tables: dict[str, dict[str, Any]] = {
-            "node": {"name": name, "state_dir": "state"},
+            "node": {"name": name, "state_dir": "state", "role": "gateway" if gateway else "node",
+                     "mode": "gossip" if gateway else plan.mode},
             "listen": {"address": addresses[i], "port": ports[i]},
             "discovery": {"mdns": plan.mdns, "interfaces": [addresses[i]], "static_peers": peers},
             "tls": {"cert": "certs/node.crt", "key": "certs/node.key", "ca": "certs/ca.crt"},
@@ -115,9 +134,10 @@ def prepare(root: Path, plan: ClusterPlan, x: np.ndarray, y: np.ndarray) -> list
             "training": {"seed": plan.seed + i, **plan.training},
             "gossip": {"period": 0.5, **plan.gossip},
             "state": {"checkpoint_seconds": 5.0},
-            "control": {"socket": str(directory / "control.sock")},
+            "fedavg": dict(plan.fedavg),
+            "control": {"socket": str(directory / CONTROL_SOCKET)},
         }
-        for table, values in plan.extra.items():
+        for table, values in [*plan.extra.items(), *plan.per_node.get(i, {}).items()]:
             tables.setdefault(table, {}).update(values)
         config = directory / "node.toml"
         write_toml(config, tables)
@@ -137,9 +157,9 @@ class Cluster:
         cmd = [sys.executable, "-m", "gossipfld.main", "--config", str(spec.config), *self.extra_args]
         return ["ip", "netns", "exec", spec.netns, *cmd] if spec.netns else cmd
 
-    def start(self, spec: NodeSpec) -> None:
+    def start(self, spec: NodeSpec, env: dict[str, str] | None = None) -> None:
         log = spec.log.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.procs[spec.name] = subprocess.Popen(self.command(spec), stdout=log, stderr=log, env=env,
                                                  start_new_session=True)
         log.close()

@@ -50,9 +50,12 @@ class MessageStream:
             await self.stream.send_all(frame)
         self.traffic.bytes_out += len(frame)
 
-    async def receive(self) -> wire.Message:
-        """The next message; ProtocolError on garbage, trio.TooSlowError on silence, PeerRefused on EOF."""
-        with trio.fail_after(self.read_timeout):
+    async def receive(self, timeout: float | None = None) -> wire.Message:
+        """The next message; ProtocolError on garbage, trio.TooSlowError on silence, PeerRefused on EOF.
+
+        ``timeout`` overrides the read timeout for a wait that is long by design, such as a gateway
+        waiting for a client to finish its local epochs."""
+        with trio.fail_after(self.read_timeout if timeout is None else timeout):
             while True:
                 message = self.decoder.next_message()
                 if message is not None:

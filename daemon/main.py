@@ -41,9 +41,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GossipflError as exc:
         log.error("cannot start", extra=fields(error=str(exc)))
         return EXIT_CONFIG
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(node.run)
-    return 0
+    failed = False
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            trio.run(node.run)
+    except* GossipflError as group:  # e.g. the control socket or the port is taken: still an operator's fix
+        for exc in group.exceptions:
+            log.error("cannot start", extra=fields(error=str(exc)))
+        failed = True
+    return EXIT_CONFIG if failed else 0
 
 
 if __name__ == "__main__":

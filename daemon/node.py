@@ -34,23 +34,38 @@ from gossipfl.checkpoint import load_checkpoint, save_checkpoint
 from gossipfl.codec import CodecConfig
 from gossipfl.config import NodeConfig, parse_host_port
 from gossipfl.data import DataSpec, LocalData
-from gossipfl.errors import CodecError, GossipflError, ModelError, ProtocolError
+from gossipfl.errors import CodecError, ConfigError, GossipflError, IdentityError, ModelError, ProtocolError
 from gossipfl.gossip import GossipState, NeedFull, Refused
-from gossipfl.identity import NodeIdentity, client_context, format_node_id, parse_allowlist, server_context
+from gossipfl.identity import (
+    NodeIdentity,
+    client_context,
+    format_node_id,
+    parse_allowlist,
+    parse_node_id,
+    server_context,
+)
 from gossipfl.merge import age_weighted_merge
+from gossipfl.metrics import render
 from gossipfl.model import Model
 from gossipfl.optim import OptimizerConfig
 from gossipfl.peers import Peer, PeerTable
 from gossipfl.trainer import Metrics, TrainConfig, Trainer
 
+from .commands import command_table
 from .connection import MessageStream, PeerRefused, expect, tls_handshake, verify_peer
+from .control import ControlServer
 from .discovery import Advertisement, Discovery, PeerGone, PeerSeen
+from .follower import Follower
+from .gateway import Gateway
 from .logs import fields
+from .metrics_http import serve_metrics
+from .notify import SystemdNotifier, watchdog_task
 
 log = logging.getLogger("gossipfld.node")
 
 CHECKPOINT = "checkpoint.onnx"
 EVAL_EVERY = 5.0  # seconds between validation runs
+STATUS_EVERY = 10.0  # seconds between STATUS= lines to systemd
 LAG_PROBE = 0.05
 
 
@@ -60,6 +75,17 @@ class Counters:
 
     def add(self, name: str, amount: float = 1) -> None:
         self.values[name] = self.values.get(name, 0) + amount
+
+
+def _node_ids(texts: Any) -> set[bytes]:
+    """Node ids from saved state; a damaged entry is skipped with a warning, never fatal."""
+    ids = set()
+    for text in texts if isinstance(texts, list) else []:
+        try:
+            ids.add(parse_node_id(text))
+        except (IdentityError, TypeError):
+            log.warning("ignoring a malformed blocked id in the checkpoint", extra=fields(value=str(text)[:80]))
+    return ids
 
 
 def short(node_id: bytes) -> str:
@@ -84,6 +110,7 @@ class Node:
         for key, value in state.get("counters", {}).items():
             if isinstance(value, int | float):
                 self.counters.values[key] = value
+        self.paused = state.get("paused") is True  # an operator's pause survives restarts
         t = config.training
         self.trainer = Trainer(self.model, TrainConfig(
             optimizer=OptimizerConfig(t.optimizer, lr=t.lr, momentum=t.momentum),
@@ -96,6 +123,7 @@ class Node:
         self.codec = CodecConfig(scheme=g.scheme, topk_fraction=g.topk_fraction, int8_block=256, nthreads=1)
         self.gossip = GossipState(self.model.num_params, self.codec, g.max_peers, config.limits.outlier_factor)
         self.peers = PeerTable(g.period, g.failures_to_evict, g.max_backoff)
+        self.peers.blocked.update(_node_ids(state.get("blocked", [])))
         self.allowlist = parse_allowlist(config.tls.allowlist) if config.tls.allowlist else None
         self.limits = wire.Limits.for_model(self.model.num_params)
         self.lock = trio.Lock()
@@ -104,10 +132,15 @@ class Node:
         self.train_loss: float | None = None
         self.max_lag = 0.0
         self.port: int | None = None
-        self.paused = False
+        self.metrics_port: int | None = None
+        self.control: ControlServer | None = None
         self.training_active = False
         self.open_connections = 0
         self.discovery: Discovery | None = None
+        self.notifier = SystemdNotifier.from_env()
+        self.round_training = False
+        self.follower = Follower(self)
+        self.gateway = Gateway(self, state) if config.node.role == "gateway" else None
 
     # ---------------------------------------------------------------- start-up
 
@@ -145,6 +178,14 @@ class Node:
     async def _start(self, nursery: trio.Nursery, signals: Any) -> None:
         await nursery.start(self._serve)
         nursery.start_soon(self._signals, signals, nursery.cancel_scope)
+        ctl = self.config.control
+        if ctl.enabled:
+            self.control = ControlServer(ctl.socket, command_table(self), group=ctl.group,
+                                         max_request_bytes=ctl.max_request_bytes,
+                                         max_connections=ctl.max_connections, timeout=ctl.timeout)
+            await nursery.start(self.control.serve)
+        if ctl.metrics_listen:
+            self.metrics_port = await nursery.start(serve_metrics, ctl.metrics_listen, self.metrics_text)
         await trio.to_thread.run_sync(self.data.refresh)
         for index, text in enumerate(self.config.discovery.static_peers):
             host, port = parse_host_port(text, f"discovery.static_peers[{index}]")
@@ -152,6 +193,8 @@ class Node:
         if self.config.discovery.mdns:
             await nursery.start(self._discovery)
         nursery.start_soon(self._gossip_loop)
+        if self.gateway is not None:
+            nursery.start_soon(self.gateway.run)
         nursery.start_soon(self._learn_loop)
         nursery.start_soon(self._checkpoint_loop)
         nursery.start_soon(self._data_loop)
@@ -159,36 +202,100 @@ class Node:
         log.info("node started", extra=fields(
             id=format_node_id(self.node_id), port=self.port, model=self.model.fingerprint_hex[:16],
             params=self.model.num_params, age=self.age, samples=len(self.data.train)))
+        # systemd's READY=1 only now: peers can connect and `gossipfl status` answers.
+        self.notifier.ready()
+        self.notifier.status(self.summary())
+        nursery.start_soon(watchdog_task, self.notifier)
+        nursery.start_soon(self._status_loop)
+
+    async def _status_loop(self) -> None:
+        while True:
+            await trio.sleep(STATUS_EVERY)
+            self.notifier.status(self.summary())
+
+    def summary(self) -> str:
+        """The one line ``systemctl status`` shows."""
+        v = self.validation
+        quality = f"accuracy {v.accuracy:.3f}" if v and v.accuracy is not None else "not evaluated yet"
+        state = "paused" if self.paused else "learning"
+        return f"{state}; {len(self.peers.live())} peers; age {self.age:.0f}; {quality}"
 
     async def _signals(self, signals: Any, cancel_scope: trio.CancelScope) -> None:
         async for signum in signals:
             log.info("stopping", extra=fields(signal=signal.Signals(signum).name))
+            self.notifier.stopping()
             cancel_scope.cancel()
             return
 
     # ---------------------------------------------------------------- learning
 
+    @property
+    def learns_by_gossip(self) -> bool:
+        """Free-running local training and gossip; gateways and nodes following one learn in rounds."""
+        return self.gateway is None and not self.follower.following(trio.current_time())
+
     async def _learn_loop(self) -> None:
         t = self.config.training
         while True:
             train = self.data.train
-            if not t.enabled or self.paused or len(train) == 0:
-                self.training_active = False
+            if trio.current_time() - getattr(self, "_last_eval", -math.inf) > EVAL_EVERY:
+                await self.evaluate()
+            if not t.enabled or self.paused or len(train) == 0 or not self.learns_by_gossip:
+                self.training_active = self.round_training
                 await trio.sleep(0.5)
                 continue
             self.training_active = True
             start = trio.current_time()
             async with self.lock:
-                loss, samples = await trio.to_thread.run_sync(self.trainer.train_steps, train.x, train.y,
-                                                              t.slice_steps)
+                _, samples = await self._train_slice(t.slice_steps)
             self.age += samples
-            self.train_loss = loss
-            self.counters.add("train_steps", t.slice_steps)
-            self.counters.add("train_samples", samples)
-            busy = trio.current_time() - start
-            if trio.current_time() - getattr(self, "_last_eval", -math.inf) > EVAL_EVERY:
-                await self.evaluate()
-            await trio.sleep(max(busy * (1 - t.duty_cycle) / t.duty_cycle, 0.001))
+            await trio.sleep(self._polite_pause(trio.current_time() - start))
+
+    async def _train_slice(self, steps: int) -> tuple[float, int]:
+        """One slice of training in a worker thread; the caller holds the lock."""
+        train = self.data.train
+        loss, samples = await trio.to_thread.run_sync(self.trainer.train_steps, train.x, train.y, steps)
+        self.train_loss = loss
+        self.counters.add("train_steps", steps)
+        self.counters.add("train_samples", samples)
+        return loss, samples
+
+    def _polite_pause(self, busy: float) -> float:
+        """Sleep after ``busy`` seconds of training so training takes ``duty_cycle`` of the wall time."""
+        duty = self.config.training.duty_cycle
+        return max(busy * (1 - duty) / duty, 0.001)
+
+    async def train_from(self, start: np.ndarray | None, epochs: int) -> tuple[np.ndarray, int]:
+        """``epochs`` of local training from ``start`` (None: from our own model), for a FedAvg round.
+
+        Returns the trained parameters and the samples seen, and leaves the node's model as it was:
+        a client keeps the global model between rounds, a gateway its aggregate. The lock is held for
+        the whole run, pauses included, so no merge lands in the middle of a round's training.
+        """
+        t, train = self.config.training, self.data.train
+        if not t.enabled or len(train) == 0:
+            return (self.model.params.copy() if start is None else start.copy()), 0
+        steps = math.ceil(len(train) / t.batch_size) * epochs
+        samples = 0
+        async with self.lock:
+            saved = self.model.params.copy()
+            self.round_training = True
+            try:
+                if start is not None:
+                    self.model.set_params(start)
+                self.trainer.reset_optimizer()
+                done = 0
+                while done < steps:
+                    began = trio.current_time()
+                    count = min(t.slice_steps, steps - done)
+                    _, seen = await self._train_slice(count)
+                    done, samples = done + count, samples + seen
+                    await trio.sleep(self._polite_pause(trio.current_time() - began))
+                trained = self.model.params.copy()
+            finally:
+                self.model.set_params(saved)
+                self.round_training = False
+        return trained, samples
 
     async def evaluate(self) -> Metrics | None:
         self._last_eval = trio.current_time()
@@ -214,7 +321,14 @@ class Node:
 
     def state(self) -> dict[str, Any]:
         return {"age": self.age, "node_id": format_node_id(self.node_id), "counters": dict(self.counters.values),
-                "max_loop_lag": self.max_lag, "saved_at": time.time()}
+                "max_loop_lag": self.max_lag, "saved_at": time.time(), "paused": self.paused,
+                "blocked": sorted(format_node_id(b) for b in self.peers.blocked),
+                **({"gateway_round": self.gateway.round} if self.gateway is not None else {})}
+
+    def set_paused(self, paused: bool) -> None:
+        if paused != self.paused:
+            log.info("paused" if paused else "resumed")
+        self.paused = paused
 
     async def checkpoint(self) -> None:
         async with self.lock:
@@ -273,9 +387,10 @@ class Node:
         g = self.config.gossip
         while True:
             await trio.sleep(g.period * (1 + self.rng.uniform(-g.jitter, g.jitter)))
-            if self.paused:
+            if self.paused or (not self.learns_by_gossip and self.gateway is None):
                 continue
-            peer = self.peers.choose(trio.current_time(), self.rng)
+            # Nodes gossip with nodes; gateways gossip their global models with other gateways.
+            peer = self.peers.choose(trio.current_time(), self.rng, role=self.config.node.role)
             if peer is not None:
                 await self.push_to(peer)
 
@@ -289,7 +404,7 @@ class Node:
             reason = exc.reason if isinstance(exc, PeerRefused) else type(exc).__name__
             self.counters.add(f"failed.{reason}")
             if isinstance(exc, PeerRefused) and exc.reason in ("identity", "tls", "peer-fingerprint_mismatch"):
-                self.counters.add(f"refused.{exc.reason}")
+                self._refusal(peer.node_id, exc.reason)
             if self.peers.failed(peer.node_id, trio.current_time()):
                 self.counters.add("evictions")
                 log.info("peer evicted", extra=fields(peer=short(peer.node_id), error=str(exc)))
@@ -342,18 +457,31 @@ class Node:
             target.stats.bytes_out += conn.traffic.bytes_out
             target.stats.bytes_in += conn.traffic.bytes_in
 
+    def _refusal(self, peer_id: bytes, reason: str) -> None:
+        """Count a refusal for the node as a whole and, when we know who it was, for that peer."""
+        self.counters.add(f"refused.{reason}")
+        peer = self.peers.get(peer_id) if peer_id else None
+        if peer is not None:
+            peer.stats.refusals[reason] = peer.stats.refusals.get(reason, 0) + 1
+
     def _check_hello(self, hello: wire.Hello, peer_id: bytes) -> None:
         if hello.node_id != peer_id:
             raise PeerRefused("identity", "Hello names another node id than the certificate")
         if hello.model_fingerprint != self.model.fingerprint:
             raise PeerRefused("fingerprint", "peer trains another model")
-        if self.peers.get(peer_id) is not None and self.peers.get(peer_id).blocked:  # type: ignore[union-attr]
+        if self.peers.is_blocked(peer_id):
             raise PeerRefused("blocked", "peer is blocked by the operator")
+        if self.paused:
+            raise PeerRefused("paused", "this node is paused by its operator")
 
     # ---------------------------------------------------------------- gossip: the passive side
 
     async def _serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.config.listen.port, host=self.config.listen.address)
+        listen = self.config.listen
+        try:
+            listeners = await trio.open_tcp_listeners(listen.port, host=listen.address)
+        except OSError as exc:
+            raise ConfigError(f"listen: cannot listen on {listen.address}:{listen.port}: {exc.strerror}") from None
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             for listener in listeners:
@@ -394,12 +522,17 @@ class Node:
                     raise
                 await conn.send(self.hello)
                 host, _ = tcp.socket.getpeername()[:2]
-                self.peers.seen(peer_id, host, 0, "inbound", trio.current_time())
-                await self._serve_deltas(conn, peer_id)
+                peer = self.peers.seen(peer_id, host, 0, "inbound", trio.current_time())
+                peer.role = theirs.role  # an inbound gateway must be known as one, to be followed
+                first = await self._first_message(conn)
+                if first is not None and not isinstance(first, wire.GatewayRound):
+                    await self._serve_deltas(conn, peer_id, first)
+            if isinstance(first, wire.GatewayRound):  # a FedAvg round: local epochs take their time
+                await self.follower.session(conn, peer_id, first)
         except (PeerRefused, ProtocolError, CodecError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
             reason = exc.reason if isinstance(exc, PeerRefused) else type(exc).__name__
             if reason != "closed":
-                self.counters.add(f"refused.{reason}")
+                self._refusal(peer_id, reason)
                 log.info("inbound connection refused", extra=fields(peer=short(peer_id) if peer_id else "?",
                                                                    reason=reason, error=str(exc)))
         finally:
@@ -408,15 +541,35 @@ class Node:
             await conn.aclose()
             self.open_connections -= 1
 
-    async def _serve_deltas(self, conn: MessageStream, peer_id: bytes) -> None:
-        while True:
-            try:
-                message = await conn.receive()
-            except PeerRefused as exc:
-                if exc.reason == "closed":
-                    return
-                raise
+    @staticmethod
+    async def _first_message(conn: MessageStream) -> wire.Message | None:
+        """The next message, or None when the peer closes the connection cleanly."""
+        try:
+            return await conn.receive()
+        except PeerRefused as exc:
+            if exc.reason == "closed":
+                return None
+            raise
+
+    def _check_gossip_from(self, peer_id: bytes) -> None:
+        """Gossip goes node to node and gateway to gateway; a node following a gateway takes none."""
+        peer = self.peers.get(peer_id)
+        role = peer.role if peer is not None else "node"
+        if self.gateway is not None and role != "gateway":
+            raise PeerRefused("role", "a gateway takes gossip only from gateways; follow it instead")
+        if self.gateway is None and role == "gateway":
+            raise PeerRefused("role", "a node takes a gateway's model only in rounds")
+        if not self.learns_by_gossip and self.gateway is None:
+            raise PeerRefused("following", "this node follows a gateway and takes no gossip now")
+
+    async def _serve_deltas(self, conn: MessageStream, peer_id: bytes, message: wire.Message | None) -> None:
+        while message is not None:
             delta = expect(message, wire.ModelDelta)
+            try:
+                self._check_gossip_from(peer_id)
+            except PeerRefused as exc:
+                await conn.send(wire.Error(wire.ErrorCode.REFUSED, str(exc)[:200]))
+                raise
             async with self.lock:
                 local = self.model.params.copy()
             try:
@@ -425,14 +578,15 @@ class Node:
             except NeedFull as exc:
                 self.counters.add("need_full_sent")
                 await conn.send(wire.NeedFull(exc.base_seq))
+                message = await self._first_message(conn)
                 continue
             except Refused as exc:
-                self.counters.add(f"refused.{exc.reason}")
+                self._refusal(peer_id, exc.reason)
                 log.warning("update refused", extra=fields(peer=short(peer_id), reason=exc.reason, error=str(exc)))
                 await conn.send(wire.Error(wire.ErrorCode.REFUSED, str(exc)[:200]))
                 return
             except CodecError as exc:
-                self.counters.add("refused.codec")
+                self._refusal(peer_id, "codec")
                 log.warning("bad update", extra=fields(peer=short(peer_id), error=str(exc)))
                 await conn.send(wire.Error(wire.ErrorCode.CODEC, str(exc)[:200]))
                 return
@@ -446,17 +600,57 @@ class Node:
             log.debug("merged", extra=fields(peer=short(peer_id), weight=round(merged.weight_remote, 3),
                                              age=self.age, distance=round(received.distance, 4)))
             await conn.send(wire.Ack(delta.new_seq))
+            message = await self._first_message(conn)
 
     # ---------------------------------------------------------------- reporting
 
     def status(self) -> dict[str, Any]:
-        v = self.validation
+        v, m = self.validation, self.model
         return {
             "node_id": format_node_id(self.node_id), "name": self.config.node.name, "role": self.config.node.role,
-            "mode": self.config.node.mode, "fingerprint": self.model.fingerprint_hex, "age": self.age,
+            "mode": self.config.node.mode, "fingerprint": m.fingerprint_hex, "age": self.age,
+            "model": {"params": m.num_params, "features": m.features_per_sample, "outputs": m.num_outputs,
+                      "task": m.task},
             "port": self.port, "uptime": time.time() - self.started_at, "paused": self.paused,
             "training": self.training_active, "train_samples": len(self.data.train),
             "validation": v.as_dict() if v else None, "train_loss": self.train_loss,
-            "peers": len(self.peers.live()), "max_loop_lag": self.max_lag,
-            "param_norm": float(np.linalg.norm(self.model.params)), "counters": dict(self.counters.values),
+            "peers": len(self.peers.live()), "blocked": sorted(format_node_id(b) for b in self.peers.blocked),
+            "max_loop_lag": self.max_lag, "param_norm": float(np.linalg.norm(self.model.params)),
+            "counters": {**self.counters.values, **self._control_counters()},
+            "fedavg": self._fedavg_status(),
         }
+
+    def _fedavg_status(self) -> dict[str, Any]:
+        if self.gateway is not None:
+            return {"gateway": self.gateway.status()}
+        now = trio.current_time()
+        live = self.follower.live_gateways(now)
+        return {"following": format_node_id(live[0]) if live and self.follower.following(now) else None,
+                "learning_by": "gossip" if self.learns_by_gossip else "rounds",
+                "rounds": self.follower.rounds, "last_round": self.follower.last_round}
+
+    def _control_counters(self) -> dict[str, float]:
+        if self.control is None:
+            return {}
+        return {"control.ok": self.control.served, **{f"control.{k}": v for k, v in self.control.refused.items()}}
+
+    def metrics_text(self) -> str:
+        return render(self.status())
+
+    def peers_report(self) -> list[dict[str, Any]]:
+        now = trio.current_time()
+        report = []
+        for peer in self.peers:
+            if len(peer.node_id) != 32:
+                continue  # a static address not yet dialled: no identity to show
+            stats = peer.stats
+            report.append({
+                "node_id": format_node_id(peer.node_id), "address": peer.address if peer.port else peer.host,
+                "source": peer.source, "role": peer.role,
+                "state": "blocked" if self.peers.is_blocked(peer.node_id) else "evicted" if peer.evicted
+                else "inbound-only" if peer.source == "inbound" else "live",
+                "last_seen_ago": None if stats.last_seen is None else round(now - stats.last_seen, 3),
+                "failures": peer.failures, "exchanges": stats.exchanges, "bytes_in": stats.bytes_in,
+                "bytes_out": stats.bytes_out, "refusals": dict(stats.refusals),
+            })
+        return report

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gossipfl import identity
+from gossipfl import cli_control, identity, service
 from gossipfl.config import load_config
 from gossipfl.data import DataSpec, load_directory, read_file
 from gossipfl.errors import DataError, GossipflError
@@ -147,12 +147,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    model = Model.load(args.model)
-    table = read_file(Path(args.input), _data_spec(model, args.label_column), require_labels=False)
-    if len(table) == 0:
-        raise DataError(f"{args.input}: no samples")
-    out = predict(model, table.x)
-    if model.task == "classification":
+    """Offline with --model; otherwise through the running daemon's current model."""
+    if args.model is None:
+        task, out, _ = cli_control.predict_via_daemon(args)
+    else:
+        model = Model.load(args.model)
+        table = read_file(Path(args.input), _data_spec(model, args.label_column), require_labels=False)
+        if len(table) == 0:
+            raise DataError(f"{args.input}: no samples")
+        task, out = model.task, predict(model, table.x)
+    if task == "classification":
         labels = np.argmax(out, axis=1)
         if args.json:
             rows = zip(labels, out, strict=True)
@@ -210,6 +214,30 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_service_report(report: service.ServiceReport) -> None:
+    for line in report.lines():
+        print(line)
+    for warning in report.warnings:
+        print(f"gossipfl: warning: {warning}", file=sys.stderr)
+
+
+def cmd_service_install(args: argparse.Namespace) -> int:
+    """Unit, system user and default config; an edited config is kept and the shipped one lands beside it."""
+    gossipfld = Path(args.gossipfld) if args.gossipfld else None
+    report = service.install(Path(args.prefix), gossipfld)
+    _print_service_report(report)
+    if Path(args.prefix).resolve() == Path("/"):
+        print(f"next: edit /{service.CONFIG_PATH} (see docs/systemd.md), then systemctl enable --now "
+              f"{service.UNIT_NAME}")
+    return 0
+
+
+def cmd_service_uninstall(args: argparse.Namespace) -> int:
+    """Unit and sysusers entry only: the config, the state and the user stay."""
+    _print_service_report(service.uninstall(Path(args.prefix)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gossipfl", description="Serverless gossip learning for fleets of Linux devices.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log library messages to stderr")
@@ -253,8 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(handler=cmd_eval)
 
-    pr = sub.add_parser("predict", help="run a model on the rows of a .csv or .npz file")
-    pr.add_argument("--model", required=True)
+    common = cli_control.register(sub, _Parser)
+    cli_control.register_export(model_sub, common)
+    pr = sub.add_parser("predict", help="run a model (--model, or the running daemon's) on a .csv or .npz file",
+                        parents=[cli_control.connection_options(_Parser)])
+    pr.add_argument("--model", help="an ONNX model file; without it, ask the running daemon")
     pr.add_argument("--input", required=True)
     pr.add_argument("--label-column", default="label")
     pr.add_argument("--json", action="store_true")
@@ -282,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", help="check a TOML config and the files it names, offline")
     check.add_argument("file")
     check.set_defaults(handler=cmd_config_check)
+    svc = sub.add_parser("service", help="install or remove the systemd service")
+    svc_sub = svc.add_subparsers(dest="service_command", required=True, parser_class=_Parser)
+    svc_install = svc_sub.add_parser("install", help="write the unit, the sysusers entry and a default config")
+    svc_install.add_argument("--prefix", default="/", help="root to install under, like DESTDIR (default /)")
+    svc_install.add_argument("--gossipfld", help="the gossipfld executable (default: the one beside this gossipfl)")
+    svc_install.set_defaults(handler=cmd_service_install)
+    svc_uninstall = svc_sub.add_parser("uninstall", help="remove the unit and sysusers entry; keep config and state")
+    svc_uninstall.add_argument("--prefix", default="/", help="root to remove from, like DESTDIR (default /)")
+    svc_uninstall.set_defaults(handler=cmd_service_uninstall)
     return parser
 
 

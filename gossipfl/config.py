@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gossipfl.aggregate import AggregatorConfig
 from gossipfl.errors import ConfigError
 
 ROLES = ("node", "gateway")
@@ -94,6 +95,30 @@ class GossipSection:
 
 
 @dataclass(frozen=True)
+class FedavgSection:
+    """Server-assisted FedAvg: the gateway's rounds and aggregation, and how clients follow a gateway."""
+
+    # gateway side: one round
+    fraction: float = 1.0  # share of live clients asked to each round
+    min_clients: int = 1  # fewer live clients than this: no round (a gateway that trains counts itself)
+    quorum: float = 1.0  # share of the asked clients whose answers end a round before its deadline
+    deadline: float = 20.0  # seconds clients have to answer
+    epochs: int = 1  # local epochs per round
+    round_pause: float = 0.5  # seconds between rounds
+    late_updates: str = "drop"  # "drop", or "discount": apply late updates next round, scaled 1/sqrt(1+staleness)
+    max_staleness: int = 3  # rounds after which a late update is dropped even when discounting
+    # gateway side: aggregation (gossipfl.aggregate)
+    rule: str = "mean"  # mean, fedavgm, trimmed_mean, median
+    clip_norm: float = 0.0  # clip each update to this L2 norm; 0 = off
+    clip_factor: float = 0.0  # clip each update to this times the round's median norm; 0 = off
+    trim_fraction: float = 0.2
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    # client side (mode auto)
+    fallback_seconds: float = 30.0  # a gateway silent this long is gone: learn by gossip until it is back
+
+
+@dataclass(frozen=True)
 class LimitsSection:
     max_frame_bytes: int = 64 * 1024 * 1024
     max_connections: int = 32
@@ -109,7 +134,13 @@ class StateSection:
 
 @dataclass(frozen=True)
 class ControlSection:
+    enabled: bool = True
     socket: Path = Path("/run/gossipfl/control.sock")
+    group: str = ""  # group that may read through the socket (name or gid); empty = the daemon's own group
+    max_request_bytes: int = 1024 * 1024
+    max_connections: int = 8
+    timeout: float = 5.0  # seconds for a client to send its request and for the daemon to answer it
+    metrics_listen: str = ""  # "127.0.0.1:9464" serves Prometheus metrics over HTTP; empty = off
 
 
 @dataclass(frozen=True)
@@ -128,6 +159,7 @@ class NodeConfig:
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     gossip: GossipSection = field(default_factory=GossipSection)
+    fedavg: FedavgSection = field(default_factory=FedavgSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     state: StateSection = field(default_factory=StateSection)
     control: ControlSection = field(default_factory=ControlSection)
@@ -250,9 +282,6 @@ def _validate(c: NodeConfig) -> None:
     _check(0 < len(c.node.name) <= 63, "node.name", "must be 1 to 63 characters")
     _check(c.node.role in ROLES, "node.role", f"must be one of {', '.join(ROLES)}, got {c.node.role!r}")
     _check(c.node.mode in MODES, "node.mode", f"must be one of {', '.join(MODES)}, got {c.node.mode!r}")
-    # Gateway mode (server-assisted FedAvg) is not built yet: refuse rather than silently gossip.
-    _check(c.node.mode == "gossip", "node.mode", f"{c.node.mode!r} is not available in this version; use 'gossip'")
-    _check(c.node.role == "node", "node.role", f"{c.node.role!r} is not available in this version; use 'node'")
     _check_ip(c.listen.address, "listen.address")
     _check(0 <= c.listen.port < 65536, "listen.port", f"must be 0 to 65535, got {c.listen.port}")
     for i, addr in enumerate(c.discovery.interfaces):
@@ -280,13 +309,43 @@ def _validate(c: NodeConfig) -> None:
     _check(1 <= g.max_peers <= 1024, "gossip.max_peers", f"must be 1 to 1024, got {g.max_peers}")
     _check(g.failures_to_evict >= 1, "gossip.failures_to_evict", "must be at least 1")
     _check(g.max_backoff >= g.period, "gossip.max_backoff", "must be at least gossip.period")
+    f = c.fedavg
+    _check(0 < f.fraction <= 1, "fedavg.fraction", f"must be in (0, 1], got {f.fraction}")
+    _check(1 <= f.min_clients <= 10000, "fedavg.min_clients", f"must be 1 to 10000, got {f.min_clients}")
+    _check(0 < f.quorum <= 1, "fedavg.quorum", f"must be in (0, 1], got {f.quorum}")
+    _check(f.deadline > 0, "fedavg.deadline", f"must be > 0, got {f.deadline}")
+    _check(1 <= f.epochs <= 1000, "fedavg.epochs", f"must be 1 to 1000, got {f.epochs}")
+    _check(f.round_pause >= 0, "fedavg.round_pause", "must be >= 0")
+    _check(f.late_updates in ("drop", "discount"), "fedavg.late_updates",
+           f"must be drop or discount, got {f.late_updates!r}")
+    _check(0 <= f.max_staleness <= 100, "fedavg.max_staleness", "must be 0 to 100")
+    _check(f.clip_norm >= 0, "fedavg.clip_norm", "must be >= 0 (0 = off)")
+    _check(f.clip_factor >= 0, "fedavg.clip_factor", "must be >= 0 (0 = off)")
+    _check(f.fallback_seconds > 0, "fedavg.fallback_seconds", "must be > 0")
+    aggregator_config(f)  # the aggregation keys, checked where they are used
     lim = c.limits
     _check(1024 <= lim.max_frame_bytes <= 2**31, "limits.max_frame_bytes", "must be 1 KiB to 2 GiB")
     _check(1 <= lim.max_connections <= 10000, "limits.max_connections", "must be 1 to 10000")
     _check(lim.read_timeout > 0, "limits.read_timeout", "must be > 0")
     _check(lim.connect_timeout > 0, "limits.connect_timeout", "must be > 0")
     _check(lim.outlier_factor > 1, "limits.outlier_factor", "must be > 1")
+    ctl = c.control
+    _check(len(os.fsencode(ctl.socket)) <= 107, "control.socket", "must be at most 107 bytes (a Unix socket path)")
+    _check(1024 <= ctl.max_request_bytes <= 64 * 1024 * 1024, "control.max_request_bytes", "must be 1 KiB to 64 MiB")
+    _check(1 <= ctl.max_connections <= 1024, "control.max_connections", "must be 1 to 1024")
+    _check(ctl.timeout > 0, "control.timeout", "must be > 0")
+    if ctl.metrics_listen:
+        host, _ = parse_host_port(ctl.metrics_listen, "control.metrics_listen")
+        _check_ip(host, "control.metrics_listen")
+        _check(ipaddress.ip_address(host).is_loopback, "control.metrics_listen",
+               f"must be a loopback address (metrics name peers); got {host}")
     _check(c.state.checkpoint_seconds > 0, "state.checkpoint_seconds", "must be > 0")
     _check(c.log.format in LOG_FORMATS, "log.format", f"must be text or json, got {c.log.format!r}")
     _check(c.log.level in ("debug", "info", "warning", "error"), "log.level",
            f"must be debug, info, warning or error, got {c.log.level!r}")
+
+
+def aggregator_config(f: FedavgSection) -> AggregatorConfig:
+    return AggregatorConfig(rule=f.rule, clip_norm=f.clip_norm or None, clip_factor=f.clip_factor or None,
+                            trim_fraction=f.trim_fraction, server_lr=f.server_lr, server_momentum=f.server_momentum,
+                            staleness=f.late_updates)

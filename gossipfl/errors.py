@@ -41,5 +41,39 @@ class ProtocolError(GossipflError):
     """A peer sent bytes that are not a valid gossipfl frame or message."""
 
 
+class AggregationError(GossipflError):
+    """A gateway round's client updates cannot be aggregated: none, mismatched, non-finite, or bad counts."""
+
+
 class IdentityError(GossipflError):
     """A certificate, key or node id is missing, malformed, untrusted, or not the one expected."""
+
+
+class ServiceError(GossipflError):
+    """Installing or removing the systemd service failed; the message names the file or command at fault."""
+
+
+class ControlError(GossipflError):
+    """A control-socket request failed: refused, malformed, or answered with an error by the daemon."""
+
+    def __init__(self, message: str, code: str = "failed") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class DaemonNotRunning(ControlError):
+    """Nothing answers on the control socket: the daemon is stopped, or another socket path is meant."""
+
+    exit_code = 3
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "not_running")
+
+
+class ControlForbidden(ControlError):
+    """The caller may not use the control socket, or may not change anything through it."""
+
+    exit_code = 4
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "forbidden")

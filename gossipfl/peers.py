@@ -33,7 +33,6 @@ class Peer:
     failures: int = 0
     next_try: float = 0.0
     evicted: bool = False
-    blocked: bool = False
     stats: PeerStats = field(default_factory=PeerStats)
 
     @property
@@ -47,6 +46,8 @@ class PeerTable:
         self.failures_to_evict = failures_to_evict
         self.max_backoff = max_backoff
         self._peers: dict[bytes, Peer] = {}
+        # Blocked ids outlive the peers' entries: a blocked node that is announced again stays blocked.
+        self.blocked: set[bytes] = set()
 
     def __iter__(self):
         return iter(list(self._peers.values()))
@@ -95,13 +96,18 @@ class PeerTable:
         peer.evicted = peer.evicted or newly
         return newly
 
+    def is_blocked(self, node_id: bytes) -> bool:
+        return node_id in self.blocked
+
     def live(self) -> list[Peer]:
-        return [p for p in self._peers.values() if not p.evicted and not p.blocked and p.source != "inbound"]
+        return [p for p in self._peers.values()
+                if not p.evicted and p.node_id not in self.blocked and p.source != "inbound"]
 
     def choose(self, now: float, rng: random.Random, role: str | None = None) -> Peer | None:
         """A random peer that is due, preferring live ones; evicted ones only on their slow retry."""
         due = [p for p in self._peers.values()
-               if p.next_try <= now and not p.blocked and p.source != "inbound" and (role is None or p.role == role)]
+               if p.next_try <= now and p.node_id not in self.blocked and p.source != "inbound"
+               and (role is None or p.role == role)]
         if not due:
             return None
         live = [p for p in due if not p.evicted]

@@ -205,6 +205,12 @@ class Trainer:
             samples += len(rows)
         return float(np.mean(losses)), samples
 
+    def reset_optimizer(self) -> None:
+        """Zero the optimiser's state (momentum, Adam moments): a FedAvg round starts each client afresh
+        from the global model, and momentum from another starting point would push it off course."""
+        for buffer in self.state.values():
+            buffer.flat.fill(0)
+
     def fit(self, x: np.ndarray, y: np.ndarray, epochs: int) -> list[float]:
         return [self.epoch(x, y) for _ in range(epochs)]
 

@@ -352,18 +352,21 @@ class Ack(_U64Message):
 @dataclass(frozen=True)
 class GatewayRound(Message):
     """A FedAvg round from a gateway: the global model as a delta from global ``base_seq`` to
-    ``new_seq``, the seconds clients have to answer, and how many local epochs to train."""
+    ``new_seq``, its age, the seconds clients have to answer, and how many local epochs to train.
+    ``epochs`` 0 asks the client only to adopt the model: the gateway sends it so after aggregating,
+    so every participant ends a round holding the new global model."""
 
     round: int
     base_seq: int
     new_seq: int
+    age: float
     deadline: float
     epochs: int
     payload: bytes
 
     TYPE: ClassVar[int] = 5
     HAS_PAYLOAD: ClassVar[bool] = True
-    _S: ClassVar[struct.Struct] = struct.Struct("<QQQdI")
+    _S: ClassVar[struct.Struct] = struct.Struct("<QQQddI")
     HEADER_SIZE: ClassVar[int | None] = _S.size
 
     def __post_init__(self) -> None:
@@ -372,12 +375,13 @@ class GatewayRound(Message):
         self._set("new_seq", _uint("new_seq", self.new_seq, U64_MAX))
         if self.new_seq <= self.base_seq:
             raise BadMessage(f"new_seq {self.new_seq} must be greater than base_seq {self.base_seq}")
+        self._set("age", _nonneg_float("age", self.age))
         self._set("deadline", _nonneg_float("deadline", self.deadline, positive=True))
-        self._set("epochs", _uint("epochs", self.epochs, U32_MAX, 1))
+        self._set("epochs", _uint("epochs", self.epochs, U32_MAX))
         self._set("payload", _payload("payload", self.payload))
 
     def _pack_header(self) -> bytes:
-        return self._S.pack(self.round, self.base_seq, self.new_seq, self.deadline, self.epochs)
+        return self._S.pack(self.round, self.base_seq, self.new_seq, self.age, self.deadline, self.epochs)
 
     def _payload_bytes(self) -> bytes:
         return self.payload
@@ -389,27 +393,29 @@ class GatewayRound(Message):
 
 @dataclass(frozen=True)
 class GatewayUpdate(Message):
-    """A client's answer to a round: its delta against global ``base_seq`` and its sample count,
-    the weight of the sample-weighted mean."""
+    """A client's answer to a round: its delta against global ``base_seq``, its sample count (the
+    weight of the sample-weighted mean) and the age of its model after local training."""
 
     round: int
     base_seq: int
     sample_count: int
+    age: float
     payload: bytes
 
     TYPE: ClassVar[int] = 6
     HAS_PAYLOAD: ClassVar[bool] = True
-    _S: ClassVar[struct.Struct] = struct.Struct("<QQQ")
+    _S: ClassVar[struct.Struct] = struct.Struct("<QQQd")
     HEADER_SIZE: ClassVar[int | None] = _S.size
 
     def __post_init__(self) -> None:
         self._set("round", _uint("round", self.round, U64_MAX))
         self._set("base_seq", _uint("base_seq", self.base_seq, U64_MAX))
         self._set("sample_count", _uint("sample_count", self.sample_count, U64_MAX))
+        self._set("age", _nonneg_float("age", self.age))
         self._set("payload", _payload("payload", self.payload))
 
     def _pack_header(self) -> bytes:
-        return self._S.pack(self.round, self.base_seq, self.sample_count)
+        return self._S.pack(self.round, self.base_seq, self.sample_count, self.age)
 
     def _payload_bytes(self) -> bytes:
         return self.payload

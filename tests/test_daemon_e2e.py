@@ -20,6 +20,8 @@ from gossipfl.optim import OptimizerConfig
 from gossipfl.trainer import TrainConfig, Trainer
 from gossipfld.cluster import Cluster, ClusterPlan, evaluate_checkpoint, prepare, write_toml
 
+from .conftest import free_port_base
+
 pytestmark = pytest.mark.slow
 
 TRAINING = {"duty_cycle": 0.2, "lr": 0.05}
@@ -31,27 +33,6 @@ def split():
     return train_test_split(x, y, test_fraction=0.25, seed=1)
 
 
-def _port_base(offset: int) -> int:
-    """A run of free loopback ports (the OS's ephemeral range is left alone)."""
-    import socket
-
-    for _ in range(100):
-        base = 20000 + int(np.random.default_rng().integers(0, 400)) * 50
-        try:
-            socks = []
-            for port in range(base, base + 20):
-                sock = socket.socket()
-                sock.bind(("127.0.0.1", port))
-                socks.append(sock)
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free ports")
-
-
 def _ts(line: str) -> float:
     match = re.match(r"ts=(\S+)Z", line)
     assert match, line
@@ -60,7 +41,7 @@ def _ts(line: str) -> float:
 
 def test_three_daemons_find_each_other_by_mdns_and_exchange(tmp_path, split):
     x_train, y_train, x_test, y_test = split
-    specs = prepare(tmp_path, ClusterPlan(nodes=3, base_port=_port_base(0), training=TRAINING), x_train, y_train)
+    specs = prepare(tmp_path, ClusterPlan(nodes=3, base_port=free_port_base(), training=TRAINING), x_train, y_train)
     with Cluster(specs) as cluster:
         for spec in specs:
             assert cluster.wait_for_log(spec, "node started", 30), cluster.log_lines(spec)
@@ -95,7 +76,7 @@ def _spread(vectors: list[np.ndarray]) -> float:
 
 def test_five_daemons_on_non_iid_shards_learn_together(tmp_path, split):
     x_train, y_train, x_test, y_test = split
-    plan = ClusterPlan(nodes=5, alpha=0.5, base_port=_port_base(1), training=TRAINING, gossip={"period": 0.3})
+    plan = ClusterPlan(nodes=5, alpha=0.5, base_port=free_port_base(), training=TRAINING, gossip={"period": 0.3})
     specs = prepare(tmp_path, plan, x_train, y_train)
     with Cluster(specs) as cluster:
         time.sleep(35)
@@ -122,7 +103,7 @@ def test_five_daemons_on_non_iid_shards_learn_together(tmp_path, split):
 
 def test_sigkill_restart_resumes_and_peers_take_it_back(tmp_path, split):
     x_train, y_train, _, _ = split
-    plan = ClusterPlan(nodes=3, base_port=_port_base(2), training=TRAINING,
+    plan = ClusterPlan(nodes=3, base_port=free_port_base(), training=TRAINING,
                        gossip={"period": 0.3, "failures_to_evict": 2, "max_backoff": 2.0},
                        extra={"state": {"checkpoint_seconds": 0.5}})
     specs = prepare(tmp_path, plan, x_train, y_train)
@@ -151,7 +132,7 @@ def test_sigkill_restart_resumes_and_peers_take_it_back(tmp_path, split):
 
 def test_kill_during_checkpoint_writes_never_corrupts(tmp_path, split):
     x_train, y_train, _, _ = split
-    plan = ClusterPlan(nodes=1, base_port=_port_base(3), mdns=False, training={"duty_cycle": 0.5},
+    plan = ClusterPlan(nodes=1, base_port=free_port_base(), mdns=False, training={"duty_cycle": 0.5},
                        extra={"state": {"checkpoint_seconds": 0.01}})
     specs = prepare(tmp_path, plan, x_train, y_train)
     spec = specs[0]
@@ -170,7 +151,7 @@ def test_kill_during_checkpoint_writes_never_corrupts(tmp_path, split):
 
 def test_foreign_ca_wrong_id_and_other_model_are_refused(tmp_path, split):
     x_train, y_train, _, _ = split
-    base = _port_base(4)
+    base = free_port_base()
     plan = ClusterPlan(nodes=2, base_port=base, mdns=False, static_peers=True, training=TRAINING,
                        gossip={"period": 0.3})
     specs = prepare(tmp_path, plan, x_train, y_train)
@@ -196,6 +177,7 @@ def test_foreign_ca_wrong_id_and_other_model_are_refused(tmp_path, split):
             "tls": {"cert": "certs/node.crt", "key": "certs/node.key", "ca": "certs/ca.crt"},
             "model": {"path": str(model)},
             "gossip": {"period": 0.3},
+            "control": {"socket": str(directory / "control.sock")},
         })
         from gossipfld.cluster import NodeSpec
 
@@ -222,7 +204,7 @@ def test_valid_certificate_under_another_advertised_id_is_refused(tmp_path, spli
     from gossipfld.discovery import Advertisement
 
     x_train, y_train, _, _ = split
-    specs = prepare(tmp_path, ClusterPlan(nodes=2, base_port=_port_base(5), training=TRAINING,
+    specs = prepare(tmp_path, ClusterPlan(nodes=2, base_port=free_port_base(), training=TRAINING,
                                           gossip={"period": 0.3}), x_train, y_train)
     fingerprint = Model.load(tmp_path / "model.onnx").fingerprint
     forged = Advertisement(bytes(range(32)), wire.PROTOCOL_VERSION, fingerprint, specs[1].port, "node",
@@ -247,7 +229,7 @@ def test_bad_config_is_refused_at_start_and_by_config_check(tmp_path, split):
     import sys
 
     x_train, y_train, _, _ = split
-    spec = prepare(tmp_path, ClusterPlan(nodes=1, base_port=_port_base(6), mdns=False), x_train, y_train)[0]
+    spec = prepare(tmp_path, ClusterPlan(nodes=1, base_port=free_port_base(), mdns=False), x_train, y_train)[0]
     ok = subprocess.run([sys.executable, "-m", "gossipfl.cli", "config", "check", str(spec.config)],
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and spec.node_id.hex() in ok.stdout, ok.stderr

@@ -76,8 +76,8 @@ def build_corpus() -> tuple[list[bytes], list[bytes]]:
     ]
     for i, p in enumerate(payloads):
         frames.append(wire.encode(wire.ModelDelta(i, i + 1, 1234.5, 64, p)))
-        frames.append(wire.encode(wire.GatewayRound(i, i, i + 2, 30.0, 1, p)))
-        frames.append(wire.encode(wire.GatewayUpdate(i, i, 64, p)))
+        frames.append(wire.encode(wire.GatewayRound(i, i, i + 2, float(i), 30.0, 1, p)))
+        frames.append(wire.encode(wire.GatewayUpdate(i, i, 64, float(i), p)))
     return frames, payloads
 
 

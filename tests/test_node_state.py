@@ -39,7 +39,12 @@ def test_config_defaults_and_relative_paths(tmp_path):
     ({"training": {"duty_cycle": 0}}, r"training.duty_cycle: must be in \(0, 1\]"),
     ({"tls": {"allowlist": ["abc"]}}, r"tls.allowlist\[0\]: must be a 64-character hex node id"),
     ({"node": {"role": "server"}}, "node.role: must be one of node, gateway"),
-    ({"node": {"mode": "fedavg"}}, "node.mode: 'fedavg' is not available in this version"),
+    ({"node": {"mode": "federated"}}, "node.mode: must be one of gossip, fedavg, auto"),
+    ({"fedavg": {"rule": "krum"}}, "fedavg.rule: must be one of mean, fedavgm, trimmed_mean, median"),
+    ({"fedavg": {"quorum": 0}}, r"fedavg.quorum: must be in \(0, 1\]"),
+    ({"fedavg": {"late_updates": "keep"}}, "fedavg.late_updates: must be drop or discount"),
+    ({"control": {"metrics_listen": "0.0.0.0:9464"}}, "control.metrics_listen: must be a loopback address"),
+    ({"control": {"socket": "/" + "x" * 120}}, "control.socket: must be at most 107 bytes"),
     ({"node": "x"}, r"node: must be a table"),
 ])
 def test_config_errors_name_the_key(table, message):

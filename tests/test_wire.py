@@ -82,14 +82,15 @@ deltas = st.builds(
     codec_payloads(),
 )
 rounds = st.builds(
-    lambda r, seqs, dl, ep, p: GatewayRound(r, seqs[0], seqs[1], dl, ep, p),
+    lambda r, seqs, age, dl, ep, p: GatewayRound(r, seqs[0], seqs[1], age, dl, ep, p),
     u64,
     seq_pairs(),
+    nonneg,
     positive,
-    st.integers(1, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
     codec_payloads(),
 )
-updates = st.builds(GatewayUpdate, u64, u64, u64, codec_payloads())
+updates = st.builds(GatewayUpdate, u64, u64, u64, nonneg, codec_payloads())
 messages = st.one_of(
     hellos,
     deltas,
@@ -200,10 +201,12 @@ GOOD_ID = bytes(32)
         (lambda: ModelDelta(0, 1, 1.0, True, b"x"), "bool"),
         (lambda: ModelDelta(0, 1, 1.0, 1, b""), "empty"),
         (lambda: ModelDelta(0, 1, 1.0, 1, "text"), "payload must be bytes"),
-        (lambda: GatewayRound(1, 0, 1, 0.0, 1, b"x"), "deadline"),
-        (lambda: GatewayRound(1, 0, 1, 5.0, 0, b"x"), "epochs 0"),
-        (lambda: GatewayRound(1, 0, 1, 5.0, 1 << 32, b"x"), "epochs"),
-        (lambda: GatewayUpdate(1, 0, -5, b"x"), "sample_count"),
+        (lambda: GatewayRound(1, 0, 1, 0.0, 0.0, 1, b"x"), "deadline"),
+        (lambda: GatewayRound(1, 0, 1, -1.0, 5.0, 1, b"x"), "age"),
+        (lambda: GatewayRound(1, 0, 1, 0.0, 5.0, -1, b"x"), "epochs"),
+        (lambda: GatewayRound(1, 0, 1, 0.0, 5.0, 1 << 32, b"x"), "epochs"),
+        (lambda: GatewayUpdate(1, 0, -5, 0.0, b"x"), "sample_count"),
+        (lambda: GatewayUpdate(1, 0, 5, float("nan"), b"x"), "age"),
         (lambda: NeedFull(1 << 64), "base_seq"),
         (lambda: Ack(-1), "seq"),
         (lambda: Ping(None), "nonce"),
@@ -289,8 +292,8 @@ def test_header_contents_are_checked() -> None:
     f = good_frame(ModelDelta(1, 2, 1.0, 1, payload))
     struct.pack_into("<d", f, 32, float("nan"))
     refuse(bytes(f), BadMessage, "age")
-    f = good_frame(GatewayRound(1, 1, 2, 5.0, 1, payload))
-    struct.pack_into("<d", f, 40, float("-inf"))
+    f = good_frame(GatewayRound(1, 1, 2, 10.0, 5.0, 1, payload))
+    struct.pack_into("<d", f, 48, float("-inf"))  # prefix 16 + round, base, new 24 + age 8
     refuse(bytes(f), BadMessage, "deadline")
 
     hello = good_frame(Hello(GOOD_ID, 1, GOOD_ID, "node", ("int8",)))
@@ -320,7 +323,7 @@ def test_delta_payloads_are_peeked_against_the_limits() -> None:
         "ModelDelta payload: not a gossipfl delta payload",
     )
     refuse(
-        encode(GatewayUpdate(0, 1, 1, payload)),
+        encode(GatewayUpdate(0, 1, 1, 0.0, payload)),
         BadPayload,
         "2000 elements, the limit is 1000",
         Limits.for_model(1000),
@@ -393,8 +396,8 @@ def test_limits_are_validated_and_derived() -> None:
     )
     hello = Hello(GOOD_ID, 1, GOOD_ID, "node", tuple(f"{i:02d}" + "x" * 30 for i in range(32)))
     err = Error(1, "é" * 512)
-    assert decode_all(encode(GatewayUpdate(1, 1, 1, big)) + encode(hello) + encode(err), limits=lim) == [
-        GatewayUpdate(1, 1, 1, big),
+    assert decode_all(encode(GatewayUpdate(1, 1, 1, 2.0, big)) + encode(hello) + encode(err), limits=lim) == [
+        GatewayUpdate(1, 1, 1, 2.0, big),
         hello,
         err,
     ]

@@ -1,0 +1,173 @@
+"""The control-socket protocol between ``gossipfl`` and a running ``gossipfld``, and its client.
+
+One connection per request, like ``syncthing cli`` over its REST socket but simpler: the client sends
+one line of JSON, ``{"v": 1, "command": "status", "args": {}}``, and reads one line back, either
+``{"v": 1, "ok": true, "result": ...}`` or ``{"v": 1, "ok": false, "error": {"code": ..., "message": ...}}``.
+The version lets a newer CLI talk to an older daemon and say so plainly instead of misreading a reply.
+
+Parsing is pure (bytes in, typed values or ``ControlError`` out) so the daemon's server and this
+client share it, and the client is blocking on purpose: the CLI is a short-lived synchronous program.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gossipfl.errors import ControlError, ControlForbidden, DaemonNotRunning
+
+PROTOCOL = 1
+DEFAULT_SOCKET = Path("/run/gossipfl/control.sock")
+SOCKET_ENV = "GOSSIPFL_SOCKET"
+MAX_REPLY_BYTES = 1 << 30  # a model export of ~200 M parameters, base64-coded
+# AF_UNIX paths are limited by sun_path (108 bytes on Linux, including the terminating NUL).
+MAX_SOCKET_PATH = 107
+
+# Every command the daemon knows, and whether it changes anything. Read-only commands are open to
+# members of the socket's group; changing ones need root or the daemon's own user.
+COMMANDS: dict[str, bool] = {
+    "status": False,
+    "peers": False,
+    "metrics": False,
+    "model.export": False,
+    "predict": False,
+    "pause": True,
+    "resume": True,
+    "peer.block": True,
+    "peer.unblock": True,
+}
+
+# Error codes a reply may carry; the CLI maps some of them to their own exit codes.
+BAD_REQUEST = "bad_request"
+TOO_LARGE = "too_large"
+UNKNOWN_COMMAND = "unknown_command"
+FORBIDDEN = "forbidden"
+TIMEOUT = "timeout"
+BUSY = "busy"
+FAILED = "failed"
+VERSION = "version"
+
+
+@dataclass(frozen=True)
+class Request:
+    command: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return json.dumps({"v": PROTOCOL, "command": self.command, "args": self.args},
+                          separators=(",", ":")).encode() + b"\n"
+
+    @property
+    def changes_state(self) -> bool:
+        return COMMANDS[self.command]
+
+
+def parse_request(line: bytes) -> Request:
+    """A request line, checked: ``ControlError`` with a code that the reply will carry."""
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ControlError(f"request is not valid JSON: {exc}", BAD_REQUEST) from None
+    if not isinstance(obj, dict):
+        raise ControlError("request must be a JSON object", BAD_REQUEST)
+    if obj.get("v") != PROTOCOL:
+        raise ControlError(f"unsupported protocol version {obj.get('v')!r}; this daemon speaks {PROTOCOL}", VERSION)
+    command, args = obj.get("command"), obj.get("args", {})
+    if not isinstance(command, str):
+        raise ControlError("request has no \"command\" string", BAD_REQUEST)
+    if command not in COMMANDS:
+        raise ControlError(f"unknown command {command[:64]!r} (known: {', '.join(COMMANDS)})", UNKNOWN_COMMAND)
+    if not isinstance(args, dict):
+        raise ControlError("\"args\" must be a JSON object", BAD_REQUEST)
+    return Request(command, args)
+
+
+def encode_result(result: Any) -> bytes:
+    return json.dumps({"v": PROTOCOL, "ok": True, "result": result}, separators=(",", ":")).encode() + b"\n"
+
+
+def encode_error(code: str, message: str) -> bytes:
+    return json.dumps({"v": PROTOCOL, "ok": False, "error": {"code": code, "message": message}},
+                      separators=(",", ":")).encode() + b"\n"
+
+
+def parse_reply(data: bytes) -> Any:
+    """The result of a reply, or the daemon's error raised as the matching ``ControlError``."""
+    try:
+        obj = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ControlError(f"the daemon's reply is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict) or obj.get("v") != PROTOCOL or not isinstance(obj.get("ok"), bool):
+        raise ControlError(f"the daemon speaks another control protocol than version {PROTOCOL}", VERSION)
+    if obj["ok"]:
+        return obj.get("result")
+    error = obj.get("error") if isinstance(obj.get("error"), dict) else {}
+    code, message = str(error.get("code", FAILED)), str(error.get("message", "no message"))
+    if code == FORBIDDEN:
+        raise ControlForbidden(message)
+    raise ControlError(f"daemon refused {code}: {message}", code)
+
+
+def socket_path(explicit: str | None = None, config_socket: Path | None = None) -> Path:
+    """Where to find the daemon: --socket, else $GOSSIPFL_SOCKET, else the config's, else the default."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(SOCKET_ENV):
+        return Path(os.environ[SOCKET_ENV])
+    return config_socket or DEFAULT_SOCKET
+
+
+@dataclass
+class ControlClient:
+    path: Path
+    timeout: float = 30.0
+
+    def call(self, command: str, **args: Any) -> Any:
+        request = Request(command, args).encode()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(self.timeout)
+            self._connect(sock)
+            try:
+                sock.sendall(request)
+                reply = self._read_line(sock)
+            except TimeoutError:
+                raise ControlError(f"the daemon at {self.path} did not answer within {self.timeout:g} s",
+                                   TIMEOUT) from None
+            except OSError as exc:
+                raise ControlError(f"lost the connection to the daemon at {self.path}: {exc.strerror}") from None
+        return parse_reply(reply)
+
+    def _connect(self, sock: socket.socket) -> None:
+        try:
+            sock.connect(os.fsencode(self.path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonNotRunning(f"gossipfld is not running (nothing listens on {self.path})") from None
+        except PermissionError:
+            raise ControlForbidden(f"permission denied on {self.path}: run as root or as a member of the "
+                                   f"socket's group (usually 'gossipfl')") from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSOCK, errno.ENOTDIR):
+                raise DaemonNotRunning(f"{self.path} is not a gossipfld control socket") from None
+            raise ControlError(f"cannot reach the daemon at {self.path}: {exc.strerror}") from None
+
+    def _read_line(self, sock: socket.socket) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if chunk.endswith(b"\n"):
+                break
+            if size > MAX_REPLY_BYTES:
+                raise ControlError(f"the daemon's reply is over {MAX_REPLY_BYTES} bytes")
+        if not chunks:
+            raise ControlError(f"the daemon at {self.path} closed the connection without a reply")
+        return b"".join(chunks)
