@@ -22,10 +22,8 @@ import numpy as np
 
 from gossipfl.datasets import load_digits, train_test_split
 from gossipfl.errors import GossipflError
-from gossipfl.model import Model
-from gossipfl.optim import OptimizerConfig
-from gossipfl.trainer import TrainConfig, Trainer
-from gossipfld.cluster import Cluster, ClusterPlan, evaluate_checkpoint, prepare
+from gossipfl.trainer import Trainer
+from gossipfld.cluster import Cluster, ClusterPlan, evaluate_checkpoint, prepare, train_centrally
 
 
 def rss_mb(pid: int) -> float | None:
@@ -36,12 +34,6 @@ def rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
-
-
-def central_accuracy(model_path: Path, x, y, x_test, y_test, epochs: int) -> float:
-    model = Model.load(model_path)
-    Trainer(model, TrainConfig(optimizer=OptimizerConfig("sgd", lr=0.05))).fit(x, y, epochs)
-    return float(Trainer(model).evaluate(x_test, y_test).accuracy)
 
 
 def main() -> None:
@@ -66,7 +58,8 @@ def main() -> None:
                            training={"duty_cycle": args.duty_cycle, "lr": args.lr},
                            extra={"state": {"checkpoint_seconds": 1.0}})
         specs = prepare(root, plan, x_train, y_train)
-        central = central_accuracy(root / "model.onnx", x_train, y_train, x_test, y_test, epochs=40)
+        central_model = train_centrally(root / "model.onnx", x_train, y_train)
+        central = float(Trainer(central_model).evaluate(x_test, y_test).accuracy)
         rows, rss = [], []
         with Cluster(specs) as cluster:
             start = time.monotonic()

@@ -25,7 +25,8 @@ from gossipfl.checkpoint import load_checkpoint
 from gossipfl.datasets import dirichlet_shards, iid_shards, write_csv
 from gossipfl.identity import init_ca, issue_node_cert
 from gossipfl.model import Model
-from gossipfl.trainer import Metrics, Trainer
+from gossipfl.optim import OptimizerConfig
+from gossipfl.trainer import Metrics, TrainConfig, Trainer
 from gossipfl.zoo import ArchSpec, build
 
 CONTROL_SOCKET = "control.sock"
@@ -40,6 +41,7 @@ class NodeSpec:
     port: int
     address: str = "127.0.0.1"
     netns: str | None = None
+    program: tuple[str, ...] = ("-m", "gossipfld.main")  # what the interpreter runs (tests swap in variants)
 
     @property
     def checkpoint(self) -> Path:
@@ -154,7 +156,7 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def command(self, spec: NodeSpec) -> list[str]:
-        cmd = [sys.executable, "-m", "gossipfld.main", "--config", str(spec.config), *self.extra_args]
+        cmd = [sys.executable, *spec.program, "--config", str(spec.config), *self.extra_args]
         return ["ip", "netns", "exec", spec.netns, *cmd] if spec.netns else cmd
 
     def start(self, spec: NodeSpec, env: dict[str, str] | None = None) -> None:
@@ -228,6 +230,13 @@ class Cluster:
         for proc in self.procs.values():
             proc.wait()
         self.procs.clear()
+
+
+def train_centrally(model_path: Path, x: np.ndarray, y: np.ndarray, epochs: int = 40, lr: float = 0.05) -> Model:
+    """The reference every distributed run is judged by: the same model trained on all the data at once."""
+    model = Model.load(model_path)
+    Trainer(model, TrainConfig(optimizer=OptimizerConfig("sgd", lr=lr))).fit(x, y, epochs)
+    return model
 
 
 def evaluate_checkpoint(spec: NodeSpec, x: np.ndarray, y: np.ndarray) -> tuple[Metrics, dict[str, Any], Model]:

@@ -71,7 +71,8 @@ class _Round:
     number: int
     params: np.ndarray
     age: float
-    quorum: int
+    expected: int
+    quorum_share: float
     updates: list[tuple[bytes, ClientUpdate, float]] = field(default_factory=list)
     enough: trio.Event = field(default_factory=trio.Event)
     published: trio.Event = field(default_factory=trio.Event)
@@ -79,14 +80,28 @@ class _Round:
     result: np.ndarray | None = None
     result_age: float = 0.0
 
+    @property
+    def quorum(self) -> int:
+        return max(1, math.ceil(self.quorum_share * self.expected))
+
+    def _check(self) -> None:
+        if (self.updates and len(self.updates) >= self.quorum) or self.expected <= 0:
+            self.enough.set()
+
     def offer(self, client: bytes, update: ClientUpdate, age: float) -> bool:
         """Take an update while the round is open; False once it has been aggregated (a late one)."""
         if self.closed:
             return False
         self.updates.append((client, update, age))
-        if len(self.updates) >= self.quorum:
-            self.enough.set()
+        self._check()
         return True
+
+    def withdraw(self, client: bytes) -> None:
+        """A selected client will not answer (unreachable, refused): do not wait for it."""
+        if self.closed or any(c == client for c, _, _ in self.updates):
+            return
+        self.expected -= 1
+        self._check()
 
 
 class Gateway:
@@ -116,7 +131,7 @@ class Gateway:
         async with trio.open_nursery() as sessions:  # a client's session may outlive its round
             while True:
                 await trio.sleep(self.settings.round_pause)
-                if self.node.paused:
+                if self.node.paused or 0 < self.settings.max_rounds <= self.round:
                     continue
                 now = trio.current_time()
                 clients = [p for p in self.node.peers.live()
@@ -136,7 +151,7 @@ class Gateway:
         async with node.lock:
             params, age = node.model.params.copy(), node.age
         expected = len(selected) + (1 if self.trains_locally else 0)
-        rnd = _Round(self.round + 1, params, age, quorum=max(1, math.ceil(s.quorum * expected)))
+        rnd = _Round(self.round + 1, params, age, expected, s.quorum)
         for peer in selected:
             self.busy.add(peer.node_id)
             sessions.start_soon(self._client_session, peer, rnd)
@@ -192,7 +207,9 @@ class Gateway:
         """The gateway's own data, as one more client of its own round."""
         node = self.node
         trained, samples = await node.train_from(rnd.params, self.settings.epochs)
-        if samples and not rnd.offer(node.node_id, ClientUpdate(trained - rnd.params, samples), rnd.age + samples):
+        if not samples:
+            rnd.withdraw(node.node_id)
+        elif not rnd.offer(node.node_id, ClientUpdate(trained - rnd.params, samples), rnd.age + samples):
             node.counters.add("fedavg.late_dropped")
 
     # ---------------------------------------------------------------- one client
@@ -219,6 +236,7 @@ class Gateway:
             log.info("client left the round", extra=fields(peer=peer.node_id.hex()[:12], round=rnd.number,
                                                            reason=reason, error=str(exc)[:200]))
         finally:
+            rnd.withdraw(peer.node_id)
             self.busy.discard(peer.node_id)
             if conn is not None:
                 node._account(peer, conn, peer.node_id)

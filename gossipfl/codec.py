@@ -8,12 +8,14 @@ later one instead of being lost for good.
 Every payload is untrusted on the receiving side, even from an authenticated peer (a buggy or compromised
 device, a corrupted buffer), so decoding is written as a validator first and a decoder second:
 
-* only ``blosc2.compress2``/``decompress2`` are used; the pickle-based ``pack``/``unpack`` family and
-  ``unpack_tensor`` (which trusts a dtype and a shape stored in the frame) are never called;
+* only one-shot chunk compression and decompression are used (C-Blosc2's ``blosc2_compress_ctx`` and
+  ``blosc2_decompress_ctx``, as python-blosc2's ``compress2``/``decompress2`` call them; see
+  ``gossipfl/_blosc.py``); frames, the pickle-based ``pack``/``unpack`` family and ``unpack_tensor``
+  (which trusts a dtype and a shape stored in the frame) are never used;
 * a SHA-256 digest (truncated to 16 bytes) of the whole payload is checked before any field is used,
   because blosc2 chunks carry no checksum and most flipped bytes decode silently to wrong numbers;
 * every size is derived from the header *and* from the element count the caller expects, and checked
-  against ``blosc2.get_cbuffer_sizes`` and against our own reading of each blosc2 chunk header before
+  against ``blosc2_cbuffer_sizes`` and against our own reading of each blosc2 chunk header before
   anything is allocated or decompressed; decompression writes into preallocated arrays;
 * the decoded vector must be finite; every failure raises :class:`~gossipfl.errors.CodecError` naming
   the problem.
@@ -39,9 +41,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
-import blosc2
 import numpy as np
 
+from gossipfl import _blosc
 from gossipfl.errors import CodecError, ConfigError
 
 __all__ = [
@@ -102,10 +104,10 @@ _SCHEME_DTYPES: Final = {
 }
 
 _CODECS: Final = {
-    "zstd": blosc2.Codec.ZSTD,
-    "lz4": blosc2.Codec.LZ4,
-    "lz4hc": blosc2.Codec.LZ4HC,
-    "blosclz": blosc2.Codec.BLOSCLZ,
+    "zstd": _blosc.ZSTD,
+    "lz4": _blosc.LZ4,
+    "lz4hc": _blosc.LZ4HC,
+    "blosclz": _blosc.BLOSCLZ,
 }
 _SHUFFLES: Final = ("auto", "shuffle", "bitshuffle", "none")
 
@@ -301,25 +303,26 @@ def _encode(delta: np.ndarray, config: CodecConfig) -> tuple[bytes, PayloadHeade
     return payload, header, arrays
 
 
-def _cparams(config: CodecConfig) -> dict[str, object]:
+def _cparams(config: CodecConfig) -> dict[str, int]:
     return {"codec": _CODECS[config.blosc_codec], "clevel": config.clevel, "nthreads": config.nthreads}
 
 
-def _compress(arr: np.ndarray, cparams: dict[str, object], chunk_bytes: int, shuffle: str) -> list[bytes]:
-    """Split one section into blosc2 chunks: one ``compress2`` call handles at most ~2 GiB, and smaller
+def _compress(arr: np.ndarray, cparams: dict[str, int], chunk_bytes: int, shuffle: str) -> list[bytes]:
+    """Split one section into blosc2 chunks: one chunk holds at most ~2 GiB, and smaller
     chunks bound the memory a single call needs."""
     size = arr.itemsize
     if shuffle == "auto":
-        filt = blosc2.Filter.SHUFFLE if size > 1 else blosc2.Filter.NOFILTER
+        filt = _blosc.SHUFFLE if size > 1 else _blosc.NOFILTER
     else:
         filt = {
-            "shuffle": blosc2.Filter.SHUFFLE,
-            "bitshuffle": blosc2.Filter.BITSHUFFLE,
-            "none": blosc2.Filter.NOFILTER,
+            "shuffle": _blosc.SHUFFLE,
+            "bitshuffle": _blosc.BITSHUFFLE,
+            "none": _blosc.NOFILTER,
         }[shuffle]
     raw = memoryview(arr.view(np.uint8))
+    backend = _blosc.BACKEND
     return [
-        blosc2.compress2(raw[i : i + chunk_bytes], typesize=size, filters=[filt], filters_meta=[0], **cparams)
+        backend.compress(raw[i : i + chunk_bytes], typesize=size, filt=filt, **cparams)
         for i in range(0, len(raw), chunk_bytes)
     ]
 
@@ -622,9 +625,9 @@ def _decompress_chunk(chunk: memoryview, dst: np.ndarray, sec: _Section, nthread
     if len(chunk) > nbytes + _BLOSC_OVERHEAD:
         raise CodecError(f"{where}: {len(chunk)} bytes for {nbytes} bytes of data is more than blosc2 makes")
     try:
-        c_nbytes, c_cbytes, _ = blosc2.get_cbuffer_sizes(chunk)
+        c_nbytes, c_cbytes, _ = _blosc.BACKEND.cbuffer_sizes(chunk)
     except (ValueError, RuntimeError, TypeError) as exc:
-        raise CodecError(f"{where}: unreadable blosc2 header: {exc}") from exc
+        raise CodecError(f"{where}: blosc2 header unreadable: {exc}") from exc
     if c_nbytes != nbytes:
         raise CodecError(f"{where}: blosc2 header says {c_nbytes} bytes uncompressed, expected {nbytes}")
     if c_cbytes != len(chunk):
@@ -633,7 +636,7 @@ def _decompress_chunk(chunk: memoryview, dst: np.ndarray, sec: _Section, nthread
         )
     _check_blosc_header(chunk, sec, where)
     try:
-        blosc2.decompress2(chunk, dst=dst, nthreads=nthreads)
+        _blosc.BACKEND.decompress_into(chunk, dst, nthreads)
     except (ValueError, RuntimeError, TypeError) as exc:
         raise CodecError(f"{where}: blosc2 could not decompress it: {exc}") from exc
 

@@ -105,6 +105,7 @@ class FedavgSection:
     deadline: float = 20.0  # seconds clients have to answer
     epochs: int = 1  # local epochs per round
     round_pause: float = 0.5  # seconds between rounds
+    max_rounds: int = 0  # stop running rounds after this many (a finite training campaign); 0 = never stop
     late_updates: str = "drop"  # "drop", or "discount": apply late updates next round, scaled 1/sqrt(1+staleness)
     max_staleness: int = 3  # rounds after which a late update is dropped even when discounting
     # gateway side: aggregation (gossipfl.aggregate)
@@ -316,6 +317,7 @@ def _validate(c: NodeConfig) -> None:
     _check(f.deadline > 0, "fedavg.deadline", f"must be > 0, got {f.deadline}")
     _check(1 <= f.epochs <= 1000, "fedavg.epochs", f"must be 1 to 1000, got {f.epochs}")
     _check(f.round_pause >= 0, "fedavg.round_pause", "must be >= 0")
+    _check(f.max_rounds >= 0, "fedavg.max_rounds", "must be >= 0 (0 = no limit)")
     _check(f.late_updates in ("drop", "discount"), "fedavg.late_updates",
            f"must be drop or discount, got {f.late_updates!r}")
     _check(0 <= f.max_staleness <= 100, "fedavg.max_staleness", "must be 0 to 100")

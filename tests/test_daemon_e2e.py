@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,8 @@ import pytest
 from gossipfl.datasets import load_digits, train_test_split
 from gossipfl.identity import init_ca, issue_node_cert
 from gossipfl.model import Model
-from gossipfl.optim import OptimizerConfig
-from gossipfl.trainer import TrainConfig, Trainer
-from gossipfld.cluster import Cluster, ClusterPlan, evaluate_checkpoint, prepare, write_toml
+from gossipfl.trainer import Trainer
+from gossipfld.cluster import Cluster, ClusterPlan, evaluate_checkpoint, prepare, train_centrally, write_toml
 
 from .conftest import free_port_base
 
@@ -63,12 +61,6 @@ def test_three_daemons_find_each_other_by_mdns_and_exchange(tmp_path, split):
         assert not any(k.startswith("refused.") for k in counters), counters
 
 
-def _alone(model_path: Path, x, y, epochs: int = 40) -> Model:
-    model = Model.load(model_path)
-    Trainer(model, TrainConfig(optimizer=OptimizerConfig("sgd", lr=0.05))).fit(x, y, epochs)
-    return model
-
-
 def _spread(vectors: list[np.ndarray]) -> float:
     mean = np.mean(vectors, axis=0)
     return float(np.mean([np.linalg.norm(v - mean) for v in vectors]))
@@ -87,7 +79,7 @@ def test_five_daemons_on_non_iid_shards_learn_together(tmp_path, split):
     for spec in specs:
         metrics, _, model = evaluate_checkpoint(spec, x_test, y_test)
         shard = load_directory(spec.directory / "data", DataSpec(features=64, classes=10)).all
-        isolated = _alone(tmp_path / "model.onnx", shard.x, shard.y)
+        isolated = train_centrally(tmp_path / "model.onnx", shard.x, shard.y)
         alone_metrics = Trainer(isolated).evaluate(x_test, y_test)
         gossip.append((metrics.accuracy, model.params.copy()))
         alone.append((alone_metrics.accuracy, isolated.params.copy()))
