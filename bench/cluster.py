@@ -1,29 +1,45 @@
-"""A cluster of real gossipfld processes on loopback, learning digits split non-IID, against central training.
+"""Clusters of real gossipfld processes on loopback learning digits, side by side, against central training.
 
     .venv/bin/python bench/cluster.py [--nodes 8] [--seconds 60] [--split dirichlet|iid] [--alpha 0.5]
-                                      [--scheme int8] [--period 0.5]
+        [--modes gossip,fedavg] [--schemes int8,float32,topk] [--period 0.5] [--csv F] [--png F]
 
-Every node starts from the same model and holds one shard (Dirichlet(alpha) over labels by default).
-While the cluster runs, the script reads each node's checkpoint (written every second, atomically)
-and scores it on a held-out quarter of digits that no node trains on. It prints accuracy against time
-and against bytes sent per node, the resident memory per daemon (VmRSS from /proc), the worst event-loop
-lag any daemon saw, and, as the baseline measured in the same run, the same model trained centrally on
-all the nodes' data together.
+Each configuration (a mode and a codec scheme) runs as its own cluster, one after the other, from the
+same initial model and the same shards: ``gossip`` is N daemons gossiping; ``fedavg`` is the same N
+daemons following one extra gateway daemon (which holds no data). While a cluster runs, the script
+fetches every node's current model over its control socket (``model.export``) and scores it on a
+held-out quarter of digits that no node trains on. The baseline, measured in the same run, is the same
+model trained centrally on all the nodes' data together.
+
+It prints accuracy against time and against bytes sent per node for every configuration, then one
+table: final accuracy, the time and the bytes per node to reach 95% of central accuracy, resident memory
+(VmRSS) and CPU seconds per daemon, and the worst event-loop lag. ``--csv`` and ``--png`` write the
+samples as CSV and as a two-panel plot (needs matplotlib, from the ``bench`` extra).
+
+Nodes keep no validation split of their own here (``data.validation_fraction = 0``), so the federated
+runs and the central run learn from exactly the same rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import csv
+import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from gossipfl.control import ControlClient
 from gossipfl.datasets import load_digits, train_test_split
 from gossipfl.errors import GossipflError
-from gossipfl.trainer import Trainer
-from gossipfld.cluster import Cluster, ClusterPlan, evaluate_checkpoint, prepare, train_centrally
+from gossipfl.model import Model
+from gossipfl.trainer import Trainer, predict, prediction_session
+from gossipfld.cluster import Cluster, ClusterPlan, NodeSpec, prepare, train_centrally
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float | None:
@@ -36,67 +52,193 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+class Scorer:
+    """Accuracy of any parameter vector on the test set, through one prediction session."""
+
+    def __init__(self, model_path: Path, x: np.ndarray, y: np.ndarray) -> None:
+        self.model = Model.load(model_path)
+        self.session = prediction_session(self.model)
+        self.x, self.y = x, y
+
+    def __call__(self, params: np.ndarray) -> float:
+        self.model.set_params(params)
+        return float(np.mean(np.argmax(predict(self.model, self.x, self.session), axis=1) == self.y))
+
+
+@dataclass
+class Run:
+    mode: str
+    scheme: str
+    samples: list[tuple[float, float, float, float]] = field(default_factory=list)  # t, mean acc, min, bytes
+    final: list[float] = field(default_factory=list)
+    rss: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    lag: float = 0.0
+    codes: set = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode}/{self.scheme}"
+
+    def reach(self, target: float) -> tuple[float | None, float | None]:
+        """Seconds and bytes per node when the mean accuracy first reached ``target``."""
+        for t, mean, _, sent in self.samples:
+            if mean >= target:
+                return t, sent
+        return None, None
+
+
+def node_state(spec: NodeSpec) -> tuple[np.ndarray, dict] | None:
+    client = ControlClient(spec.socket, timeout=10)
+    try:
+        exported = client.call("model.export")
+        status = client.call("status")
+    except GossipflError:
+        return None
+    return Model.from_bytes(base64.b64decode(exported["onnx"])).params, status
+
+
+def run_config(args: argparse.Namespace, mode: str, scheme: str, root: Path, x_train, y_train, x_test,
+               y_test) -> Run:
+    fedavg = mode == "fedavg"
+    plan = ClusterPlan(nodes=args.nodes + (1 if fedavg else 0), gateways=1 if fedavg else 0,
+                       mode="fedavg" if fedavg else "gossip", split=args.split, alpha=args.alpha,
+                       base_port=21000, gossip={"period": args.period, "scheme": scheme},
+                       training={"duty_cycle": args.duty_cycle, "lr": args.lr},
+                       fedavg={"epochs": args.fedavg_epochs, "deadline": 10.0, "round_pause": args.period},
+                       extra={"data": {"validation_fraction": 0.0}})
+    specs = prepare(root, plan, x_train, y_train)
+    score = Scorer(root / "model.onnx", x_test, y_test)
+    learners = specs[plan.gateways:]
+    run = Run(mode, scheme)
+    with Cluster(specs) as cluster:
+        start = time.monotonic()
+        while (elapsed := time.monotonic() - start) < args.seconds:
+            time.sleep(min(args.sample_every, max(args.seconds - elapsed, 0.1)))
+            states = [s for s in map(node_state, learners) if s is not None]
+            if states:
+                accs = [score(params) for params, _ in states]
+                sent = [st["counters"].get("bytes_out", 0) for _, st in states]
+                run.samples.append((time.monotonic() - start, float(np.mean(accs)), float(np.min(accs)),
+                                    float(np.mean(sent))))
+            run.rss += [m for p in cluster.procs.values() if (m := rss_mb(p.pid)) is not None]
+        finals = [s for s in map(node_state, specs) if s is not None]
+        run.cpu = [c for p in cluster.procs.values() if (c := cpu_seconds(p.pid)) is not None]
+        run.final = [score(params) for params, _ in finals[plan.gateways:]]
+        run.lag = max((st["max_loop_lag"] for _, st in finals), default=0.0)
+        run.codes = set(cluster.stop_all().values())
+    return run
+
+
+def write_csv(path: Path, runs: list[Run]) -> None:
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["mode", "scheme", "seconds", "mean_accuracy", "min_accuracy", "bytes_sent_per_node"])
+        for run in runs:
+            for t, mean, low, sent in run.samples:
+                out.writerow([run.mode, run.scheme, f"{t:.2f}", f"{mean:.4f}", f"{low:.4f}", f"{sent:.0f}"])
+
+
+def write_png(path: Path, runs: list[Run], central: float, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_time, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for run in runs:
+        t = [s[0] for s in run.samples]
+        acc = [s[1] for s in run.samples]
+        kb = [s[3] / 1024 for s in run.samples]
+        by_time.plot(t, acc, label=run.name)
+        by_bytes.plot(kb, acc, label=run.name)
+    for ax, xlabel in ((by_time, "seconds"), (by_bytes, "kB sent per node")):
+        ax.axhline(central, color="black", linestyle="--", linewidth=1, label="central")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("mean accuracy (held-out)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    by_bytes.set_xscale("symlog")
+    by_time.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, default=8)
+    parser.add_argument("--nodes", type=int, default=8, help="learning daemons (fedavg adds one gateway)")
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--split", choices=("dirichlet", "iid"), default="dirichlet")
     parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--scheme", choices=("float32", "float16", "int8", "topk"), default="int8")
-    parser.add_argument("--period", type=float, default=0.5)
+    parser.add_argument("--modes", default="gossip", help="comma-separated: gossip, fedavg")
+    parser.add_argument("--mode", dest="modes", help="alias: --mode fedavg runs gossip and fedavg side by side")
+    parser.add_argument("--schemes", default="int8", help="comma-separated: float32, float16, int8, topk")
+    parser.add_argument("--period", type=float, default=0.5, help="gossip period, and pause between rounds")
     parser.add_argument("--duty-cycle", type=float, default=0.2)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--sample-every", type=float, default=5.0)
+    parser.add_argument("--fedavg-epochs", type=int, default=2)
+    parser.add_argument("--sample-every", type=float, default=2.0)
+    parser.add_argument("--csv", type=Path)
+    parser.add_argument("--png", type=Path)
     args = parser.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    if modes == ["fedavg"]:
+        modes = ["gossip", "fedavg"]  # FedAvg is always shown beside gossip
+    schemes = [s for s in args.schemes.split(",") if s]
 
     x, y = load_digits()
     x_train, y_train, x_test, y_test = train_test_split(x, y, test_fraction=0.25, seed=1)
-    with tempfile.TemporaryDirectory(prefix="gossipfl-bench-") as tmp:
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="gfl-bench-") as tmp:
         root = Path(tmp)
-        plan = ClusterPlan(nodes=args.nodes, split=args.split, alpha=args.alpha, base_port=21000,
-                           gossip={"period": args.period, "scheme": args.scheme},
-                           training={"duty_cycle": args.duty_cycle, "lr": args.lr},
-                           extra={"state": {"checkpoint_seconds": 1.0}})
-        specs = prepare(root, plan, x_train, y_train)
-        central_model = train_centrally(root / "model.onnx", x_train, y_train)
+        for mode in modes:
+            for scheme in schemes:
+                runs.append(run_config(args, mode, scheme, root / f"{mode}-{scheme}", x_train, y_train, x_test,
+                                       y_test))
+        # Every run starts from the same initial model (same seed); central training starts there too.
+        central_model = train_centrally(root / f"{modes[0]}-{schemes[0]}" / "model.onnx", x_train, y_train)
         central = float(Trainer(central_model).evaluate(x_test, y_test).accuracy)
-        rows, rss = [], []
-        with Cluster(specs) as cluster:
-            start = time.monotonic()
-            while (elapsed := time.monotonic() - start) < args.seconds:
-                time.sleep(min(args.sample_every, max(args.seconds - elapsed, 0.1)))
-                accs, sent = [], []
-                for spec in specs:
-                    try:
-                        metrics, state, _ = evaluate_checkpoint(spec, x_test, y_test)
-                    except GossipflError:
-                        continue  # not written yet
-                    accs.append(metrics.accuracy)
-                    sent.append(state["counters"].get("bytes_out", 0))
-                rss += [m for p in cluster.procs.values() if (m := rss_mb(p.pid)) is not None]
-                if accs:
-                    rows.append((time.monotonic() - start, float(np.mean(accs)), float(np.min(accs)),
-                                 float(np.mean(sent))))
-            codes = cluster.stop_all()
-        finals = [evaluate_checkpoint(s, x_test, y_test) for s in specs]
-        lags = [state.get("max_loop_lag", 0.0) for _, state, _ in finals]
-        final_acc = [m.accuracy for m, _, _ in finals]
-        sent = [state["counters"].get("bytes_out", 0) for _, state, _ in finals]
 
-    print(f"{args.nodes} gossipfld daemons on loopback, digits split {args.split}"
-          f"{f' (alpha {args.alpha})' if args.split == 'dirichlet' else ''}, codec {args.scheme}, "
-          f"gossip period {args.period}s, lr {args.lr}, training duty cycle {args.duty_cycle}, {args.seconds:.0f}s")
-    print(f"{'time s':>7} {'mean acc':>9} {'min acc':>8} {'kB sent/node':>13}")
-    for t, mean, low, kb in rows:
-        print(f"{t:7.1f} {mean:9.4f} {low:8.4f} {kb / 1024:13.1f}")
-    print(f"final accuracy per node: {' '.join(f'{a:.4f}' for a in final_acc)}")
-    print(f"central training on all data (baseline, same run): {central:.4f}")
-    print(f"mean final accuracy {np.mean(final_acc):.4f}: {100 * (np.mean(final_acc) - central):+.2f} points vs "
-          f"central; worst node {100 * (min(final_acc) - central):+.2f} points")
-    print(f"bytes sent per node: mean {np.mean(sent) / 1024:.1f} kB over {args.seconds:.0f}s")
-    print(f"resident memory per daemon: mean {np.mean(rss):.1f} MB, max {np.max(rss):.1f} MB")
-    print(f"worst event-loop lag seen by any daemon: {1000 * max(lags):.1f} ms")
-    print(f"exit codes after SIGTERM: {sorted(set(codes.values()), key=str)}")
+    split = f"{args.split}{f' (alpha {args.alpha})' if args.split == 'dirichlet' else ''}"
+    title = (f"{args.nodes} gossipfld daemons on loopback, digits split {split}, {args.seconds:.0f}s each; "
+             f"gossip period {args.period}s, lr {args.lr}, duty cycle {args.duty_cycle}, "
+             f"fedavg {args.fedavg_epochs} epochs/round")
+    print(title)
+    for run in runs:
+        print(f"\n{run.name}: accuracy against time and bytes sent per node")
+        print(f"{'time s':>7} {'mean acc':>9} {'min acc':>8} {'kB sent/node':>13}")
+        for t, mean, low, sent in run.samples:
+            print(f"{t:7.1f} {mean:9.4f} {low:8.4f} {sent / 1024:13.1f}")
+    target = 0.95 * central
+    print(f"\ncentral training on all data (baseline, same run): {central:.4f}; 95% of it: {target:.4f}")
+    header = (f"| {'config':<15} | final acc mean (min) | vs central | s to 95% | kB/node to 95% | RSS MB/daemon "
+              f"| CPU s/daemon | max loop lag |")
+    print(header)
+    print("|" + "|".join("-" * (len(part) + 0) for part in header.split("|")[1:-1]) + "|")
+    for run in runs:
+        seconds, sent = run.reach(target)
+        reach_t = f"{seconds:.1f}" if seconds is not None else "not reached"
+        reach_b = f"{sent / 1024:.1f}" if sent is not None else "-"
+        print(f"| {run.name:<15} | {np.mean(run.final):.4f} ({min(run.final):.4f})     "
+              f"| {100 * (np.mean(run.final) - central):+6.2f} pts | {reach_t:>8} | {reach_b:>14} "
+              f"| {np.mean(run.rss):13.1f} | {np.mean(run.cpu):12.1f} | {1000 * run.lag:9.1f} ms |")
+    print(f"exit codes after SIGTERM: {sorted(set().union(*(r.codes for r in runs)), key=str)}")
+    if args.csv:
+        write_csv(args.csv, runs)
+        print(f"wrote {args.csv}")
+    if args.png:
+        write_png(args.png, runs, central, title)
+        print(f"wrote {args.png}")
 
 
 if __name__ == "__main__":

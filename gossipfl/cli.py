@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from gossipfl import cli_control, identity, service
+from gossipfl.argtypes import int_list, positive_float, positive_int
 from gossipfl.config import load_config
 from gossipfl.data import DataSpec, load_directory, read_file
 from gossipfl.errors import DataError, GossipflError
@@ -35,36 +36,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
 
 
 def _data_spec(model: Model, label_column: str) -> DataSpec:
@@ -247,11 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     model_sub = model.add_subparsers(dest="model_command", required=True, parser_class=_Parser)
     init = model_sub.add_parser("init", help="write a new model from the zoo")
     init.add_argument("--arch", choices=ARCHITECTURES, required=True)
-    init.add_argument("--inputs", type=_positive_int, required=True, help="features per sample")
-    init.add_argument("--classes", type=_positive_int, help="classes (or outputs, for --task regression)")
+    init.add_argument("--inputs", type=positive_int, required=True, help="features per sample")
+    init.add_argument("--classes", type=positive_int, help="classes (or outputs, for --task regression)")
     init.add_argument("--task", choices=("classification", "regression"), default="classification")
-    init.add_argument("--hidden", type=_int_list, help="layer widths (mlp) or channels (cnn1d), e.g. 128,64")
-    init.add_argument("--input-shape", type=_int_list, help="channels,length for cnn1d")
+    init.add_argument("--hidden", type=int_list, help="layer widths (mlp) or channels (cnn1d), e.g. 128,64")
+    init.add_argument("--input-shape", type=int_list, help="channels,length for cnn1d")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--out", required=True)
     init.set_defaults(handler=cmd_model_init)
@@ -263,9 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model on a local data directory")
     train.add_argument("--model", required=True)
     train.add_argument("--data", required=True)
-    train.add_argument("--epochs", type=_positive_int, required=True)
-    train.add_argument("--batch", type=_positive_int, default=32)
-    train.add_argument("--lr", type=_positive_float, default=0.05)
+    train.add_argument("--epochs", type=positive_int, required=True)
+    train.add_argument("--batch", type=positive_int, default=32)
+    train.add_argument("--lr", type=positive_float, default=0.05)
     train.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
     train.add_argument("--momentum", type=float, default=0.9)
     train.add_argument("--seed", type=int, default=0)
@@ -296,13 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     ca = certs_sub.add_parser("init-ca", help="create the cluster CA (ca.key, ca.crt) in a directory")
     ca.add_argument("--dir", required=True)
     ca.add_argument("--name", default="gossipfl cluster CA", help="the CA's common name")
-    ca.add_argument("--days", type=_positive_int, default=identity.CA_DAYS)
+    ca.add_argument("--days", type=positive_int, default=identity.CA_DAYS)
     ca.set_defaults(handler=cmd_certs_init_ca)
     issue = certs_sub.add_parser("issue", help="make a node key and certificate; prints the node id")
     issue.add_argument("--ca", required=True, help="directory holding ca.key and ca.crt")
     issue.add_argument("--name", required=True, help="node name: 1-63 of A-Z a-z 0-9 . _ -")
     issue.add_argument("--out", required=True, help="directory for node.key, node.crt and ca.crt")
-    issue.add_argument("--days", type=_positive_int, default=identity.NODE_DAYS)
+    issue.add_argument("--days", type=positive_int, default=identity.NODE_DAYS)
     issue.set_defaults(handler=cmd_certs_issue)
     show = certs_sub.add_parser("show", help="node id, subject, issuer and validity of a certificate")
     show.add_argument("file")

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from gossipfl.argtypes import positive_float
 from gossipfl.atomic import write_bytes_atomic
 from gossipfl.config import load_config
 from gossipfl.control import ControlClient, socket_path
@@ -168,18 +169,8 @@ def connection_options(parser_class: type[argparse.ArgumentParser]) -> argparse.
     options.add_argument("--socket", help="the daemon's control socket (default: $GOSSIPFL_SOCKET, the "
                                           "config's control.socket, or /run/gossipfl/control.sock)")
     options.add_argument("--config", help="read the socket path from this node config")
-    options.add_argument("--timeout", type=_timeout, default=30.0, help="seconds to wait for the daemon")
+    options.add_argument("--timeout", type=positive_float, default=30.0, help="seconds to wait for the daemon")
     return options
-
-
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"expected 0 < seconds <= 3600, got {text}")
-    return value
 
 
 def register(sub: Any, parser_class: type[argparse.ArgumentParser]) -> argparse.ArgumentParser:

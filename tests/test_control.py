@@ -28,7 +28,7 @@ from gossipfl.datasets import load_digits, train_test_split, write_csv
 from gossipfl.model import Model
 from gossipfld.cluster import Cluster, ClusterPlan, NodeSpec, prepare, write_toml
 
-from .conftest import free_port_base, one_line_error
+from .conftest import free_port_base, one_line_error, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -62,13 +62,7 @@ class Daemons:
         return json.loads(self.cli(*args, "--json").stdout)
 
     def wait(self, predicate, timeout: float = 30.0, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}")
+        return wait_for(predicate, timeout, what)
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +193,10 @@ def test_pause_stops_training_and_resume_restarts_it(daemons):
     status = daemons.json("status")
     assert status["paused"] is True and status["counters"]["train_steps"] == steps
     assert "paused" in daemons.cli("status").stdout
-    assert daemons.json("resume") == {"paused": False}
+    assert daemons.cli("resume").stdout.strip() == "resumed: training and gossip"
     daemons.wait(lambda: daemons.json("status")["counters"]["train_steps"] > steps, what="training to resume")
+    assert daemons.json("pause") == {"paused": True}
+    assert daemons.json("resume") == {"paused": False}
 
 
 def test_export_and_predict_through_the_daemon_match_offline(daemons, tmp_path):
@@ -232,6 +228,8 @@ def test_block_and_unblock_a_peer(daemons):
     daemons.wait(lambda: daemons.json("status")["counters"].get("refused.blocked", 0) > 0,
                  what="node1's pushes to be refused")
     assert any(p["node_id"] == node1 and p["state"] == "blocked" for p in daemons.json("peers"))
+    assert daemons.cli("peer", "unblock", node1).stdout.startswith(f"unblocked {node1}")
+    assert json.loads(daemons.cli("peer", "block", node1, "--json").stdout) == {"blocked": [node1]}
     assert json.loads(daemons.cli("peer", "unblock", node1, "--json").stdout) == {"blocked": []}
     line = one_line_error(daemons.cli("peer", "unblock", node1, check=False))
     assert "is not blocked" in line

@@ -23,7 +23,7 @@ from gossipfl.model import Model
 from gossipfl.trainer import Trainer
 from gossipfld.cluster import Cluster, ClusterPlan, NodeSpec, evaluate_checkpoint, prepare, train_centrally
 
-from .conftest import free_port_base
+from .conftest import free_port_base, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -42,16 +42,6 @@ def status(spec: NodeSpec) -> dict | None:
         return ControlClient(spec.socket, timeout=10).call("status")
     except ControlError:
         return None
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def gateway_round(spec: NodeSpec) -> int:
@@ -174,3 +164,31 @@ def test_a_client_scaling_its_update_by_100(tmp_path, split, rule):
         assert attacked < clean - 0.05, (clean, attacked)
     else:
         assert abs(clean - attacked) < 0.01, (clean, attacked)
+
+
+def test_two_gateways_clients_follow_the_lowest_id_and_gateways_gossip(tmp_path, split):
+    x_train, y_train, x_test, y_test = split
+    plan = ClusterPlan(nodes=6, gateways=2, mode="auto", base_port=free_port_base(),
+                       training={"lr": 0.05, "duty_cycle": 0.5}, gossip={"period": 0.3},
+                       fedavg={"epochs": 1, "deadline": 3.0, "round_pause": 0.2})
+    specs = prepare(tmp_path, plan, x_train, y_train)
+    gateways, clients = specs[:2], specs[2:]
+    leader, other = sorted(gateways, key=lambda s: s.node_id)
+    with Cluster(specs) as cluster:
+        wait_for(lambda: gateway_round(leader) >= 15, 120, "15 rounds at the lowest-id gateway")
+        for spec in clients:
+            assert status(spec)["fedavg"]["following"] == leader.node_id.hex()
+        wait_for(lambda: status(other)["counters"].get("merges", 0) > 0
+                 and status(leader)["counters"].get("merges", 0) > 0, 60, "gossip between the gateways")
+        other_counters = status(other)["counters"]
+        client_counters = [status(spec)["counters"] for spec in clients]
+        codes = cluster.stop_all()
+    assert all(code == 0 for code in codes.values()), codes
+    # The other gateway's rounds found no client willing to follow it.
+    assert other_counters.get("fedavg.updates_received", 0) == 0, other_counters
+    assert other_counters.get("fedavg.client_failed.peer-refused", 0) > 0, other_counters
+    assert sum(c.get("refused.not-following", 0) for c in client_counters) > 0, client_counters
+    lead_metrics, _, _ = evaluate_checkpoint(leader, x_test, y_test)
+    other_metrics, _, _ = evaluate_checkpoint(other, x_test, y_test)
+    # The idle gateway learned the leader's global model by gossip alone.
+    assert other_metrics.accuracy > 0.8 and abs(other_metrics.accuracy - lead_metrics.accuracy) < 0.05
