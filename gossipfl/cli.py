@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from gossipfl import cli_control, identity, service
+from gossipfl import demo as demo_command
 from gossipfl.argtypes import int_list, positive_float, positive_int
 from gossipfl.config import load_config
 from gossipfl.data import DataSpec, load_directory, read_file
@@ -252,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(handler=cmd_eval)
 
+    demo_command.register(sub, _Parser)
     common = cli_control.register(sub, _Parser)
     cli_control.register_export(model_sub, common)
     pr = sub.add_parser("predict", help="run a model (--model, or the running daemon's) on a .csv or .npz file",
