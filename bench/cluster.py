@@ -36,8 +36,8 @@ from gossipfl.control import ControlClient
 from gossipfl.datasets import load_digits, train_test_split
 from gossipfl.errors import GossipflError
 from gossipfl.model import Model
-from gossipfl.trainer import Trainer, predict, prediction_session
-from gossipfld.cluster import Cluster, ClusterPlan, NodeSpec, prepare, train_centrally
+from gossipfl.trainer import Trainer
+from gossipfld.cluster import Cluster, ClusterPlan, HeldOut, NodeSpec, prepare, train_centrally
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -58,19 +58,6 @@ def cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
-
-
-class Scorer:
-    """Accuracy of any parameter vector on the test set, through one prediction session."""
-
-    def __init__(self, model_path: Path, x: np.ndarray, y: np.ndarray) -> None:
-        self.model = Model.load(model_path)
-        self.session = prediction_session(self.model)
-        self.x, self.y = x, y
-
-    def __call__(self, params: np.ndarray) -> float:
-        self.model.set_params(params)
-        return float(np.mean(np.argmax(predict(self.model, self.x, self.session), axis=1) == self.y))
 
 
 @dataclass
@@ -116,7 +103,7 @@ def run_config(args: argparse.Namespace, mode: str, scheme: str, root: Path, x_t
                        fedavg={"epochs": args.fedavg_epochs, "deadline": 10.0, "round_pause": args.period},
                        extra={"data": {"validation_fraction": 0.0}})
     specs = prepare(root, plan, x_train, y_train)
-    score = Scorer(root / "model.onnx", x_test, y_test)
+    score = HeldOut(root / "model.onnx", x_test, y_test).accuracy
     learners = specs[plan.gateways:]
     run = Run(mode, scheme)
     with Cluster(specs) as cluster:

@@ -8,9 +8,11 @@ start-up, checkpoint and shutdown paths as production.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,13 +25,18 @@ import numpy as np
 
 from gossipfl.checkpoint import load_checkpoint
 from gossipfl.datasets import dirichlet_shards, iid_shards, write_csv
+from gossipfl.errors import GossipflError
 from gossipfl.identity import init_ca, issue_node_cert
 from gossipfl.model import Model
 from gossipfl.optim import OptimizerConfig
-from gossipfl.trainer import Metrics, TrainConfig, Trainer
+from gossipfl.trainer import Metrics, TrainConfig, Trainer, predict, prediction_session
 from gossipfl.zoo import ArchSpec, build
 
 CONTROL_SOCKET = "control.sock"
+
+
+class ClusterError(GossipflError):
+    """The local cluster cannot be set up (no free ports, for example)."""
 
 
 @dataclass
@@ -230,6 +237,45 @@ class Cluster:
         for proc in self.procs.values():
             proc.wait()
         self.procs.clear()
+
+
+class HeldOut:
+    """Scores parameter vectors on rows no node trains on, with one prediction session reused throughout."""
+
+    def __init__(self, model_path: Path, x: np.ndarray, y: np.ndarray) -> None:
+        self.model = Model.load(model_path)
+        self.session = prediction_session(self.model, threads=1)
+        self.x, self.y = x, y
+
+    def accuracy(self, params: np.ndarray | None = None) -> float:
+        if params is not None:
+            self.model.set_params(params)
+        out = predict(self.model, self.x, self.session)
+        return float(np.mean(np.argmax(out, axis=1) == self.y))
+
+    def of_export(self, exported: dict[str, Any]) -> float:
+        return self.accuracy(Model.from_bytes(base64.b64decode(exported["onnx"])).params)
+
+
+
+def free_port_base(count: int = 20) -> int:
+    """The first of ``count`` consecutive loopback ports that are free now (outside the ephemeral range)."""
+    rng = np.random.default_rng()
+    for _ in range(200):
+        base = 20000 + int(rng.integers(0, 180)) * 50
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise ClusterError(f"found no {count} consecutive free ports on 127.0.0.1")
 
 
 def train_centrally(model_path: Path, x: np.ndarray, y: np.ndarray, epochs: int = 40, lr: float = 0.05) -> Model:

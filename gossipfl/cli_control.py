@@ -45,7 +45,7 @@ def _duration(seconds: float) -> str:
     return " ".join([*parts, f"{secs}s"])
 
 
-def _size(count: float) -> str:
+def human_size(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
@@ -77,7 +77,7 @@ def _status_text(s: dict[str, Any]) -> str:
         f"validation  {quality}",
         f"peers       {s['peers']} live, {len(s['blocked'])} blocked",
         f"exchanges   {c.get('exchanges_out', 0):.0f} out, {c.get('exchanges_in', 0):.0f} in; "
-        f"{_size(c.get('bytes_out', 0))} sent, {_size(c.get('bytes_in', 0))} received",
+        f"{human_size(c.get('bytes_out', 0))} sent, {human_size(c.get('bytes_in', 0))} received",
         f"uptime      {_duration(s['uptime'])}",
     ])
 
@@ -91,7 +91,7 @@ def _peers_text(peers: list[dict[str, Any]]) -> str:
         seen = "-" if p["last_seen_ago"] is None else f"{p['last_seen_ago']:.0f}s ago"
         refusals = ",".join(f"{k}={v}" for k, v in sorted(p["refusals"].items())) or "-"
         lines.append(f"{p['node_id'][:12]:<14}{p['address']:<24}{p['state']:<14}{seen:>10}{p['exchanges']:>7}"
-                     f"{_size(p['bytes_in']):>11}{_size(p['bytes_out']):>11}  {refusals}")
+                     f"{human_size(p['bytes_in']):>11}{human_size(p['bytes_out']):>11}  {refusals}")
     return "\n".join(lines)
 
 

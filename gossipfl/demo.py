@@ -17,13 +17,11 @@ PNG of accuracy against time and against bytes sent.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import importlib.util
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -34,13 +32,22 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from gossipfl.argtypes import bounded_float, bounded_int
 from gossipfl.checkpoint import load_checkpoint
+from gossipfl.cli_control import human_size
 from gossipfl.control import MAX_SOCKET_PATH, ControlClient
 from gossipfl.datasets import load_digits, train_test_split, write_csv
 from gossipfl.errors import ControlError, DaemonNotRunning, GossipflError
-from gossipfl.model import Model
-from gossipfl.trainer import predict, prediction_session
-from gossipfld.cluster import CONTROL_SOCKET, Cluster, ClusterPlan, NodeSpec, prepare, train_centrally
+from gossipfld.cluster import (
+    CONTROL_SOCKET,
+    Cluster,
+    ClusterPlan,
+    HeldOut,
+    NodeSpec,
+    free_port_base,
+    prepare,
+    train_centrally,
+)
 
 DEFAULT_OUT = "demo-out"
 MARKER = ".gossipfl-demo"  # marks a cluster directory as the demo's own, so a rerun may replace it
@@ -63,24 +70,6 @@ class Stopped(BaseException):
 
 
 # ---------------------------------------------------------------- the held-out set
-
-
-class HeldOut:
-    """Scores parameter vectors on rows no node trains on, with one prediction session reused throughout."""
-
-    def __init__(self, model_path: Path, x: np.ndarray, y: np.ndarray) -> None:
-        self.model = Model.load(model_path)
-        self.session = prediction_session(self.model, threads=1)
-        self.x, self.y = x, y
-
-    def accuracy(self, params: np.ndarray | None = None) -> float:
-        if params is not None:
-            self.model.set_params(params)
-        out = predict(self.model, self.x, self.session)
-        return float(np.mean(np.argmax(out, axis=1) == self.y))
-
-    def of_export(self, exported: dict[str, Any]) -> float:
-        return self.accuracy(Model.from_bytes(base64.b64decode(exported["onnx"])).params)
 
 
 # ---------------------------------------------------------------- what the demo knows about each node
@@ -142,14 +131,6 @@ def poll(view: NodeView, cluster: Cluster, held_out: HeldOut, ours: set[str], el
 # ---------------------------------------------------------------- the live view
 
 
-def size(count: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if count < 1024 or unit == "MiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
-
-
 def sparkline(values: Sequence[float], width: int = 16) -> str:
     tail = list(values)[-width:]
     return "".join(SPARK[min(int(v * len(SPARK)), len(SPARK) - 1)] for v in tail)
@@ -183,7 +164,7 @@ class LiveView:
         peers = "/".join(str(v.peers) for v in views)
         sent = sum(v.bytes_out for v in views) / max(len(views), 1)
         return (f"{elapsed:5.0f}s  held-out acc {accs}  mean {mean}  peers {peers}  "
-                f"sent {size(sent)}/node  (central {self.central:.3f})")
+                f"sent {human_size(sent)}/node  (central {self.central:.3f})")
 
     def _draw(self, views: list[NodeView], elapsed: float) -> None:
         done = min(elapsed / self.seconds, 1.0)
@@ -195,7 +176,7 @@ class LiveView:
             acc = "-" if v.accuracy is None else f"{v.accuracy:.4f}"
             spark = sparkline([a for _, a, _ in v.history])
             lines.append(f"  {v.name:<7}{v.role:<9}{v.rows:>5}  {acc:<12} {spark:<16} {v.peers:>5}"
-                         f"{size(v.bytes_out):>12}{v.exchanges:>11.0f}  {v.state}")
+                         f"{human_size(v.bytes_out):>12}{v.exchanges:>11.0f}  {v.state}")
         known = [v.accuracy for v in views if v.accuracy is not None]
         mean = f"{np.mean(known):.4f}" if known else "-"
         lines += ["", f"  mean held-out accuracy {mean}   untrained {self.untrained:.4f}   "
@@ -208,26 +189,6 @@ class LiveView:
 
 
 # ---------------------------------------------------------------- processes
-
-
-def free_port_base(count: int) -> int:
-    """The first of ``count`` consecutive loopback ports that are free now (outside the ephemeral range)."""
-    rng = np.random.default_rng()
-    for _ in range(200):
-        base = 20000 + int(rng.integers(0, 180)) * 50
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise DemoError(f"found no {count} consecutive free ports on 127.0.0.1")
 
 
 def pids_mentioning(root: Path) -> list[int]:
@@ -376,7 +337,8 @@ def summary_lines(args: argparse.Namespace, results: list[Final], untrained: flo
         acc = "-" if r.accuracy is None else f"{r.accuracy:.4f}"
         gap = "-" if r.accuracy is None else f"{100 * (r.accuracy - central):+.2f} pt"
         code = "killed" if r.code is None else str(r.code)
-        lines.append(f"  {r.name:<7}{r.role:<9}{acc:>9}{gap:>12}{size(r.bytes_out):>12}{r.exchanges:>11.0f}  {code}")
+        sent = human_size(r.bytes_out)
+        lines.append(f"  {r.name:<7}{r.role:<9}{acc:>9}{gap:>12}{sent:>12}{r.exchanges:>11.0f}  {code}")
     accs = [r.accuracy for r in results if r.accuracy is not None and r.role != "gateway"]
     if accs:
         lines.append(f"  mean of the {'nodes' if args.mode == 'gossip' else 'clients'}: {np.mean(accs):.4f} "
@@ -553,32 +515,13 @@ def offline(out: str = DEFAULT_OUT) -> int:
 # ---------------------------------------------------------------- command line
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 2 <= value <= 32:
-        raise argparse.ArgumentTypeError(f"expected 2 to 32 nodes, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not 1 <= value <= 24 * 3600:
-        raise argparse.ArgumentTypeError(f"expected 1 to 86400 seconds, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nodes", type=_count, default=4, help="daemons that learn (default 4)")
+    parser.add_argument("--nodes", type=bounded_int(2, 32), default=4, help="daemons that learn (default 4)")
     parser.add_argument("--mode", choices=("gossip", "fedavg"), default="gossip",
                         help="gossip between the nodes, or FedAvg rounds through one extra gateway daemon")
-    parser.add_argument("--seconds", type=_seconds, default=60.0, help="how long the cluster runs (default 60)")
-    parser.add_argument("--sample-every", type=_seconds, default=2.0,
+    parser.add_argument("--seconds", type=bounded_float(1, 24 * 3600), default=60.0,
+                        help="how long the cluster runs (default 60)")
+    parser.add_argument("--sample-every", type=bounded_float(1, 24 * 3600), default=2.0,
                         help="seconds between held-out evaluations of every node's model (default 2)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     parser.add_argument("--offline", action="store_true",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -58,26 +57,6 @@ def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     return lines[0]
-
-
-def free_port_base(count: int = 20) -> int:
-    """A run of ``count`` free loopback ports for a cluster (the OS's ephemeral range is left alone)."""
-    rng = np.random.default_rng()
-    for _ in range(100):
-        base = 20000 + int(rng.integers(0, 400)) * 50
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no run of free loopback ports")
 
 
 def wait_for(predicate, timeout: float, what: str):

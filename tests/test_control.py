@@ -26,9 +26,9 @@ import pytest
 from gossipfl import cli
 from gossipfl.datasets import load_digits, train_test_split, write_csv
 from gossipfl.model import Model
-from gossipfld.cluster import Cluster, ClusterPlan, NodeSpec, prepare, write_toml
+from gossipfld.cluster import Cluster, ClusterPlan, NodeSpec, free_port_base, prepare, write_toml
 
-from .conftest import free_port_base, one_line_error, wait_for
+from .conftest import one_line_error, wait_for
 
 pytestmark = pytest.mark.slow
 

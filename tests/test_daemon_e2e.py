@@ -16,9 +16,15 @@ from gossipfl.datasets import load_digits, train_test_split
 from gossipfl.identity import init_ca, issue_node_cert
 from gossipfl.model import Model
 from gossipfl.trainer import Trainer
-from gossipfld.cluster import Cluster, ClusterPlan, evaluate_checkpoint, prepare, train_centrally, write_toml
-
-from .conftest import free_port_base
+from gossipfld.cluster import (
+    Cluster,
+    ClusterPlan,
+    evaluate_checkpoint,
+    free_port_base,
+    prepare,
+    train_centrally,
+    write_toml,
+)
 
 pytestmark = pytest.mark.slow
 

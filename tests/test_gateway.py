@@ -21,9 +21,17 @@ from gossipfl.datasets import load_digits, train_test_split
 from gossipfl.errors import ControlError
 from gossipfl.model import Model
 from gossipfl.trainer import Trainer
-from gossipfld.cluster import Cluster, ClusterPlan, NodeSpec, evaluate_checkpoint, prepare, train_centrally
+from gossipfld.cluster import (
+    Cluster,
+    ClusterPlan,
+    NodeSpec,
+    evaluate_checkpoint,
+    free_port_base,
+    prepare,
+    train_centrally,
+)
 
-from .conftest import free_port_base, wait_for
+from .conftest import wait_for
 
 pytestmark = pytest.mark.slow
 

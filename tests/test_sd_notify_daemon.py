@@ -19,9 +19,7 @@ import pytest
 
 from gossipfl.checkpoint import load_checkpoint
 from gossipfl.datasets import load_digits
-from gossipfld.cluster import Cluster, ClusterPlan, prepare
-
-from .conftest import free_port_base
+from gossipfld.cluster import Cluster, ClusterPlan, free_port_base, prepare
 
 pytestmark = pytest.mark.slow
 
