@@ -136,6 +136,7 @@ class Node:
         self.control: ControlServer | None = None
         self.training_active = False
         self.open_connections = 0
+        self.open_by_host: dict[str, int] = {}  # inbound connections per remote address
         self.discovery: Discovery | None = None
         self.notifier = SystemdNotifier.from_env()
         self.round_training = False
@@ -407,9 +408,9 @@ class Node:
                 self._refusal(peer.node_id, exc.reason)
             if self.peers.failed(peer.node_id, trio.current_time()):
                 self.counters.add("evictions")
-                log.info("peer evicted", extra=fields(peer=short(peer.node_id), error=str(exc)))
+                log.info("peer evicted", extra=fields(peer=short(peer.node_id), error=str(exc) or reason))
             else:
-                log.debug("push failed", extra=fields(peer=short(peer.node_id), error=str(exc)))
+                log.debug("push failed", extra=fields(peer=short(peer.node_id), error=str(exc) or reason))
             return False
 
     async def _dial(self, peer: Peer) -> trio.SSLStream:
@@ -497,14 +498,22 @@ class Node:
                     log.warning("accept failed", extra=fields(error=str(exc)))
                     await trio.sleep(0.1)
                     continue
-                if self.open_connections >= self.config.limits.max_connections:
+                # One address may hold at most half the slots, so a host flooding us with connections
+                # cannot starve the honest peers' pushes (tests/test_faults.py).
+                limit = self.config.limits.max_connections
+                try:
+                    remote = str(tcp.socket.getpeername()[0])
+                except OSError:  # reset before we got to it
+                    remote = ""
+                if not remote or self.open_connections >= limit or self.open_by_host.get(remote, 0) >= (limit + 1) // 2:
                     self.counters.add("refused.overloaded")
                     await tcp.aclose()
                     continue
                 self.open_connections += 1
-                nursery.start_soon(self._handle, tcp)
+                self.open_by_host[remote] = self.open_by_host.get(remote, 0) + 1
+                nursery.start_soon(self._handle, tcp, remote)
 
-    async def _handle(self, tcp: trio.SocketStream) -> None:
+    async def _handle(self, tcp: trio.SocketStream, remote: str) -> None:
         stream = trio.SSLStream(tcp, server_context(self.identity), server_side=True)
         conn = MessageStream(stream, self.limits, self.config.limits.read_timeout)
         peer_id = b""
@@ -540,6 +549,9 @@ class Node:
                 self._account(None, conn, peer_id)
             await conn.aclose()
             self.open_connections -= 1
+            self.open_by_host[remote] -= 1
+            if not self.open_by_host[remote]:
+                del self.open_by_host[remote]
 
     @staticmethod
     async def _first_message(conn: MessageStream) -> wire.Message | None:

@@ -110,5 +110,7 @@ class PeerTable:
                and (role is None or p.role == role)]
         if not due:
             return None
-        live = [p for p in due if not p.evicted]
-        return rng.choice(live or due)
+        # An evicted peer is due only once its longest backoff has passed: retry it then, before any live
+        # one, or a live peer that is always due would starve it (and a healed partition would stay split).
+        retry = [p for p in due if p.evicted]
+        return rng.choice(retry or due)

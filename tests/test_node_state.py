@@ -91,7 +91,8 @@ def test_peer_backoff_eviction_and_return():
     assert [p.node_id for p in table.live()] == [b"b" * 32]
     picks = {table.choose(7.0, rng).node_id for _ in range(50)}
     assert picks == {b"b" * 32}, "an evicted peer is not chosen before its retry time"
-    assert table.choose(20.0, rng) is not None
+    assert all(table.choose(20.0, rng).node_id == a.node_id for _ in range(20)), \
+        "an evicted peer whose retry is due is tried before live ones, which are always due"
     table.succeeded(a.node_id, now=21.0)
     assert not a.evicted and a.failures == 0
     table.failed(a.node_id, 22.0)
