@@ -14,6 +14,8 @@ import pytest
 
 from gossipfl.demo import MARKER, DemoError, fresh_directory, kill_leftovers, pids_mentioning, sparkline
 
+from .conftest import wait_for
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROW = re.compile(r"^\s+(node\d+)\s+(node|client|gateway)\s+([01]\.\d{4})\s")
 
@@ -119,7 +121,8 @@ def test_the_demo_replaces_only_its_own_directory(tmp_path):
 def test_leftovers_are_found_by_their_directory(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path / "x")])
     try:
-        assert pids_mentioning(tmp_path) == [sleeper.pid]
+        # Until the child has exec'd, its /proc cmdline is still the parent's: wait for it to name the directory.
+        assert wait_for(lambda: pids_mentioning(tmp_path), 10, "the child's command line") == [sleeper.pid]
         assert kill_leftovers(tmp_path) == [sleeper.pid]
         assert sleeper.wait(10) == -signal.SIGKILL
         assert pids_mentioning(tmp_path) == []
