@@ -1,11 +1,12 @@
 """Clusters of real gossipfld processes on loopback learning digits, side by side, against central training.
 
     .venv/bin/python bench/cluster.py [--nodes 8] [--seconds 60] [--split dirichlet|iid] [--alpha 0.5]
-        [--modes gossip,fedavg] [--schemes int8,float32,topk] [--period 0.5] [--csv F] [--png F]
+        [--modes gossip,push,fedavg] [--schemes int8,float32,topk] [--period 0.5] [--csv F] [--png F]
 
 Each configuration (a mode and a codec scheme) runs as its own cluster, one after the other, from the
-same initial model and the same shards: ``gossip`` is N daemons gossiping; ``fedavg`` is the same N
-daemons following one extra gateway daemon (which holds no data). While a cluster runs, the script
+same initial model and the same shards: ``gossip`` is N daemons gossiping push-pull (the default);
+``push`` the same with push-only exchanges; ``fedavg`` is the same N daemons following one extra
+gateway daemon (which holds no data). While a cluster runs, the script
 fetches every node's current model over its control socket (``model.export``) and scores it on a
 held-out quarter of digits that no node trains on. The baseline, measured in the same run, is the same
 model trained centrally on all the nodes' data together.
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gossipfl.config import SCHEMES
 from gossipfl.control import ControlClient
 from gossipfl.datasets import load_digits, train_test_split
 from gossipfl.errors import GossipflError
@@ -70,6 +72,10 @@ class Run:
     cpu: list[float] = field(default_factory=list)
     lag: float = 0.0
     codes: set = field(default_factory=set)
+    ages: list[float] = field(default_factory=list)
+    counters: list[dict] = field(default_factory=list)
+    consensus: float = 0.0  # accuracy of the mean of the nodes' final models
+    spread: float = 0.0  # mean distance of a node's final model from that mean
 
     @property
     def name(self) -> str:
@@ -96,9 +102,10 @@ def node_state(spec: NodeSpec) -> tuple[np.ndarray, dict] | None:
 def run_config(args: argparse.Namespace, mode: str, scheme: str, root: Path, x_train, y_train, x_test,
                y_test) -> Run:
     fedavg = mode == "fedavg"
+    gossip = {"period": args.period, "scheme": scheme, "push_pull": mode != "push"}
     plan = ClusterPlan(nodes=args.nodes + (1 if fedavg else 0), gateways=1 if fedavg else 0,
                        mode="fedavg" if fedavg else "gossip", split=args.split, alpha=args.alpha,
-                       base_port=21000, gossip={"period": args.period, "scheme": scheme},
+                       base_port=21000, gossip=gossip,
                        training={"duty_cycle": args.duty_cycle, "lr": args.lr},
                        fedavg={"epochs": args.fedavg_epochs, "deadline": 10.0, "round_pause": args.period},
                        extra={"data": {"validation_fraction": 0.0}})
@@ -120,6 +127,11 @@ def run_config(args: argparse.Namespace, mode: str, scheme: str, root: Path, x_t
         finals = [s for s in map(node_state, specs) if s is not None]
         run.cpu = [c for p in cluster.procs.values() if (c := cpu_seconds(p.pid)) is not None]
         run.final = [score(params) for params, _ in finals[plan.gateways:]]
+        run.ages = [st["age"] for _, st in finals[plan.gateways:]]
+        run.counters = [st["counters"] for _, st in finals[plan.gateways:]]
+        learned = np.stack([params for params, _ in finals[plan.gateways:]])
+        run.consensus = score(learned.mean(axis=0))
+        run.spread = float(np.mean(np.linalg.norm(learned - learned.mean(axis=0), axis=1)))
         run.lag = max((st["max_loop_lag"] for _, st in finals), default=0.0)
         run.codes = set(cluster.stop_all().values())
     return run
@@ -167,7 +179,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--split", choices=("dirichlet", "iid"), default="dirichlet")
     parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--modes", default="gossip", help="comma-separated: gossip, fedavg")
+    parser.add_argument("--modes", default="gossip",
+                        help="comma-separated: gossip (push-pull), push (push-only gossip), fedavg")
     parser.add_argument("--mode", dest="modes", help="alias: --mode fedavg runs gossip and fedavg side by side")
     parser.add_argument("--schemes", default="int8", help="comma-separated: float32, float16, int8, topk")
     parser.add_argument("--period", type=float, default=0.5, help="gossip period, and pause between rounds")
@@ -179,9 +192,13 @@ def main() -> None:
     parser.add_argument("--png", type=Path)
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
+    schemes = [s for s in args.schemes.split(",") if s]
+    for name, given, known in (("mode", modes, ("gossip", "push", "fedavg")),
+                               ("scheme", schemes, SCHEMES)):
+        if not given or set(given) - set(known):
+            parser.error(f"--{name}s: choose from {', '.join(known)}, got {','.join(given) or 'nothing'}")
     if modes == ["fedavg"]:
         modes = ["gossip", "fedavg"]  # FedAvg is always shown beside gossip
-    schemes = [s for s in args.schemes.split(",") if s]
 
     x, y = load_digits()
     x_train, y_train, x_test, y_test = train_test_split(x, y, test_fraction=0.25, seed=1)
@@ -219,6 +236,11 @@ def main() -> None:
         print(f"| {run.name:<15} | {np.mean(run.final):.4f} ({min(run.final):.4f})     "
               f"| {100 * (np.mean(run.final) - central):+6.2f} pts | {reach_t:>8} | {reach_b:>14} "
               f"| {np.mean(run.rss):13.1f} | {np.mean(run.cpu):12.1f} | {1000 * run.lag:9.1f} ms |")
+    for r in runs:
+        print(f"{r.name}: median final age {np.median(r.ages):,.0f} samples; mean of the final models scores "
+              f"{r.consensus:.4f}; mean distance of a node from it {r.spread:.3f}")
+        merges, pulls = (float(np.median([c.get(k, 0) for c in r.counters])) for k in ("merges", "pulls"))
+        print(f"{r.name}: median merges per node {merges:.0f}, of which pulled (push-pull) {pulls:.0f}")
     print(f"exit codes after SIGTERM: {sorted(set().union(*(r.codes for r in runs)), key=str)}")
     if args.csv:
         write_csv(args.csv, runs)

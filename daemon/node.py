@@ -67,6 +67,7 @@ CHECKPOINT = "checkpoint.onnx"
 EVAL_EVERY = 5.0  # seconds between validation runs
 STATUS_EVERY = 10.0  # seconds between STATUS= lines to systemd
 LAG_PROBE = 0.05
+PUSH_PULL = "push-pull"  # Hello capability: this node asks for, and answers, pulls after a push
 
 
 @dataclass
@@ -135,6 +136,9 @@ class Node:
         self.metrics_port: int | None = None
         self.control: ControlServer | None = None
         self.training_active = False
+        # One delta in flight to a peer at a time (our push or our answer to its pull): both code against the
+        # same reference, and two in flight could leave the peer's copy and ours at one sequence but differing.
+        self._sending: dict[bytes, trio.Lock] = {}
         self.open_connections = 0
         self.open_by_host: dict[str, int] = {}  # inbound connections per remote address
         self.discovery: Discovery | None = None
@@ -159,8 +163,8 @@ class Node:
 
     @property
     def hello(self) -> wire.Hello:
-        return wire.Hello(self.node_id, wire.PROTOCOL_VERSION, self.model.fingerprint, self.config.node.role,
-                          (self.config.gossip.scheme,))
+        caps = (self.config.gossip.scheme, PUSH_PULL) if self.config.gossip.push_pull else (self.config.gossip.scheme,)
+        return wire.Hello(self.node_id, wire.PROTOCOL_VERSION, self.model.fingerprint, self.config.node.role, caps)
 
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled or signalled; then checkpoint. ``started`` once peers can connect."""
@@ -421,6 +425,7 @@ class Node:
     async def _push(self, peer: Peer, expected: bytes | None) -> bool:
         stream = await self._dial(peer)
         conn = MessageStream(stream, self.limits, self.config.limits.read_timeout)
+        peer_id = b""
         try:
             await tls_handshake(stream, self.config.limits.connect_timeout)
             peer_id = verify_peer(stream, expected, self.allowlist)
@@ -430,24 +435,57 @@ class Node:
             if expected is None:  # a static peer: now we know who it is
                 self.peers.gone(peer.node_id)
                 peer = self.peers.seen(peer_id, peer.host, peer.port, "static", trio.current_time(), theirs.role)
-            async with self.lock:
-                params, age = self.model.params.copy(), self.age
-            push = await trio.to_thread.run_sync(self.gossip.prepare_push, peer_id, params)
-            await conn.send(wire.ModelDelta(push.base_seq, push.new_seq, age, 0, push.payload))
-            reply = expect(await conn.receive(), wire.Ack, wire.NeedFull)
-            if isinstance(reply, wire.NeedFull):
-                self.counters.add("need_full_received")
-                self.gossip.forget(peer_id)
-                push = await trio.to_thread.run_sync(lambda: self.gossip.prepare_push(peer_id, params, full=True))
-                await conn.send(wire.ModelDelta(push.base_seq, push.new_seq, age, 0, push.payload))
-                reply = expect(await conn.receive(), wire.Ack)
-            self.gossip.commit_push(push)
+            async with self._send_lock(peer_id):
+                async with self.lock:
+                    params, age = self.model.params.copy(), self.age
+                await self._send_model(conn, peer_id, params, age, base_seq=None)
             self.peers.succeeded(peer_id, trio.current_time())
             self.counters.add("exchanges_out")
-            self._account(peer, conn, peer_id)
+            if self.config.gossip.push_pull and PUSH_PULL in theirs.capabilities:
+                await self._pull(conn, peer_id)
             return True
         finally:
+            if peer_id:
+                self._account(peer, conn, peer_id)
             await conn.aclose()
+
+    def _send_lock(self, peer_id: bytes) -> trio.Lock:
+        # One lock per authenticated peer we ever exchanged with: bounded by the cluster's size. Never
+        # pruned while running, since a task may hold a lock it has not acquired yet.
+        return self._sending.setdefault(peer_id, trio.Lock())
+
+    async def _send_model(self, conn: MessageStream, peer_id: bytes, params: np.ndarray, age: float,
+                          base_seq: int | None) -> None:
+        """Send ``params`` as a delta against what ``peer_id`` holds of us, resending in full on need-full.
+
+        ``base_seq`` is the reference the peer says it holds (a pull names it); None: trust ours. The
+        caller holds the peer's send lock.
+        """
+        held = self.gossip.outgoing.get(peer_id)
+        full = base_seq is not None and (held is None or held.seq != base_seq)
+        push = await trio.to_thread.run_sync(lambda: self.gossip.prepare_push(peer_id, params, full=full))
+        await conn.send(wire.ModelDelta(push.base_seq, push.new_seq, age, 0, push.payload))
+        reply = expect(await conn.receive(), wire.Ack, wire.NeedFull)
+        if isinstance(reply, wire.NeedFull):
+            self.counters.add("need_full_received")
+            self.gossip.forget(peer_id)
+            push = await trio.to_thread.run_sync(lambda: self.gossip.prepare_push(peer_id, params, full=True))
+            await conn.send(wire.ModelDelta(push.base_seq, push.new_seq, age, 0, push.payload))
+            expect(await conn.receive(), wire.Ack)
+        self.gossip.commit_push(push)
+
+    async def _pull(self, conn: MessageStream, peer_id: bytes) -> None:
+        """The pull half of push-pull: ask for the peer's pre-merge model and merge it as it merged ours."""
+        held = self.gossip.incoming.get(peer_id)
+        await conn.send(wire.PullRequest(held.seq if held is not None else 0))
+        reply = expect(await conn.receive(), wire.ModelDelta, wire.Error)
+        if isinstance(reply, wire.Error):
+            if reply.code != wire.ErrorCode.OVERLOADED:
+                raise PeerRefused(f"peer-{reply.code}", reply.text or "pull refused")
+            self.counters.add("pulls_declined")  # it was sending to us at that moment: the push stands
+            return
+        if await self._receive_delta(conn, peer_id, reply) is not None:
+            self.counters.add("pulls")
 
     def _account(self, peer: Peer | None, conn: MessageStream, peer_id: bytes) -> None:
         self.counters.add("bytes_out", conn.traffic.bytes_out)
@@ -575,44 +613,82 @@ class Node:
             raise PeerRefused("following", "this node follows a gateway and takes no gossip now")
 
     async def _serve_deltas(self, conn: MessageStream, peer_id: bytes, message: wire.Message | None) -> None:
+        """Serve pushes from ``peer_id`` and, after a merged push, its pull of our pre-merge model."""
+        before_merge: tuple[np.ndarray, float] | None = None
         while message is not None:
+            if isinstance(message, wire.PullRequest):
+                await self._answer_pull(conn, peer_id, message, before_merge)
+                before_merge = None
+                message = await self._first_message(conn)
+                continue
             delta = expect(message, wire.ModelDelta)
             try:
                 self._check_gossip_from(peer_id)
             except PeerRefused as exc:
                 await conn.send(wire.Error(wire.ErrorCode.REFUSED, str(exc)[:200]))
                 raise
+            before_merge = await self._receive_delta(conn, peer_id, delta)
+            if before_merge is None:
+                return
+            self.counters.add("exchanges_in")
+            message = await self._first_message(conn)
+
+    async def _receive_delta(self, conn: MessageStream, peer_id: bytes,
+                             delta: wire.ModelDelta) -> tuple[np.ndarray, float] | None:
+        """Decode a delta from ``peer_id`` (asking for the full model when we lack its base), merge it and
+        acknowledge it. Returns our model and age as they were just before the merge (what a pull gets);
+        None when the update was refused (the peer has been told why)."""
+        while True:
             async with self.lock:
                 local = self.model.params.copy()
             try:
                 received = await trio.to_thread.run_sync(
                     self.gossip.receive, peer_id, delta.base_seq, delta.new_seq, delta.payload, local)
+                break
             except NeedFull as exc:
                 self.counters.add("need_full_sent")
                 await conn.send(wire.NeedFull(exc.base_seq))
-                message = await self._first_message(conn)
-                continue
+                delta = expect(await conn.receive(), wire.ModelDelta)
             except Refused as exc:
                 self._refusal(peer_id, exc.reason)
                 log.warning("update refused", extra=fields(peer=short(peer_id), reason=exc.reason, error=str(exc)))
                 await conn.send(wire.Error(wire.ErrorCode.REFUSED, str(exc)[:200]))
-                return
+                return None
             except CodecError as exc:
                 self._refusal(peer_id, "codec")
                 log.warning("bad update", extra=fields(peer=short(peer_id), error=str(exc)))
                 await conn.send(wire.Error(wire.ErrorCode.CODEC, str(exc)[:200]))
-                return
-            async with self.lock:
-                merged = age_weighted_merge(self.model.params, self.age, received.model, delta.age)
-                self.age = merged.age
-                self.gossip.commit_receive(received)
-            self.counters.add("merges")
-            self.counters.add("exchanges_in")
-            self.peers.succeeded(peer_id, trio.current_time())
-            log.debug("merged", extra=fields(peer=short(peer_id), weight=round(merged.weight_remote, 3),
-                                             age=self.age, distance=round(received.distance, 4)))
-            await conn.send(wire.Ack(delta.new_seq))
-            message = await self._first_message(conn)
+                return None
+        async with self.lock:
+            before = self.model.params.copy(), self.age
+            merged = age_weighted_merge(self.model.params, self.age, received.model, delta.age)
+            self.age = merged.age
+            self.gossip.commit_receive(received)
+        self.counters.add("merges")
+        self.peers.succeeded(peer_id, trio.current_time())
+        log.debug("merged", extra=fields(peer=short(peer_id), weight=round(merged.weight_remote, 3),
+                                         age=self.age, distance=round(received.distance, 4)))
+        await conn.send(wire.Ack(delta.new_seq))
+        return before
+
+    async def _answer_pull(self, conn: MessageStream, peer_id: bytes, request: wire.PullRequest,
+                           before_merge: tuple[np.ndarray, float] | None) -> None:
+        """Send our model as it was before we merged the peer's push, so that both ends average alike."""
+        if not self.config.gossip.push_pull or before_merge is None:
+            await conn.send(wire.Error(wire.ErrorCode.REFUSED, "a pull must follow a merged push"))
+            raise PeerRefused("pull", "pull without a merged push, or push-pull is off here")
+        lock = self._send_lock(peer_id)
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:  # our own push to that peer is in flight: never wait (both could wait)
+            await conn.send(wire.Error(wire.ErrorCode.OVERLOADED, "already sending to you; push kept"))
+            return
+        try:
+            params, age = before_merge
+            await self._send_model(conn, peer_id, params, age, base_seq=request.base_seq)
+        finally:
+            lock.release()
+        self.counters.add("pulls_answered")
 
     # ---------------------------------------------------------------- reporting
 

@@ -88,6 +88,9 @@ class GossipSection:
     period: float = 2.0
     jitter: float = 0.5  # the period varies by up to this fraction either way
     scheme: str = "int8"
+    # After each push, pull the peer's model back and merge it too: both ends of an exchange then hold the
+    # same average, which keeps the cluster's mean model in place and roughly doubles the mixing per push.
+    push_pull: bool = True
     topk_fraction: float = 0.01
     max_peers: int = 16  # peers we keep delta references for (least recently used go first)
     failures_to_evict: int = 3

@@ -66,6 +66,7 @@ __all__ = [
     "NeedFull",
     "Ping",
     "Pong",
+    "PullRequest",
     "TruncatedFrame",
     "UnknownMessageType",
     "UnsupportedVersion",
@@ -350,6 +351,22 @@ class Ack(_U64Message):
 
 
 @dataclass(frozen=True)
+class PullRequest(_U64Message):
+    """Push-pull: after its push was acknowledged, the pusher asks for the receiver's model, as a delta
+    against ``base_seq``, the sequence of the reference the pusher holds of it (0: it holds none).
+
+    The receiver answers with a ModelDelta of its model as it was *before* it merged the push, so both
+    ends compute the same weighted average and the exchange keeps the cluster's mean model where it was
+    (push-only gossip drifts it towards whoever pushes most), or with Error(OVERLOADED) when it is
+    already sending to that peer, which is no failure: the push stands.
+    """
+
+    base_seq: int
+
+    TYPE: ClassVar[int] = 10
+
+
+@dataclass(frozen=True)
 class GatewayRound(Message):
     """A FedAvg round from a gateway: the global model as a delta from global ``base_seq`` to
     ``new_seq``, its age, the seconds clients have to answer, and how many local epochs to train.
@@ -484,7 +501,7 @@ class Error(Message):
 
 _TYPES: Final[dict[int, type[Message]]] = {
     cls.TYPE: cls
-    for cls in (Hello, ModelDelta, NeedFull, Ack, GatewayRound, GatewayUpdate, Ping, Pong, Error)
+    for cls in (Hello, ModelDelta, NeedFull, Ack, GatewayRound, GatewayUpdate, Ping, Pong, Error, PullRequest)
 }
 # Largest header each variable-length type can have: a frame claiming more is refused from its prefix.
 _MAX_HEADER: Final[dict[int, int]] = {

@@ -31,6 +31,7 @@ from gossipfl.wire import (
     NeedFull,
     Ping,
     Pong,
+    PullRequest,
     TruncatedFrame,
     UnknownMessageType,
     UnsupportedVersion,
@@ -100,6 +101,7 @@ messages = st.one_of(
     updates,
     st.builds(Ping, u64),
     st.builds(Pong, u64),
+    st.builds(PullRequest, u64),
     st.builds(Error, st.integers(0, 0xFFFF), error_text),
 )
 
