@@ -67,6 +67,7 @@ CHECKPOINT = "checkpoint.onnx"
 EVAL_EVERY = 5.0  # seconds between validation runs
 STATUS_EVERY = 10.0  # seconds between STATUS= lines to systemd
 LAG_PROBE = 0.05
+PUSHES_IN_FLIGHT = 3  # exchanges this node has started and not finished, at most
 PUSH_PULL = "push-pull"  # Hello capability: this node asks for, and answers, pulls after a push
 
 
@@ -389,15 +390,35 @@ class Node:
     # ---------------------------------------------------------------- gossip: the active side
 
     async def _gossip_loop(self) -> None:
+        """Start one exchange every period, without waiting for the last one to end.
+
+        A peer that went away mid-exchange, or a dial into a black hole, holds its exchange until a
+        timeout (``limits.connect_timeout``, ``read_timeout``): run one after the other, those would stall
+        all gossip for that long. So exchanges run side by side, at most ``PUSHES_IN_FLIGHT``, never two
+        with the same peer.
+        """
         g = self.config.gossip
-        while True:
-            await trio.sleep(g.period * (1 + self.rng.uniform(-g.jitter, g.jitter)))
-            if self.paused or (not self.learns_by_gossip and self.gateway is None):
-                continue
-            # Nodes gossip with nodes; gateways gossip their global models with other gateways.
-            peer = self.peers.choose(trio.current_time(), self.rng, role=self.config.node.role)
-            if peer is not None:
-                await self.push_to(peer)
+        in_flight: set[bytes] = set()
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.sleep(g.period * (1 + self.rng.uniform(-g.jitter, g.jitter)))
+                if self.paused or (not self.learns_by_gossip and self.gateway is None):
+                    continue
+                if len(in_flight) >= PUSHES_IN_FLIGHT:
+                    self.counters.add("pushes_skipped_busy")
+                    continue
+                # Nodes gossip with nodes; gateways gossip their global models with other gateways.
+                peer = self.peers.choose(trio.current_time(), self.rng, role=self.config.node.role,
+                                         exclude=in_flight)
+                if peer is not None:
+                    in_flight.add(peer.node_id)
+                    nursery.start_soon(self._push_tracked, peer, in_flight)
+
+    async def _push_tracked(self, peer: Peer, in_flight: set[bytes]) -> None:
+        try:
+            await self.push_to(peer)
+        finally:
+            in_flight.discard(peer.node_id)
 
     async def push_to(self, peer: Peer) -> bool:
         """One push exchange with ``peer``; failures count against its liveness, never raise."""

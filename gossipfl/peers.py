@@ -10,6 +10,7 @@ at its first successful exchange, or at once when mDNS announces it again or it 
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 
@@ -103,11 +104,15 @@ class PeerTable:
         return [p for p in self._peers.values()
                 if not p.evicted and p.node_id not in self.blocked and p.source != "inbound"]
 
-    def choose(self, now: float, rng: random.Random, role: str | None = None) -> Peer | None:
-        """A random peer that is due, preferring live ones; evicted ones only on their slow retry."""
+    def choose(self, now: float, rng: random.Random, role: str | None = None,
+               exclude: Collection[bytes] = ()) -> Peer | None:
+        """A random peer that is due, preferring live ones; evicted ones only on their slow retry.
+
+        ``exclude``: peers an exchange is already under way with (a slow one must not be picked twice).
+        """
         due = [p for p in self._peers.values()
                if p.next_try <= now and p.node_id not in self.blocked and p.source != "inbound"
-               and (role is None or p.role == role)]
+               and (role is None or p.role == role) and p.node_id not in exclude]
         if not due:
             return None
         # An evicted peer is due only once its longest backoff has passed: retry it then, before any live

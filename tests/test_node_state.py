@@ -116,3 +116,13 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     model.save(tmp_path / "plain.onnx")
     with pytest.raises(ModelError, match="not a gossipfl checkpoint"):
         load_checkpoint(tmp_path / "plain.onnx")
+
+
+def test_choose_skips_peers_already_in_an_exchange():
+    table = PeerTable(period=1.0)
+    rng = random.Random(1)
+    for name in (b"a", b"b", b"c"):
+        table.seen(name * 32, "127.0.0.1", 1, "mdns", now=0.0)
+    picks = {table.choose(1.0, rng, exclude={b"a" * 32, b"b" * 32}).node_id for _ in range(30)}
+    assert picks == {b"c" * 32}
+    assert table.choose(1.0, rng, exclude={b"a" * 32, b"b" * 32, b"c" * 32}) is None
