@@ -71,13 +71,6 @@ def _zeroconf(ctx: dict) -> None:
     import zeroconf  # noqa: F401
 
 
-def _cryptography(ctx: dict) -> None:
-    # What gossipfl.identity uses.
-    from cryptography import x509  # noqa: F401
-    from cryptography.hazmat.primitives import hashes, serialization  # noqa: F401
-    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa  # noqa: F401
-
-
 def _onnx(ctx: dict) -> None:
     import onnx  # noqa: F401
 
@@ -116,6 +109,8 @@ def _gossipfl(ctx: dict) -> None:
         import gossipfld.node  # noqa: F401
     except ImportError as exc:
         ctx["notes"].append(f"gossipfld.node not importable: {exc}")
+    if "cryptography" in sys.modules:  # gossipfl.certs needs it, the daemon must not (about 11 MB)
+        ctx["notes"].append("cryptography got imported by the daemon's modules")
 
 
 def _model(ctx: dict) -> None:
@@ -165,7 +160,6 @@ STAGES = [
     ("python + numpy (baseline)", _numpy),
     ("+ trio", _trio),
     ("+ zeroconf", _zeroconf),
-    ("+ cryptography", _cryptography),
     ("+ onnx", _onnx),
     ("+ onnxruntime", _onnxruntime),
     ("+ blosc2 (as the codec loads it)", _blosc2),

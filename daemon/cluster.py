@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from gossipfl.certs import init_ca, issue_node_cert
 from gossipfl.checkpoint import load_checkpoint
 from gossipfl.datasets import dirichlet_shards, iid_shards, write_csv
 from gossipfl.errors import GossipflError
-from gossipfl.identity import init_ca, issue_node_cert
 from gossipfl.model import Model
 from gossipfl.optim import OptimizerConfig
 from gossipfl.trainer import Metrics, TrainConfig, Trainer, predict, prediction_session

@@ -18,6 +18,7 @@ import numpy as np
 from gossipfl import cli_control, identity, service
 from gossipfl import demo as demo_command
 from gossipfl.argtypes import int_list, positive_float, positive_int
+from gossipfl.certs import describe_certificate, init_ca, issue_node_cert
 from gossipfl.config import load_config
 from gossipfl.data import DataSpec, load_directory, read_file
 from gossipfl.errors import DataError, GossipflError
@@ -143,20 +144,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_init_ca(args: argparse.Namespace) -> int:
-    cert = identity.init_ca(args.dir, args.name, days=args.days)
+    cert = init_ca(args.dir, args.name, days=args.days)
     node_id = identity.format_node_id(identity.node_id_from_cert_file(cert))
     print(f"wrote {Path(args.dir) / identity.CA_KEY} (keep it secret) and {cert}; CA id {node_id}")
     return 0
 
 
 def cmd_certs_issue(args: argparse.Namespace) -> int:
-    node_id = identity.issue_node_cert(args.ca, args.name, args.out, days=args.days)
+    node_id = issue_node_cert(args.ca, args.name, args.out, days=args.days)
     print(identity.format_node_id(node_id))
     return 0
 
 
 def cmd_certs_show(args: argparse.Namespace) -> int:
-    info = identity.describe_certificate(args.file)
+    info = describe_certificate(args.file)
     if args.json:
         print(json.dumps(info))
     else:

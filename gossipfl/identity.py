@@ -1,4 +1,4 @@
-"""Node identity: the cluster CA, node certificates, node ids and the mutual-TLS contexts.
+"""Node identity as the daemon needs it: node ids, loading and checking its own files, the mutual-TLS contexts.
 
 The model (docs/identity.md has the reasons):
 
@@ -11,14 +11,19 @@ The model (docs/identity.md has the reasons):
 - Peers talk TLS 1.3 only, mutual (both sides present and verify a certificate), trusting the cluster CA
   only (never the system roots), with no hostname check: peers are named by node id, not by DNS.
 
-Sans-I/O apart from reading and writing the certificate files: no sockets here. ``server_context`` and
+Standard library only. Importing ``cryptography`` costs a daemon about 11 MB of resident memory on a
+device with little of it, and the daemon never makes a certificate, so this module reads the few fields it
+checks with a small strict DER reader of its own and leaves signatures, key checks and chain verification
+to OpenSSL through ``ssl``. Making certificates (``gossipfl certs``) lives in ``gossipfl.certs``.
+
+Sans-I/O apart from reading the certificate files: no sockets here. ``server_context`` and
 ``client_context`` build ``ssl.SSLContext`` objects that the daemon hands to ``trio.SSLStream``. The clock
 is read only where a caller passes no ``now``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import binascii
 import datetime as dt
 import hashlib
 import logging
@@ -31,14 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from gossipfl.atomic import write_bytes_atomic
 from gossipfl.errors import IdentityError
 
 log = logging.getLogger("gossipfl.identity")
@@ -56,15 +53,19 @@ NODE_DAYS = 3650
 # Certificates start this long before "now", so a peer whose clock is a little behind still accepts them.
 CLOCK_SKEW = dt.timedelta(hours=1)
 
+OID_SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
+OID_CLIENT_AUTH = "1.3.6.1.5.5.7.3.2"
+
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _NODE_ID_RE = re.compile(r"[0-9a-fA-F]{64}")
 
 __all__ = [
-    "CA_CERT", "CA_KEY", "NODE_CERT", "NODE_ID_BYTES", "NODE_KEY",
-    "IdentityError", "NodeIdentity", "PeerIdentityError",
-    "check_peer", "client_context", "describe_certificate", "format_node_id", "init_ca", "issue_node_cert",
-    "node_id_from_cert", "node_id_from_cert_der", "node_id_from_cert_file", "parse_allowlist", "parse_node_id",
-    "peer_node_id", "server_context", "validate_node_name",
+    "CA_CERT", "CA_KEY", "NODE_CERT", "NODE_ID_BYTES", "NODE_KEY", "OID_CLIENT_AUTH", "OID_SERVER_AUTH",
+    "DerError", "IdentityError", "NodeIdentity", "ParsedCertificate", "PeerIdentityError", "Tlv",
+    "check_ca_certificate", "check_peer", "check_validity", "client_context", "format_node_id", "format_utc",
+    "load_certificate", "node_id_from_cert_der", "node_id_from_cert_file", "parse_allowlist",
+    "parse_certificate", "parse_node_id", "peer_node_id", "read_children", "read_file", "read_private_key",
+    "read_tlv", "read_whole", "server_context", "utc_now", "validate_node_name",
 ]
 
 
@@ -75,6 +76,10 @@ class PeerIdentityError(IdentityError):
         self.peer_id = peer_id
         self.expected_id = expected_id
         super().__init__(message)
+
+
+class DerError(IdentityError):
+    """Bytes that are not the strict DER expected; the caller says which file or peer they came from."""
 
 
 # ---------------------------------------------------------------- node ids
@@ -100,27 +105,14 @@ def parse_allowlist(ids: Iterable[str]) -> frozenset[bytes]:
     return frozenset(parse_node_id(text) for text in ids)
 
 
-def node_id_from_cert(cert: x509.Certificate) -> bytes:
-    """SHA-256 of the certificate's SubjectPublicKeyInfo, DER-encoded."""
-    try:
-        spki = _public_der(cert.public_key())
-    except (UnsupportedAlgorithm, ValueError) as exc:
-        raise IdentityError(f"certificate {cert.subject.rfc4514_string()!r}: unsupported public key: {exc}") from None
-    return hashlib.sha256(spki).digest()
-
-
 def node_id_from_cert_der(der: bytes) -> bytes:
     """The node id of a DER certificate, as ``getpeercert(binary_form=True)`` returns it."""
-    try:
-        cert = x509.load_der_x509_certificate(bytes(der))
-    except (ValueError, TypeError):
-        raise IdentityError("not a DER X.509 certificate") from None
-    return node_id_from_cert(cert)
+    return parse_certificate(der).node_id
 
 
 def node_id_from_cert_file(path: str | os.PathLike[str]) -> bytes:
     """The node id of a certificate file (PEM or DER)."""
-    return node_id_from_cert(_load_one_cert(Path(path)))
+    return load_certificate(Path(path)).node_id
 
 
 def validate_node_name(name: str) -> str:
@@ -131,104 +123,425 @@ def validate_node_name(name: str) -> str:
     return name
 
 
-# ---------------------------------------------------------------- making certificates
+# ---------------------------------------------------------------- DER reader (sans-I/O)
+#
+# Only what X.509 certificates and private-key files use: low tag numbers, definite lengths of at most
+# four octets, minimal length encoding. Everything else is refused rather than guessed at: the bytes come
+# from files an operator may have mangled and from peers before anything else is known about them.
+
+_BOOLEAN, _INTEGER, _BIT_STRING, _OCTET_STRING, _OID = 0x01, 0x02, 0x03, 0x04, 0x06
+_UTF8_STRING, _PRINTABLE_STRING, _TELETEX_STRING, _IA5_STRING = 0x0C, 0x13, 0x14, 0x16
+_UTC_TIME, _GENERALIZED_TIME, _UNIVERSAL_STRING, _BMP_STRING = 0x17, 0x18, 0x1C, 0x1E
+_SEQUENCE, _SET = 0x30, 0x31
+_CONSTRUCTED = 0x20
+_MAX_LENGTH_OCTETS = 4  # 4 GiB: far beyond any certificate, and it bounds int.from_bytes
+_TAG_NAMES = {_BOOLEAN: "BOOLEAN", _INTEGER: "INTEGER", _BIT_STRING: "BIT STRING", _OCTET_STRING: "OCTET STRING",
+              _OID: "OBJECT IDENTIFIER", _UTC_TIME: "UTCTime", _GENERALIZED_TIME: "GeneralizedTime",
+              _SEQUENCE: "SEQUENCE", _SET: "SET"}
+
+_OID_COMMON_NAME = "2.5.4.3"
+_OID_BASIC_CONSTRAINTS = "2.5.29.19"
+_OID_EXT_KEY_USAGE = "2.5.29.37"
+_STRING_CODECS = {_UTF8_STRING: "utf-8", _PRINTABLE_STRING: "ascii", _IA5_STRING: "ascii",
+                  _TELETEX_STRING: "latin-1", _BMP_STRING: "utf-16-be", _UNIVERSAL_STRING: "utf-32-be"}
+_UTC_TIME_RE = re.compile(rb"([0-9]{2})([0-9]{2})([0-9]{2})([0-9]{2})([0-9]{2})([0-9]{2})Z")
+_GENERALIZED_TIME_RE = re.compile(rb"([0-9]{4})([0-9]{2})([0-9]{2})([0-9]{2})([0-9]{2})([0-9]{2})Z")
 
 
-def init_ca(directory: str | os.PathLike[str], name: str = "gossipfl cluster CA", *, days: int = CA_DAYS,
-            now: dt.datetime | None = None) -> Path:
-    """Create the cluster CA in ``directory``: ``ca.key`` (0600) and ``ca.crt``. Returns the path of ``ca.crt``.
+@dataclass(frozen=True, slots=True)
+class Tlv:
+    """One DER element inside a buffer, by offsets, so nested elements are read without copying."""
 
-    Refuses to overwrite either file. The directory is created (0700) if missing.
+    tag: int
+    start: int  # the identifier octet
+    content: int  # the first content octet
+    end: int  # one past the last content octet
+
+    def value(self, data: bytes) -> bytes:
+        return data[self.content:self.end]
+
+    def encoding(self, data: bytes) -> bytes:
+        return data[self.start:self.end]
+
+
+def read_tlv(data: bytes, offset: int = 0, end: int | None = None) -> Tlv:
+    """Read the element at ``offset``; it must end by ``end`` (the enclosing element's end)."""
+    limit = len(data) if end is None else end
+    if offset >= limit:
+        raise DerError(f"truncated: an element expected at offset {offset}, end of data found")
+    tag = data[offset]
+    if tag & 0x1F == 0x1F:
+        raise DerError(f"high tag number at offset {offset}: not used by X.509")
+    pos = offset + 1
+    if pos >= limit:
+        raise DerError(f"truncated: the length of the element at offset {offset} is missing")
+    first = data[pos]
+    pos += 1
+    if first < 0x80:
+        length = first
+    elif first == 0x80:
+        raise DerError(f"indefinite length at offset {offset}: not DER")
+    else:
+        count = first & 0x7F
+        if count > _MAX_LENGTH_OCTETS:
+            raise DerError(f"a length of {count} octets at offset {offset}: too long")
+        if count > limit - pos:
+            raise DerError(f"truncated: the length of the element at offset {offset} is cut off")
+        length = int.from_bytes(data[pos:pos + count], "big")
+        if data[pos] == 0 or length < 0x80:
+            raise DerError(f"length at offset {offset} not minimally encoded: not DER")
+        pos += count
+    if length > limit - pos:
+        raise DerError(f"the element at offset {offset} claims {length} bytes, only {limit - pos} are left")
+    return Tlv(tag, offset, pos, pos + length)
+
+
+def read_children(data: bytes, parent: Tlv) -> list[Tlv]:
+    """The elements inside a constructed element; they must fill it exactly."""
+    if not parent.tag & _CONSTRUCTED:
+        raise DerError(f"a primitive element (tag 0x{parent.tag:02x}) at offset {parent.start} where a "
+                       "constructed one belongs")
+    children = []
+    pos = parent.content
+    while pos < parent.end:
+        child = read_tlv(data, pos, parent.end)
+        children.append(child)
+        pos = child.end
+    return children
+
+
+def read_whole(data: bytes) -> Tlv:
+    """The one element that ``data`` holds, with nothing after it."""
+    tlv = read_tlv(data, 0)
+    if tlv.end != len(data):
+        raise DerError(f"{len(data) - tlv.end} trailing bytes after the element")
+    return tlv
+
+
+def _expect(tlv: Tlv, tag: int, what: str) -> Tlv:
+    if tlv.tag != tag:
+        raise DerError(f"{what}: expected {_TAG_NAMES.get(tag, f'tag 0x{tag:02x}')}, found tag 0x{tlv.tag:02x} "
+                       f"at offset {tlv.start}")
+    return tlv
+
+
+def _children(data: bytes, tlv: Tlv, tag: int, what: str, counts: range) -> list[Tlv]:
+    children = read_children(data, _expect(tlv, tag, what))
+    if len(children) not in counts:
+        raise DerError(f"{what}: {len(children)} elements, expected {counts.start} to {counts.stop - 1}")
+    return children
+
+
+def _oid(data: bytes, tlv: Tlv, what: str) -> str:
+    body = _expect(tlv, _OID, what).value(data)
+    if not body or body[-1] & 0x80:
+        raise DerError(f"{what}: a truncated object identifier")
+    arcs: list[int] = []
+    value = 0
+    fresh = True
+    for octet in body:
+        if fresh and octet == 0x80:
+            raise DerError(f"{what}: object identifier not minimally encoded")
+        value = (value << 7) | (octet & 0x7F)
+        fresh = not octet & 0x80
+        if fresh:
+            arcs.append(value)
+            value = 0
+    first = min(arcs[0] // 40, 2)
+    return ".".join(str(a) for a in [first, arcs[0] - 40 * first, *arcs[1:]])
+
+
+def _boolean(data: bytes, tlv: Tlv, what: str) -> bool:
+    body = _expect(tlv, _BOOLEAN, what).value(data)
+    if body not in (b"\x00", b"\xff"):
+        raise DerError(f"{what}: a BOOLEAN is one octet, 00 or ff")
+    return body == b"\xff"
+
+
+def _integer(data: bytes, tlv: Tlv, what: str) -> int:
+    body = _expect(tlv, _INTEGER, what).value(data)
+    if not body or (len(body) > 1 and (body[0], body[1] & 0x80) in ((0x00, 0), (0xFF, 0x80))):
+        raise DerError(f"{what}: INTEGER empty or not minimally encoded")
+    return int.from_bytes(body, "big", signed=True)
+
+
+def _bit_string(data: bytes, tlv: Tlv, what: str) -> None:
+    body = _expect(tlv, _BIT_STRING, what).value(data)
+    if not body or body[0] > 7 or (len(body) == 1 and body[0] != 0):
+        raise DerError(f"{what}: a malformed BIT STRING")
+
+
+def _algorithm(data: bytes, tlv: Tlv, what: str) -> str:
+    return _oid(data, _children(data, tlv, _SEQUENCE, what, range(1, 3))[0], what)
+
+
+def _time(data: bytes, tlv: Tlv, what: str) -> dt.datetime:
+    pattern = {_UTC_TIME: _UTC_TIME_RE, _GENERALIZED_TIME: _GENERALIZED_TIME_RE}.get(tlv.tag)
+    if pattern is None:
+        raise DerError(f"{what}: expected UTCTime or GeneralizedTime, found tag 0x{tlv.tag:02x}")
+    body = tlv.value(data)
+    m = pattern.fullmatch(body)
+    if m is None:
+        raise DerError(f"{what}: not a DER time (YYMMDDHHMMSSZ or YYYYMMDDHHMMSSZ): {body[:20]!r}")
+    year, *rest = (int(g) for g in m.groups())
+    if tlv.tag == _UTC_TIME:
+        year += 1900 if year >= 50 else 2000  # RFC 5280: UTCTime years are 1950-2049
+    try:
+        return dt.datetime(year, *rest, tzinfo=dt.UTC)
+    except ValueError as exc:
+        raise DerError(f"{what}: {body.decode('ascii')}: {exc}") from None
+
+
+def _string(data: bytes, tlv: Tlv, what: str) -> str:
+    codec = _STRING_CODECS.get(tlv.tag)
+    if codec is None:
+        raise DerError(f"{what}: not a directory string (tag 0x{tlv.tag:02x})")
+    try:
+        return tlv.value(data).decode(codec)
+    except UnicodeDecodeError as exc:
+        raise DerError(f"{what}: {exc.reason} in a {codec} string") from None
+
+
+def _common_name(data: bytes, name: Tlv, what: str) -> str | None:
+    """The first commonName of a Name, as ``cryptography`` would pick it; every RDN must be well formed."""
+    cn: str | None = None
+    for rdn in _children(data, name, _SEQUENCE, what, range(0, 1 << 30)):
+        for attribute in _children(data, rdn, _SET, what, range(1, 1 << 30)):
+            oid_tlv, value = _children(data, attribute, _SEQUENCE, what, range(2, 3))
+            if _oid(data, oid_tlv, what) == _OID_COMMON_NAME and cn is None:
+                cn = _string(data, value, f"{what} commonName")
+    return cn
+
+
+@dataclass(frozen=True)
+class ParsedCertificate:
+    """The fields of an X.509 certificate that identity checks need, read by ``parse_certificate``."""
+
+    der: bytes = field(repr=False)
+    spki: bytes = field(repr=False)  # the DER of subjectPublicKeyInfo, exactly as in the certificate
+    subject_cn: str | None
+    issuer_cn: str | None
+    not_before: dt.datetime
+    not_after: dt.datetime
+    is_ca: bool
+    extended_key_usage: frozenset[str] | None  # dotted OIDs; None when the extension is absent
+
+    @property
+    def node_id(self) -> bytes:
+        return hashlib.sha256(self.spki).digest()
+
+
+def parse_certificate(der: bytes) -> ParsedCertificate:
+    """Read a DER X.509 certificate strictly; any deviation is an ``IdentityError``, never another exception.
+
+    The signature is not checked here: OpenSSL does that during handshakes (see ``NodeIdentity.load``).
     """
-    if not isinstance(name, str) or not 1 <= len(name) <= 64 or not name.isprintable():
-        raise IdentityError(f"bad CA name {name!r}: use 1-64 printable characters")
-    _check_days(days)
-    d = Path(directory)
-    key_path, cert_path = d / CA_KEY, d / CA_CERT
-    _refuse_existing(key_path, cert_path)
-    _make_dir(d)
-    t = _now(now)
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(t - CLOCK_SKEW)
-        .not_valid_after(t + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
-        .add_extension(ski, critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    _write_files([(key_path, _private_pem(key), KEY_MODE),
-                  (cert_path, cert.public_bytes(serialization.Encoding.PEM), CERT_MODE)])
-    return cert_path
+    data = bytes(der)
+    try:
+        return _parse_certificate(data)
+    except DerError as exc:
+        raise DerError(f"not a DER X.509 certificate: {exc}") from None
 
 
-def issue_node_cert(ca_dir: str | os.PathLike[str], name: str, out_dir: str | os.PathLike[str],
-                    days: int = NODE_DAYS, *, now: dt.datetime | None = None) -> bytes:
-    """Make a node key and a certificate signed by the CA in ``ca_dir``; return the node id.
+def _parse_certificate(data: bytes) -> ParsedCertificate:
+    tbs, signature_algorithm, signature = _children(data, read_whole(data), _SEQUENCE, "certificate", range(3, 4))
+    _algorithm(data, signature_algorithm, "signatureAlgorithm")
+    _bit_string(data, signature, "signatureValue")
+    fields = _children(data, tbs, _SEQUENCE, "tbsCertificate", range(6, 11))
+    version = 0
+    if fields[0].tag == 0xA0:  # [0] EXPLICIT Version, absent for v1
+        (version_tlv,) = _children(data, fields.pop(0), 0xA0, "version", range(1, 2))
+        version = _integer(data, version_tlv, "version")
+        if version not in (1, 2):
+            raise DerError(f"version: {version + 1} is not X.509 v2 or v3")
+    if len(fields) < 6:
+        raise DerError(f"tbsCertificate: {len(fields)} fields after the version, expected at least 6")
+    serial, algorithm, issuer, validity, subject, spki, *rest = fields
+    _integer(data, serial, "serialNumber")
+    _algorithm(data, algorithm, "signature")
+    issuer_cn = _common_name(data, issuer, "issuer")
+    not_before_tlv, not_after_tlv = _children(data, validity, _SEQUENCE, "validity", range(2, 3))
+    not_before = _time(data, not_before_tlv, "notBefore")
+    not_after = _time(data, not_after_tlv, "notAfter")
+    subject_cn = _common_name(data, subject, "subject")
+    key_algorithm, public_key = _children(data, spki, _SEQUENCE, "subjectPublicKeyInfo", range(2, 3))
+    _algorithm(data, key_algorithm, "subjectPublicKeyInfo algorithm")
+    _bit_string(data, public_key, "subjectPublicKey")
 
-    Writes ``node.key`` (0600), ``node.crt`` and a copy of ``ca.crt`` into ``out_dir`` (created 0700 if
-    missing). Refuses to overwrite any of them; an existing ``ca.crt`` identical to the CA's is left as is.
-    The certificate never outlives the CA.
+    is_ca, eku = False, None
+    expected = [0x81, 0x82, 0xA3]  # issuerUniqueID, subjectUniqueID, extensions: optional, in this order
+    for tlv in rest:
+        if tlv.tag not in expected or version == 0:
+            raise DerError(f"tbsCertificate: unexpected field (tag 0x{tlv.tag:02x}) at offset {tlv.start}")
+        expected = expected[expected.index(tlv.tag) + 1:]
+        if tlv.tag == 0xA3:
+            if version != 2:
+                raise DerError("extensions in a certificate that is not X.509 v3")
+            is_ca, eku = _extensions(data, tlv)
+    return ParsedCertificate(der=data, spki=spki.encoding(data), subject_cn=subject_cn, issuer_cn=issuer_cn,
+                             not_before=not_before, not_after=not_after, is_ca=is_ca, extended_key_usage=eku)
+
+
+def _extensions(data: bytes, outer: Tlv) -> tuple[bool, frozenset[str] | None]:
+    (extensions,) = _children(data, outer, 0xA3, "extensions", range(1, 2))
+    is_ca, eku = False, None
+    seen: set[str] = set()
+    for extension in _children(data, extensions, _SEQUENCE, "extensions", range(1, 1 << 30)):
+        parts = _children(data, extension, _SEQUENCE, "extension", range(2, 4))
+        oid = _oid(data, parts[0], "extension id")
+        if oid in seen:
+            raise DerError(f"extension {oid} appears twice")
+        seen.add(oid)
+        if len(parts) == 3:
+            _boolean(data, parts[1], f"extension {oid} critical")
+        inner = _expect(parts[-1], _OCTET_STRING, f"extension {oid} value").value(data)
+        if oid == _OID_BASIC_CONSTRAINTS:
+            is_ca = _basic_constraints(inner)
+        elif oid == _OID_EXT_KEY_USAGE:
+            usages = _children(inner, read_whole(inner), _SEQUENCE, "extendedKeyUsage", range(1, 1 << 30))
+            eku = frozenset(_oid(inner, u, "extendedKeyUsage") for u in usages)
+    return is_ca, eku
+
+
+def _basic_constraints(inner: bytes) -> bool:
+    parts = _children(inner, read_whole(inner), _SEQUENCE, "basicConstraints", range(0, 3))
+    is_ca = False
+    if parts and parts[0].tag == _BOOLEAN:
+        is_ca = _boolean(inner, parts.pop(0), "basicConstraints cA")
+    if parts and (len(parts) > 1 or _integer(inner, parts[0], "basicConstraints pathLenConstraint") < 0):
+        raise DerError("basicConstraints: expected an optional cA BOOLEAN and an optional pathLenConstraint >= 0")
+    return is_ca
+
+
+# ---------------------------------------------------------------- files
+
+_PEM_CERT_BEGIN = "-----BEGIN CERTIFICATE-----"
+_PEM_CERT_RE = re.compile(r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]*-----END CERTIFICATE-----")
+_PEM_KEY_RE = re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY)-----(.*?)-----END \1-----", re.DOTALL)
+# PKCS#8 key algorithms: TLS 1.3 signs with these...
+_SIGNING_KEYS = {"1.2.840.10045.2.1": "EC", "1.2.840.113549.1.1.1": "RSA", "1.2.840.113549.1.1.10": "RSA-PSS",
+                 "1.3.101.112": "Ed25519", "1.3.101.113": "Ed448"}
+# ...and cannot with these (DSA signs, but not in TLS 1.3).
+_NON_SIGNING_KEYS = {"1.3.101.110": "X25519", "1.3.101.111": "X448", "1.2.840.10040.4.1": "DSA",
+                     "1.2.840.113549.1.3.1": "DH", "1.2.840.10046.2.1": "DH"}
+_TRADITIONAL_KEYS = {"EC PRIVATE KEY", "RSA PRIVATE KEY"}
+
+
+def read_file(path: Path, what: str) -> bytes:
+    """The bytes of ``path``, or an ``IdentityError`` that names the file and says what it should have held."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise IdentityError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise IdentityError(f"{path}: is a directory, expected the {what}") from None
+    except OSError as exc:
+        raise IdentityError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+
+
+def _is_pem(data: bytes) -> bool:
+    return data.lstrip().startswith(b"-----BEGIN")
+
+
+def load_certificate(path: Path, data: bytes | None = None) -> ParsedCertificate:
+    """The one certificate of a PEM or DER file (``data``: its bytes, if already read)."""
+    if data is None:
+        data = read_file(path, "certificate")
+    if _is_pem(data):
+        try:
+            text = data.decode("ascii")
+        except UnicodeDecodeError:
+            raise IdentityError(f"{path}: not a PEM (or DER) X.509 certificate: not ASCII") from None
+        count = text.count(_PEM_CERT_BEGIN)
+        if count > 1:
+            raise IdentityError(f"{path}: holds {count} certificates, expected exactly one")
+        block = _PEM_CERT_RE.search(text)
+        if block is None:
+            raise IdentityError(f"{path}: not a PEM (or DER) X.509 certificate")
+        try:
+            der = ssl.PEM_cert_to_DER_cert(block[0])
+        except ValueError:  # binascii.Error: bad base64 padding
+            raise IdentityError(f"{path}: not a PEM (or DER) X.509 certificate: bad base64") from None
+    else:
+        der = data
+    try:
+        return _parse_certificate(der)
+    except DerError as exc:
+        raise IdentityError(f"{path}: not a PEM (or DER) X.509 certificate: {exc}") from None
+
+
+def read_private_key(path: Path) -> bytes:
+    """The bytes of a PEM private key file, checked to be usable by a node: unencrypted and able to sign.
+
+    The key itself is parsed by OpenSSL (or by ``cryptography`` in ``gossipfl.certs``); this check exists so
+    that an encrypted key, a garbled file or a key type that cannot sign is reported in words rather than as
+    an OpenSSL error code, and so that OpenSSL never stops to prompt for a passphrase.
     """
-    validate_node_name(name)
-    _check_days(days)
-    ca_d, out = Path(ca_dir), Path(out_dir)
-    ca_cert_path, ca_key_path = ca_d / CA_CERT, ca_d / CA_KEY
-    ca_pem = _read(ca_cert_path, "CA certificate")
-    ca_cert = _load_one_cert(ca_cert_path, ca_pem)
-    ca_key = _load_key(ca_key_path)
-    if not _key_matches(ca_key, ca_cert):
-        raise IdentityError(f"{ca_key_path}: this key does not belong to the CA certificate {ca_cert_path}")
-    _check_is_ca(ca_cert_path, ca_cert)
-    t = _now(now)
-    _check_validity(ca_cert_path, ca_cert, t)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise IdentityError(f"{ca_key_path}: the CA key must be an ECDSA key")
+    data = read_file(path, "private key")
+    block = _PEM_KEY_RE.search(data.decode("ascii", errors="replace"))
+    if block is None:
+        raise IdentityError(f"{path}: not a PEM private key")
+    label, body = block[1], block[2]
+    if label == "ENCRYPTED PRIVATE KEY" or re.search(r"Proc-Type:\s*4,\s*ENCRYPTED", body):
+        raise _encrypted_key(path)
+    try:
+        der = binascii.a2b_base64("".join(body.split()), strict_mode=True)
+        key = read_whole(der)
+        if label == "PRIVATE KEY":  # PKCS#8: version, AlgorithmIdentifier, privateKey, [attributes], [publicKey]
+            parts = _children(der, key, _SEQUENCE, "PrivateKeyInfo", range(3, 6))
+            algorithm = _algorithm(der, parts[1], "privateKeyAlgorithm")
+        else:
+            read_children(der, _expect(key, _SEQUENCE, label))
+            algorithm = ""
+    except (ValueError, DerError):  # binascii.Error, or a ValueError for non-ASCII text
+        raise IdentityError(f"{path}: not a PEM private key") from None
+    kind = _NON_SIGNING_KEYS.get(algorithm) or ("DSA" if label == "DSA PRIVATE KEY" else None)
+    if kind is not None:
+        raise IdentityError(f"{path}: {kind} keys cannot sign TLS 1.3 handshakes; use an ECDSA key")
+    if algorithm not in _SIGNING_KEYS and label not in _TRADITIONAL_KEYS:
+        raise IdentityError(f"{path}: unsupported private key type")
+    return data
 
-    key_path, cert_path, copy_path = out / NODE_KEY, out / NODE_CERT, out / CA_CERT
-    _refuse_existing(key_path, cert_path)
-    copy_ca = True
-    if os.path.lexists(copy_path):
-        if not copy_path.is_file() or _read(copy_path, "CA certificate") != ca_pem:
-            raise IdentityError(f"{copy_path}: already exists (and is not this CA's certificate); "
-                                "refusing to overwrite")
-        copy_ca = False
 
-    not_before = t - CLOCK_SKEW
-    not_after = min(t + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(digital_signature=True), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                       critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    _make_dir(out)
-    files = [(key_path, _private_pem(key), KEY_MODE), (cert_path, cert.public_bytes(serialization.Encoding.PEM),
-                                                         CERT_MODE)]
-    if copy_ca:
-        files.append((copy_path, ca_pem, CERT_MODE))
-    _write_files(files)
-    return node_id_from_cert(cert)
+def _encrypted_key(path: Path) -> IdentityError:
+    return IdentityError(f"{path}: the private key is encrypted; gossipfl needs an unencrypted key")
+
+
+def check_ca_certificate(path: Path, cert: ParsedCertificate) -> None:
+    """Refuse a trust anchor that is not a CA: OpenSSL would reject every chain to it with a vaguer error."""
+    if not cert.is_ca:
+        raise IdentityError(f"{path}: not a CA certificate (basicConstraints CA:true missing)")
+
+
+def _check_node_cert(path: Path, cert: ParsedCertificate) -> None:
+    if cert.is_ca:
+        raise IdentityError(f"{path}: is a CA certificate, not a node certificate")
+    if cert.extended_key_usage is None:
+        return
+    missing = [n for oid, n in ((OID_SERVER_AUTH, "serverAuth"), (OID_CLIENT_AUTH, "clientAuth"))
+               if oid not in cert.extended_key_usage]
+    if missing:
+        raise IdentityError(f"{path}: extendedKeyUsage lacks {' and '.join(missing)}; a node is both TLS server "
+                            "and client")
+
+
+def check_validity(path: Path, cert: ParsedCertificate, now: dt.datetime) -> None:
+    """Refuse a certificate outside its dates, showing them: a wrong clock is the usual cause on a device."""
+    if now < cert.not_before:
+        raise IdentityError(f"{path}: certificate not valid before {format_utc(cert.not_before)} "
+                            f"(now {format_utc(now)}; check the clock)")
+    if now > cert.not_after:
+        raise IdentityError(f"{path}: certificate expired on {format_utc(cert.not_after)} (now {format_utc(now)})")
+
+
+def _warn_if_key_readable(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("%s: private key is accessible to group or others (mode %03o); chmod 600 it",
+                    path, stat.S_IMODE(mode))
 
 
 # ---------------------------------------------------------------- loading an identity
@@ -244,8 +557,8 @@ class NodeIdentity:
     node_id: bytes
     name: str
     not_valid_after: dt.datetime
-    certificate: x509.Certificate = field(repr=False, compare=False)
-    ca_certificate: x509.Certificate = field(repr=False, compare=False)
+    # The CA certificate that load() checked: the contexts trust it and nothing else, even if ca.crt changes.
+    ca_der: bytes = field(repr=False, compare=False)
 
     @property
     def node_id_hex(self) -> str:
@@ -254,28 +567,30 @@ class NodeIdentity:
     @classmethod
     def load(cls, cert: str | os.PathLike[str], key: str | os.PathLike[str], ca: str | os.PathLike[str], *,
              now: dt.datetime | None = None) -> NodeIdentity:
-        """Load and check: files exist and parse, the key fits the certificate, the CA signed it, it is valid now."""
+        """Load and check: files exist and parse, the key fits the certificate, the CA signed it, it is valid now.
+
+        Every failure is an ``IdentityError`` naming the file at fault, so a daemon refuses to start with a
+        sentence an operator can act on rather than failing its first handshake with a peer.
+        """
         cert_path, key_path, ca_path = Path(cert), Path(key), Path(ca)
-        t = _now(now)
-        ca_cert = _load_one_cert(ca_path)
-        _check_is_ca(ca_path, ca_cert)
-        _check_validity(ca_path, ca_cert, t)
-        node_cert = _load_one_cert(cert_path)
-        private_key = _load_key(key_path)
-        if not _key_matches(private_key, node_cert):
-            raise IdentityError(f"{key_path}: this key does not belong to the certificate {cert_path}")
+        t = utc_now(now)
+        ca_cert = load_certificate(ca_path)
+        check_ca_certificate(ca_path, ca_cert)
+        check_validity(ca_path, ca_cert, t)
+        node_data = read_file(cert_path, "certificate")
+        node_cert = load_certificate(cert_path, node_data)
+        if not _is_pem(node_data):
+            raise IdentityError(f"{cert_path}: a DER certificate; TLS needs the node certificate in PEM "
+                                f"(openssl x509 -inform DER -in {cert_path} -out {cert_path}.pem)")
+        read_private_key(key_path)
+        identity = cls(cert_path=cert_path, key_path=key_path, ca_path=ca_path, node_id=node_cert.node_id,
+                       name=node_cert.subject_cn or "", not_valid_after=node_cert.not_after, ca_der=ca_cert.der)
+        contexts = server_context(identity), client_context(identity)  # OpenSSL: does the key fit?
         _check_node_cert(cert_path, node_cert)
-        try:
-            node_cert.verify_directly_issued_by(ca_cert)
-        except (ValueError, TypeError, InvalidSignature):
-            raise IdentityError(f"{cert_path}: not signed by the cluster CA in {ca_path} "
-                                f"(issuer {node_cert.issuer.rfc4514_string()!r})") from None
-        _check_validity(cert_path, node_cert, t)
+        _handshake_with_itself(identity, *contexts, issuer_cn=node_cert.issuer_cn)
+        check_validity(cert_path, node_cert, t)
         _warn_if_key_readable(key_path)
-        cn = node_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        return cls(cert_path=cert_path, key_path=key_path, ca_path=ca_path, node_id=node_id_from_cert(node_cert),
-                   name=str(cn[0].value) if cn else "", not_valid_after=node_cert.not_valid_after_utc,
-                   certificate=node_cert, ca_certificate=ca_cert)
+        return identity
 
     @classmethod
     def from_dir(cls, directory: str | os.PathLike[str], *, now: dt.datetime | None = None) -> NodeIdentity:
@@ -284,26 +599,54 @@ class NodeIdentity:
         return cls.load(d / NODE_CERT, d / NODE_KEY, d / CA_CERT, now=now)
 
 
-def describe_certificate(path: str | os.PathLike[str], *, now: dt.datetime | None = None) -> dict[str, Any]:
-    """What ``gossipfl certs show`` prints: node id, subject, issuer, validity, CA or not, DNS names."""
-    p = Path(path)
-    cert = _load_one_cert(p)
-    t = _now(now)
-    nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
-    status = "not yet valid" if t < nb else "expired" if t > na else "valid"
+# OpenSSL's X509_V_FLAG_NO_CHECK_TIME, which the ssl module has no name for.
+_VERIFY_NO_CHECK_TIME = 0x200000
+# X509_V_ERR_* codes that mean "no signature of the cluster CA on this certificate": unable to get issuer
+# certificate (2, 20), cannot decrypt or decode the signature or the issuer key (4, 6), bad signature (7),
+# self-signed (18, 19), unable to verify the first certificate (21).
+_NOT_SIGNED_BY_CA = frozenset({2, 4, 6, 7, 18, 19, 20, 21})
+_SELF_HANDSHAKE_ROUNDS = 8  # a TLS 1.3 handshake takes 4; more means something is stuck
+
+
+def _handshake_with_itself(identity: NodeIdentity, server: ssl.SSLContext, client: ssl.SSLContext, *,
+                           issuer_cn: str | None) -> None:
+    """Check that the cluster CA signed the certificate, with the OpenSSL verification peers will apply.
+
+    The stdlib cannot verify a signature on its own, but OpenSSL verifies the chain in every handshake:
+    so the identity shakes hands with itself, in memory, and each side verifies the other's certificate
+    (the node's own) against the CA, exactly as every peer will, key usage and strictness included. Time is
+    left out (``now`` was checked from the parsed dates, and a caller may pass a ``now`` other than the clock).
+    """
+    for ctx in (server, client):
+        ctx.verify_flags |= _VERIFY_NO_CHECK_TIME
+    server_in, server_out, client_in, client_out = (ssl.MemoryBIO() for _ in range(4))
+    sides = [client.wrap_bio(client_in, client_out, server_side=False),
+             server.wrap_bio(server_in, server_out, server_side=True)]
+    done: set[int] = set()
     try:
-        is_ca = bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
-        is_ca = False
-    try:
-        dns = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-            x509.DNSName)
-    except x509.ExtensionNotFound:
-        dns = []
-    return {"file": str(p), "node_id": format_node_id(node_id_from_cert(cert)),
-            "subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
-            "serial": format(cert.serial_number, "x"), "not_before": _iso(nb), "not_after": _iso(na),
-            "status": status, "is_ca": is_ca, "dns_names": list(dns)}
+        for _ in range(_SELF_HANDSHAKE_ROUNDS):
+            for i, side in enumerate(sides):
+                if i not in done:
+                    try:
+                        side.do_handshake()
+                        done.add(i)
+                    except ssl.SSLWantReadError:
+                        pass
+            moved = client_out.pending + server_out.pending
+            server_in.write(client_out.read())
+            client_in.write(server_out.read())
+            if len(done) == len(sides) and not moved:
+                return
+    except ssl.SSLCertVerificationError as exc:
+        if exc.verify_code in _NOT_SIGNED_BY_CA:
+            raise IdentityError(f"{identity.cert_path}: not signed by the cluster CA in {identity.ca_path} "
+                                f"({exc.verify_message}; issuer {issuer_cn!r})") from None
+        raise IdentityError(f"{identity.cert_path}: refused by the TLS verification against the cluster CA in "
+                            f"{identity.ca_path}: {exc.verify_message}") from None
+    except ssl.SSLError as exc:
+        raise IdentityError(f"{identity.cert_path}, {identity.key_path}: a TLS 1.3 handshake with them fails: "
+                            f"{exc}") from None
+    raise IdentityError(f"{identity.cert_path}: a TLS handshake of this identity with itself did not finish")
 
 
 # ---------------------------------------------------------------- TLS
@@ -358,6 +701,14 @@ def check_peer(ssl_object: PeerCertificateSource, expected_id: bytes | None = No
     return peer
 
 
+class _PassphraseWanted(Exception):
+    """Raised from OpenSSL's passphrase callback: a daemon starts unattended, so nobody may be prompted."""
+
+
+def _refuse_passphrase() -> bytes:
+    raise _PassphraseWanted
+
+
 def _context(protocol: ssl._SSLMethod, identity: NodeIdentity) -> ssl.SSLContext:
     ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -365,11 +716,20 @@ def _context(protocol: ssl._SSLMethod, identity: NodeIdentity) -> ssl.SSLContext
     ctx.check_hostname = False  # before verify_mode: peers are named by node id, checked by check_peer
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-    ca_pem = identity.ca_certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
-    ctx.load_verify_locations(cadata=ca_pem)  # the CA that load() checked, and nothing else
     try:
-        ctx.load_cert_chain(identity.cert_path, identity.key_path)
-    except (OSError, ssl.SSLError) as exc:
+        ctx.load_verify_locations(cadata=identity.ca_der)  # the CA that load() checked, and nothing else
+    except ssl.SSLError as exc:
+        raise IdentityError(f"{identity.ca_path}: TLS cannot use this CA certificate: {exc}") from None
+    try:
+        ctx.load_cert_chain(identity.cert_path, identity.key_path, password=_refuse_passphrase)
+    except _PassphraseWanted:
+        raise _encrypted_key(identity.key_path) from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise IdentityError(f"{identity.key_path}: this key does not belong to the certificate "
+                                f"{identity.cert_path}") from None
+        raise IdentityError(f"{identity.cert_path}, {identity.key_path}: TLS cannot use them: {exc}") from None
+    except OSError as exc:
         raise IdentityError(f"{identity.cert_path}, {identity.key_path}: TLS cannot use them: {exc}") from None
     return ctx
 
@@ -377,7 +737,8 @@ def _context(protocol: ssl._SSLMethod, identity: NodeIdentity) -> ssl.SSLContext
 # ---------------------------------------------------------------- helpers
 
 
-def _now(now: dt.datetime | None) -> dt.datetime:
+def utc_now(now: dt.datetime | None) -> dt.datetime:
+    """``now`` in UTC, or the clock when it is None; a naive ``now`` is a bug in the caller."""
     if now is None:
         return dt.datetime.now(dt.UTC)
     if now.tzinfo is None:
@@ -385,153 +746,9 @@ def _now(now: dt.datetime | None) -> dt.datetime:
     return now.astimezone(dt.UTC)
 
 
-def _iso(t: dt.datetime) -> str:
+def format_utc(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _fmt_any(node_id: bytes) -> str:
     return node_id.hex() if isinstance(node_id, bytes | bytearray) else repr(node_id)
-
-
-def _check_days(days: int) -> None:
-    if isinstance(days, bool) or not isinstance(days, int) or days <= 0:
-        raise IdentityError(f"validity must be a positive number of days, got {days!r}")
-
-
-def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False,
-               crl_sign: bool = False) -> x509.KeyUsage:
-    return x509.KeyUsage(digital_signature=digital_signature, content_commitment=False, key_encipherment=False,
-                         data_encipherment=False, key_agreement=False, key_cert_sign=key_cert_sign,
-                         crl_sign=crl_sign, encipher_only=False, decipher_only=False)
-
-
-def _public_der(public_key: Any) -> bytes:
-    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _key_matches(key: CertificateIssuerPrivateKeyTypes, cert: x509.Certificate) -> bool:
-    try:
-        return _public_der(key.public_key()) == _public_der(cert.public_key())
-    except (UnsupportedAlgorithm, ValueError):
-        return False
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise IdentityError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise IdentityError(f"{path}: is a directory, expected the {what}") from None
-    except OSError as exc:
-        raise IdentityError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
-
-
-def _load_one_cert(path: Path, data: bytes | None = None) -> x509.Certificate:
-    if data is None:
-        data = _read(path, "certificate")
-    try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            certs = x509.load_pem_x509_certificates(data)
-        else:
-            certs = [x509.load_der_x509_certificate(data)]
-    except ValueError:
-        raise IdentityError(f"{path}: not a PEM (or DER) X.509 certificate") from None
-    if len(certs) != 1:
-        raise IdentityError(f"{path}: holds {len(certs)} certificates, expected exactly one")
-    return certs[0]
-
-
-def _load_key(path: Path) -> CertificateIssuerPrivateKeyTypes:
-    data = _read(path, "private key")
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError:
-        raise IdentityError(f"{path}: the private key is encrypted; gossipfl needs an unencrypted key") from None
-    except UnsupportedAlgorithm:
-        raise IdentityError(f"{path}: unsupported private key type") from None
-    except ValueError:
-        raise IdentityError(f"{path}: not a PEM private key") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-                      | ed448.Ed448PrivateKey):
-        raise IdentityError(f"{path}: a {type(key).__name__} cannot sign; use an ECDSA key")
-    return key
-
-
-def _check_is_ca(path: Path, cert: x509.Certificate) -> None:
-    try:
-        ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        ca = False
-    if not ca:
-        raise IdentityError(f"{path}: not a CA certificate (basicConstraints CA:true missing)")
-
-
-def _check_node_cert(path: Path, cert: x509.Certificate) -> None:
-    exts = cert.extensions
-    try:
-        if exts.get_extension_for_class(x509.BasicConstraints).value.ca:
-            raise IdentityError(f"{path}: is a CA certificate, not a node certificate")
-    except x509.ExtensionNotFound:
-        pass
-    try:
-        eku = exts.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        return
-    missing = [n for oid, n in ((ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth"),
-                                (ExtendedKeyUsageOID.CLIENT_AUTH, "clientAuth")) if oid not in eku]
-    if missing:
-        raise IdentityError(f"{path}: extendedKeyUsage lacks {' and '.join(missing)}; a node is both TLS server "
-                            "and client")
-
-
-def _check_validity(path: Path, cert: x509.Certificate, now: dt.datetime) -> None:
-    if now < cert.not_valid_before_utc:
-        raise IdentityError(f"{path}: certificate not valid before {_iso(cert.not_valid_before_utc)} "
-                            f"(now {_iso(now)}; check the clock)")
-    if now > cert.not_valid_after_utc:
-        raise IdentityError(f"{path}: certificate expired on {_iso(cert.not_valid_after_utc)} (now {_iso(now)})")
-
-
-def _warn_if_key_readable(path: Path) -> None:
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("%s: private key is accessible to group or others (mode %03o); chmod 600 it",
-                    path, stat.S_IMODE(mode))
-
-
-def _refuse_existing(*paths: Path) -> None:
-    for p in paths:
-        if os.path.lexists(p):
-            raise IdentityError(f"{p}: already exists; refusing to overwrite")
-
-
-def _make_dir(d: Path) -> None:
-    try:
-        d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    except FileExistsError:
-        raise IdentityError(f"{d}: exists and is not a directory") from None
-    except OSError as exc:
-        raise IdentityError(f"{d}: cannot create the directory: {exc.strerror or exc}") from None
-
-
-def _write_files(files: list[tuple[Path, bytes, int]]) -> None:
-    """Write each file atomically; if one fails, remove the ones already written so a retry can start clean."""
-    done: list[Path] = []
-    for path, data, mode in files:
-        try:
-            write_bytes_atomic(path, data, mode=mode)
-        except OSError as exc:
-            for p in done:
-                with contextlib.suppress(OSError):
-                    p.unlink()
-            raise IdentityError(f"{path}: cannot write: {exc.strerror or exc}") from None
-        done.append(path)

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
+from gossipfl.certs import init_ca, issue_node_cert
 from gossipfl.datasets import load_digits, train_test_split
-from gossipfl.identity import init_ca, issue_node_cert
 from gossipfl.model import Model
 from gossipfl.trainer import Trainer
 from gossipfld.cluster import (

@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from gossipfl.certs import issue_node_cert
 from gossipfl.control import ControlClient
 from gossipfl.datasets import load_digits, train_test_split
-from gossipfl.identity import issue_node_cert
 from gossipfl.model import Model
 from gossipfld.cluster import Cluster, ClusterPlan, NodeSpec, evaluate_checkpoint, prepare
 

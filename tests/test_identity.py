@@ -10,34 +10,42 @@ import shutil
 import ssl
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from gossipfl.certs import describe_certificate, init_ca, issue_node_cert
 from gossipfl.errors import GossipflError, IdentityError
 from gossipfl.identity import (
     CA_CERT,
     CA_KEY,
     NODE_CERT,
     NODE_KEY,
+    OID_CLIENT_AUTH,
+    OID_SERVER_AUTH,
+    DerError,
     NodeIdentity,
     PeerIdentityError,
     check_peer,
     client_context,
-    describe_certificate,
     format_node_id,
-    init_ca,
-    issue_node_cert,
+    load_certificate,
     node_id_from_cert_der,
     node_id_from_cert_file,
     parse_allowlist,
+    parse_certificate,
     parse_node_id,
     peer_node_id,
+    read_tlv,
+    read_whole,
     server_context,
     validate_node_name,
 )
@@ -84,7 +92,11 @@ def node_copy(pki: Pki, src: str, tmp_path: Path) -> Path:
 
 def trusting(identity: NodeIdentity, ca: NodeIdentity) -> NodeIdentity:
     """An impostor: its own certificate and key, but it trusts (knows) the cluster CA's public certificate."""
-    return dataclasses.replace(identity, ca_path=ca.ca_path, ca_certificate=ca.ca_certificate)
+    return dataclasses.replace(identity, ca_path=ca.ca_path, ca_der=ca.ca_der)
+
+
+def cert_of(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
 
 
 def bare_client_context(ca: Path, *, cert: Path | None = None, key: Path | None = None,
@@ -171,7 +183,7 @@ def test_contexts_are_tls13_mutual_cluster_ca_only(pki):
         assert ctx.verify_mode == ssl.CERT_REQUIRED
         assert ctx.check_hostname is False
         cas = ctx.get_ca_certs(binary_form=True)
-        assert len(cas) == 1 and cas[0] == pki.a.ca_certificate.public_bytes(serialization.Encoding.DER)
+        assert len(cas) == 1 and cas[0] == cert_of(pki.a.ca_path).public_bytes(serialization.Encoding.DER)
 
 
 def test_two_nodes_of_one_ca_handshake_and_see_each_others_id(pki):
@@ -310,7 +322,7 @@ def test_renewed_certificate_for_the_same_key_keeps_the_id(pki, tmp_path):
     key = serialization.load_pem_private_key(pki.a.key_path.read_bytes(), None)
     ca_key = serialization.load_pem_private_key((pki.ca / CA_KEY).read_bytes(), None)
     now = dt.datetime.now(dt.UTC)
-    renewed = make_cert(ca_key, pki.a.ca_certificate.subject, key, "node-a", now - dt.timedelta(days=1),
+    renewed = make_cert(ca_key, cert_of(pki.a.ca_path).subject, key, "node-a", now - dt.timedelta(days=1),
                         now + dt.timedelta(days=30))
     path = tmp_path / "renewed.crt"
     path.write_bytes(renewed.public_bytes(serialization.Encoding.PEM))
@@ -351,8 +363,8 @@ def test_node_names():
 
 
 def make_cert(issuer_key, issuer_name: x509.Name, key, name: str, not_before: dt.datetime,
-              not_after: dt.datetime) -> x509.Certificate:
-    return (x509.CertificateBuilder()
+              not_after: dt.datetime, eku: list[x509.ObjectIdentifier] | None = None) -> x509.Certificate:
+    builder = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
             .issuer_name(issuer_name)
             .public_key(key.public_key())
@@ -360,7 +372,12 @@ def make_cert(issuer_key, issuer_name: x509.Name, key, name: str, not_before: dt
             .not_valid_before(not_before)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(issuer_key, hashes.SHA256()))
+            # OpenSSL's strict verification (peers', and load()'s self-handshake) wants the issuer's key id
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+                           critical=False))
+    if eku is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
 
 
 def test_layout_and_modes(pki):
@@ -375,7 +392,7 @@ def test_layout_and_modes(pki):
 
 
 def test_certificate_contents(pki):
-    ca = pki.a.ca_certificate
+    ca = cert_of(pki.a.ca_path)
     bc = ca.extensions.get_extension_for_class(x509.BasicConstraints)
     assert bc.critical and bc.value.ca and bc.value.path_length == 0
     ku = ca.extensions.get_extension_for_class(x509.KeyUsage).value
@@ -383,7 +400,7 @@ def test_certificate_contents(pki):
     assert ca.not_valid_after_utc - ca.not_valid_before_utc > dt.timedelta(days=19 * 365)
     assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey) and ca.public_key().curve.name == "secp256r1"
 
-    node = pki.a.certificate
+    node = cert_of(pki.a.cert_path)
     assert not node.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert node.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature
     eku = node.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -399,7 +416,7 @@ def test_node_certificate_never_outlives_the_ca(tmp_path):
     init_ca(tmp_path / "ca", days=30)
     issue_node_cert(tmp_path / "ca", "n", tmp_path / "n", days=365)
     ident = NodeIdentity.from_dir(tmp_path / "n")
-    assert ident.not_valid_after == ident.ca_certificate.not_valid_after_utc
+    assert ident.not_valid_after == cert_of(ident.ca_path).not_valid_after_utc
 
 
 def test_init_ca_refuses_to_overwrite(tmp_path):
@@ -510,7 +527,7 @@ def test_certificate_outside_its_validity_names_the_file(pki, tmp_path, start, e
     ca_key = serialization.load_pem_private_key((pki.ca / CA_KEY).read_bytes(), None)
     key = serialization.load_pem_private_key((d / NODE_KEY).read_bytes(), None)
     now = dt.datetime.now(dt.UTC)
-    cert = make_cert(ca_key, pki.a.ca_certificate.subject, key, "node-a", now + dt.timedelta(days=start),
+    cert = make_cert(ca_key, cert_of(pki.a.ca_path).subject, key, "node-a", now + dt.timedelta(days=start),
                      now + dt.timedelta(days=end))
     (d / NODE_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     with pytest.raises(IdentityError, match=rf"{d / NODE_CERT}: certificate {message}"):
@@ -538,6 +555,7 @@ def test_describe_certificate(pki):
 
 
 def test_identity_error_is_a_gossipfl_error():
+    assert issubclass(DerError, IdentityError)
     assert issubclass(IdentityError, GossipflError) and issubclass(PeerIdentityError, IdentityError)
 
 
@@ -581,3 +599,256 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert "bad node name" in line
     line = one_line_error(gossipfl("show", str(tmp_path / "ca" / CA_KEY), check=False))
     assert f"{tmp_path / 'ca' / CA_KEY}: not a PEM" in line
+
+
+# ---------------------------------------------------------------- the loader's own checks (OpenSSL underneath)
+
+
+def write_cert(path: Path, cert: x509.Certificate, encoding=serialization.Encoding.PEM) -> Path:
+    path.write_bytes(cert.public_bytes(encoding))
+    return path
+
+
+def cluster_keys(pki: Pki):
+    ca_key = serialization.load_pem_private_key((pki.ca / CA_KEY).read_bytes(), None)
+    key = serialization.load_pem_private_key(pki.a.key_path.read_bytes(), None)
+    return ca_key, key
+
+
+def test_the_time_passed_in_governs_the_signature_check_too(tmp_path):
+    # OpenSSL alone would call this certificate expired; load() checks time from now= only, so back then it is fine.
+    clock = dt.datetime.now(dt.UTC)
+    init_ca(tmp_path / "ca", now=clock - dt.timedelta(days=60))
+    node_id = issue_node_cert(tmp_path / "ca", "old", tmp_path / "old", days=5, now=clock - dt.timedelta(days=30))
+    with pytest.raises(IdentityError, match="expired on"):
+        NodeIdentity.from_dir(tmp_path / "old")
+    assert NodeIdentity.from_dir(tmp_path / "old", now=clock - dt.timedelta(days=28)).node_id == node_id
+
+
+def test_a_tampered_signature_is_not_signed_by_the_ca(pki, tmp_path):
+    der = bytearray(cert_of(pki.a.cert_path).public_bytes(serialization.Encoding.DER))
+    der[-3] ^= 0x01  # inside the ECDSA signature: still well-formed DER, no longer a valid signature
+    path = write_cert(tmp_path / "tampered.crt", x509.load_der_x509_certificate(bytes(der)))
+    with pytest.raises(IdentityError, match=rf"{path}: not signed by the cluster CA in {pki.a.ca_path} \(") as err:
+        NodeIdentity.load(path, pki.a.key_path, pki.a.ca_path)
+    assert "signature" in str(err.value)
+
+
+def test_the_message_of_another_ca_names_openssl_reason_and_issuer(pki, tmp_path):
+    d = node_copy(pki, "rogue", tmp_path)
+    shutil.copy(pki.ca / CA_CERT, d / CA_CERT)
+    with pytest.raises(IdentityError, match=r"unable to get local issuer certificate; issuer 'some other CA'"):
+        NodeIdentity.from_dir(d)
+
+
+def test_what_every_peer_would_refuse_is_refused_at_load(pki, tmp_path):
+    # No authorityKeyIdentifier: peers verify with VERIFY_X509_STRICT and would refuse every connection.
+    ca_key, key = cluster_keys(pki)
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node-a")]))
+            .issuer_name(cert_of(pki.ca / CA_CERT).subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .sign(ca_key, hashes.SHA256()))
+    path = write_cert(tmp_path / "no-aki.crt", cert)
+    with pytest.raises(IdentityError, match=rf"{path}: refused by the TLS verification against the cluster CA in "
+                                            r".*Authority Key Identifier"):
+        NodeIdentity.load(path, pki.a.key_path, pki.a.ca_path)
+
+
+def test_extended_key_usage_must_allow_server_and_client(pki, tmp_path):
+    ca_key, key = cluster_keys(pki)
+    now = dt.datetime.now(dt.UTC)
+    cert = make_cert(ca_key, cert_of(pki.ca / CA_CERT).subject, key, "node-a", now - dt.timedelta(days=1),
+                     now + dt.timedelta(days=1), eku=[ExtendedKeyUsageOID.SERVER_AUTH])
+    path = write_cert(tmp_path / "server-only.crt", cert)
+    with pytest.raises(IdentityError, match=rf"{path}: extendedKeyUsage lacks clientAuth"):
+        NodeIdentity.load(path, pki.a.key_path, pki.a.ca_path)
+
+
+def test_der_files(pki, tmp_path):
+    ca_der = write_cert(tmp_path / "ca.der", cert_of(pki.ca / CA_CERT), serialization.Encoding.DER)
+    assert NodeIdentity.load(pki.a.cert_path, pki.a.key_path, ca_der).node_id == pki.a_id
+    node_der = write_cert(tmp_path / "node.der", cert_of(pki.a.cert_path), serialization.Encoding.DER)
+    assert node_id_from_cert_file(node_der) == pki.a_id
+    with pytest.raises(IdentityError, match=rf"{node_der}: a DER certificate; TLS needs the node certificate in PEM"):
+        NodeIdentity.load(node_der, pki.a.key_path, pki.a.ca_path)
+
+
+def test_a_file_of_two_certificates_is_refused(pki, tmp_path):
+    path = tmp_path / "two.crt"
+    path.write_bytes(pki.a.cert_path.read_bytes() + pki.b.cert_path.read_bytes())
+    with pytest.raises(IdentityError, match=rf"{path}: holds 2 certificates, expected exactly one"):
+        NodeIdentity.load(path, pki.a.key_path, pki.a.ca_path)
+
+
+def test_a_key_that_cannot_sign_is_named(pki, tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    path = tmp_path / "x25519.key"
+    path.write_bytes(x25519.X25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    with pytest.raises(IdentityError, match=rf"{path}: X25519 keys cannot sign"):
+        NodeIdentity.load(pki.a.cert_path, path, pki.a.ca_path)
+
+
+def test_garbled_key_files_are_not_pem_private_keys(pki, tmp_path):
+    path = tmp_path / "bad.key"
+    pem = pki.a.key_path.read_bytes()
+    for data in (b"", pem.replace(b"-----END", b"-----FIN"), pem[:40] + b"\xff\xfe" + pem[42:], pem[:60] + pem[64:],
+                 b"-----BEGIN PRIVATE KEY-----\nMAA=\n-----END PRIVATE KEY-----\n"):
+        path.write_bytes(data)
+        with pytest.raises(IdentityError, match=rf"{path}: not a PEM private key"):
+            NodeIdentity.load(pki.a.cert_path, path, pki.a.ca_path)
+
+
+def test_a_traditional_encrypted_key_is_refused_without_a_prompt(pki, tmp_path):
+    key = serialization.load_pem_private_key(pki.a.key_path.read_bytes(), None)
+    path = tmp_path / "enc.key"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                       serialization.BestAvailableEncryption(b"secret")))
+    with pytest.raises(IdentityError, match=rf"{path}: the private key is encrypted"):
+        NodeIdentity.load(pki.a.cert_path, path, pki.a.ca_path)
+
+
+# ---------------------------------------------------------------- the DER reader
+
+
+def issued(ca_key, issuer: x509.Name, public_key, not_before: dt.datetime, not_after: dt.datetime,
+           **kwargs) -> x509.Certificate:
+    return make_cert(ca_key, issuer, _PublicOnly(public_key), "reader-test", not_before, not_after, **kwargs)
+
+
+class _PublicOnly:
+    def __init__(self, public_key) -> None:
+        self._public = public_key
+
+    def public_key(self):
+        return self._public
+
+
+@pytest.mark.parametrize("key_type", ["p256", "ed25519"])
+def test_node_id_and_fields_agree_with_cryptography(pki, key_type):
+    ca_key, _ = cluster_keys(pki)
+    key = ec.generate_private_key(ec.SECP256R1()) if key_type == "p256" else ed25519.Ed25519PrivateKey.generate()
+    # UTCTime up to 2049 (two-digit years: 50 is 1950, 49 is 2049), GeneralizedTime from 2050
+    for nb, na in (((2020, 1, 2, 3, 4, 5), (2049, 12, 31, 23, 59, 59)),
+                   ((1950, 1, 1, 0, 0, 0), (2060, 2, 29, 12, 0, 1))):
+        cert = issued(ca_key, cert_of(pki.ca / CA_CERT).subject, key.public_key(), dt.datetime(*nb, tzinfo=dt.UTC),
+                      dt.datetime(*na, tzinfo=dt.UTC), eku=[ExtendedKeyUsageOID.SERVER_AUTH,
+                                                             ExtendedKeyUsageOID.CLIENT_AUTH])
+        der = cert.public_bytes(serialization.Encoding.DER)
+        spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+        assert (b"\x18\x0f" + str(na[0]).encode() in der) == (na[0] >= 2050)
+        parsed = parse_certificate(der)
+        assert parsed.spki == spki
+        assert node_id_from_cert_der(der) == hashlib.sha256(spki).digest() == parsed.node_id
+        assert (parsed.not_before, parsed.not_after) == (cert.not_valid_before_utc, cert.not_valid_after_utc)
+        assert parsed.subject_cn == "reader-test" and parsed.issuer_cn == "gossipfl cluster CA"
+        assert parsed.is_ca is False
+        assert parsed.extended_key_usage == {OID_SERVER_AUTH, OID_CLIENT_AUTH}
+
+
+def test_fields_of_the_generated_certificates(pki):
+    ca = load_certificate(pki.ca / CA_CERT)
+    assert ca.is_ca and ca.extended_key_usage is None and ca.subject_cn == ca.issuer_cn == "gossipfl cluster CA"
+    node = load_certificate(pki.a.cert_path)
+    assert not node.is_ca and node.subject_cn == "node-a" and node.node_id == pki.a_id
+    assert node.not_after == cert_of(pki.a.cert_path).not_valid_after_utc
+
+
+def test_tlv_reader_refuses_what_is_not_strict_der():
+    assert read_whole(b"\x04\x02ab").content == 2
+    assert read_tlv(b"\x04\x81\x80" + b"x" * 128).end == 131
+    cases = {
+        b"": "truncated",
+        b"\x30": "length .* missing",
+        b"\x30\x80\x00\x00": "indefinite length",
+        b"\x04\x05abc": "claims 5 bytes, only 3",
+        b"\x04\x84\xff\xff\xff\xffabc": "claims 4294967295 bytes",
+        b"\x04\x85\x00\x00\x00\x00\x01a": "length of 5 octets",
+        b"\x04\x82\x01": "cut off",
+        b"\x04\x81\x05abcde": "not minimally encoded",
+        b"\x04\x82\x00\x85" + b"x" * 133: "not minimally encoded",
+        b"\x1f\x01\x00": "high tag number",
+        b"\x04\x01ab": "1 trailing bytes",
+    }
+    for data, message in cases.items():
+        with pytest.raises(DerError, match=message):
+            read_whole(data)
+
+
+def test_garbage_and_truncated_certificates_are_identity_errors(pki):
+    der = cert_of(pki.a.cert_path).public_bytes(serialization.Encoding.DER)
+    for data in (b"", b"\x00", b"\x30\x00", b"\x30\x03\x02\x01\x01", der[:-1], der + b"\x00", der[:100],
+                 b"\x30\x80" + der[2:], b"\x30\x84\x7f\xff\xff\xff" + der[4:], b"\x04" + der[1:], bytes(500)):
+        with pytest.raises(IdentityError, match=r"not a DER X\.509 certificate"):
+            parse_certificate(data)
+    for cut in range(0, len(der), 7):
+        with pytest.raises(IdentityError):
+            node_id_from_cert_der(der[:cut])
+
+
+def test_a_mangled_pem_file_names_the_file(pki, tmp_path):
+    path = tmp_path / "bad.crt"
+    pem = pki.a.cert_path.read_bytes()
+    for data in (pem.replace(b"-----END", b"-----FIN"), pem[:60] + pem[64:],
+                 pem[:200] + b"\n-----END CERTIFICATE-----\n",
+                 b"-----BEGIN CERTIFICATE-----\n\xff\xfe\n-----END CERTIFICATE-----\n"):
+        path.write_bytes(data)
+        with pytest.raises(IdentityError, match=rf"{path}: not a PEM \(or DER\) X.509 certificate"):
+            load_certificate(path)
+
+
+_mutation = st.one_of(
+    st.tuples(st.just("set"), st.integers(0, 10_000), st.integers(0, 255)),
+    st.tuples(st.just("flip"), st.integers(0, 10_000), st.integers(0, 7)),
+    st.tuples(st.just("cut"), st.integers(0, 10_000), st.just(0)),
+    st.tuples(st.just("insert"), st.integers(0, 10_000), st.integers(0, 255)),
+    st.tuples(st.just("delete"), st.integers(0, 10_000), st.integers(1, 8)),
+)
+
+
+def _mutate(data: bytes, mutations: list[tuple[str, int, int]]) -> bytes:
+    out = bytearray(data)
+    for op, where, arg in mutations:
+        i = where % (len(out) + 1)
+        if op == "set" and i < len(out):
+            out[i] = arg
+        elif op == "flip" and i < len(out):
+            out[i] ^= 1 << arg
+        elif op == "cut":
+            del out[i:]
+        elif op == "insert":
+            out[i:i] = bytes([arg])
+        elif op == "delete":
+            del out[i:i + arg]
+    return bytes(out)
+
+
+@pytest.fixture(scope="module")
+def real_ders(pki) -> list[bytes]:
+    paths = [pki.ca / CA_CERT, pki.a.cert_path, pki.rogue.cert_path]
+    return [cert_of(p).public_bytes(serialization.Encoding.DER) for p in paths]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.integers(0, 2), mutations=st.lists(_mutation, min_size=1, max_size=4))
+def test_fuzz_mutated_certificates_only_raise_identity_error(real_ders, which, mutations):
+    data = _mutate(real_ders[which], mutations)
+    try:
+        parsed = parse_certificate(data)
+    except IdentityError:
+        return
+    assert len(parsed.node_id) == 32 and parsed.spki in data
+
+
+def test_the_daemon_does_not_import_cryptography():
+    code = ("import sys, gossipfld.main, gossipfld.node, gossipfl.identity; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'cryptography'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
