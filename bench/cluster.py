@@ -39,7 +39,7 @@ from gossipfl.datasets import load_digits, train_test_split
 from gossipfl.errors import GossipflError
 from gossipfl.model import Model
 from gossipfl.trainer import Trainer
-from gossipfld.cluster import Cluster, ClusterPlan, HeldOut, NodeSpec, prepare, train_centrally
+from gossipfld.cluster import Cluster, ClusterPlan, HeldOut, NodeSpec, free_port_base, prepare, train_centrally
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -105,7 +105,7 @@ def run_config(args: argparse.Namespace, mode: str, scheme: str, root: Path, x_t
     gossip = {"period": args.period, "scheme": scheme, "push_pull": mode != "push"}
     plan = ClusterPlan(nodes=args.nodes + (1 if fedavg else 0), gateways=1 if fedavg else 0,
                        mode="fedavg" if fedavg else "gossip", split=args.split, alpha=args.alpha,
-                       base_port=21000, gossip=gossip,
+                       base_port=free_port_base(args.nodes + 1), gossip=gossip,
                        training={"duty_cycle": args.duty_cycle, "lr": args.lr},
                        fedavg={"epochs": args.fedavg_epochs, "deadline": 10.0, "round_pause": args.period},
                        extra={"data": {"validation_fraction": 0.0}})

@@ -21,6 +21,10 @@ host ``gfl-<same 16 hex>.local.``. The SRV record carries the port, A/AAAA recor
 
     id=<node id, 64 lowercase hex>  v=<protocol version, decimal 0..65535>
     fp=<model fingerprint, 64 lowercase hex>  role=node|gateway
+    cl=<cluster tag: first 16 hex of the SHA-256 of the cluster CA certificate; optional>
+
+The cluster tag lets a node pass over the adverts of other clusters on the same LAN without dialling them
+(each such dial would only fail at TLS): like the id, it is a hint, and TLS decides.
 
 Everything read from the network is treated as hostile: see :func:`parse_txt` and :func:`peer_from_records`.
 A malformed advertisement is logged and ignored. What mDNS reports is only a hint: the id is checked by TLS
@@ -70,6 +74,8 @@ MAX_RESOLVERS = 4  # worker threads resolving services at once
 
 _HEX64 = re.compile(rb"[0-9a-f]{64}")
 _DECIMAL = re.compile(rb"[0-9]{1,5}")
+CLUSTER_TAG_BYTES = 8
+_CLUSTER_HEX = re.compile(rb"[0-9a-f]{16}")
 
 
 class MalformedAdvertisement(ValueError):
@@ -103,8 +109,11 @@ class Advertisement:
     port: int  # TCP port of the peer listener
     role: str = "node"  # "node" or "gateway"
     addresses: tuple[str, ...] = ()  # IP addresses to put in A/AAAA records; at least one
+    cluster: bytes = b""  # CLUSTER_TAG_BYTES: see cluster_tag(); empty = not advertised
 
     def __post_init__(self) -> None:
+        if not isinstance(self.cluster, bytes) or len(self.cluster) not in (0, CLUSTER_TAG_BYTES):
+            raise ValueError(f"cluster: must be {CLUSTER_TAG_BYTES} bytes or empty")
         if not isinstance(self.node_id, bytes) or len(self.node_id) != ID_BYTES:
             raise ValueError(f"node_id: must be {ID_BYTES} bytes")
         if not isinstance(self.fingerprint, bytes) or len(self.fingerprint) != FINGERPRINT_BYTES:
@@ -135,6 +144,7 @@ class Advertisement:
             b"v": str(self.protocol).encode(),
             b"fp": self.fingerprint.hex().encode(),
             b"role": self.role.encode(),
+            **({b"cl": self.cluster.hex().encode()} if self.cluster else {}),
         }
 
     def service_info(self) -> ServiceInfo:
@@ -167,6 +177,7 @@ class PeerSeen:
     fingerprint: bytes
     role: str
     protocol: int
+    cluster: bytes = b""  # empty: the peer advertises no cluster tag
 
 
 @dataclass(frozen=True)
@@ -257,7 +268,11 @@ def peer_from_records(
             break
     if not usable:
         raise MalformedAdvertisement("no usable address")
-    return PeerSeen(node_id, tuple(usable), port, fingerprint, role, int(version))
+    cluster = txt.get("cl")
+    if cluster is not None and not _CLUSTER_HEX.fullmatch(cluster):
+        raise MalformedAdvertisement(f"TXT cl: not {2 * CLUSTER_TAG_BYTES} lowercase hex digits")
+    return PeerSeen(node_id, tuple(usable), port, fingerprint, role, int(version),
+                    bytes.fromhex(cluster.decode()) if cluster else b"")
 
 
 # --------------------------------------------------------------------------- the trio side
@@ -561,6 +576,7 @@ def event_to_json(event: PeerEvent) -> dict[str, object]:
         "fingerprint": event.fingerprint.hex(),
         "role": event.role,
         "protocol": event.protocol,
+        "cluster": event.cluster.hex(),
     }
 
 

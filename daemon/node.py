@@ -68,6 +68,7 @@ EVAL_EVERY = 5.0  # seconds between validation runs
 STATUS_EVERY = 10.0  # seconds between STATUS= lines to systemd
 LAG_PROBE = 0.05
 PUSHES_IN_FLIGHT = 3  # exchanges this node has started and not finished, at most
+MAX_FOREIGN_LOGGED = 256  # other clusters' nodes logged by id; past that a hostile LAN gets only the counter
 PUSH_PULL = "push-pull"  # Hello capability: this node asks for, and answers, pulls after a push
 
 
@@ -140,6 +141,7 @@ class Node:
         # One delta in flight to a peer at a time (our push or our answer to its pull): both code against the
         # same reference, and two in flight could leave the peer's copy and ours at one sequence but differing.
         self._sending: dict[bytes, trio.Lock] = {}
+        self._foreign: set[bytes] = set()  # nodes of other clusters seen on mDNS, logged once each
         self.open_connections = 0
         self.open_by_host: dict[str, int] = {}  # inbound connections per remote address
         self.discovery: Discovery | None = None
@@ -367,7 +369,7 @@ class Node:
             else interfaces
         assert self.port is not None
         advert = Advertisement(self.node_id, wire.PROTOCOL_VERSION, self.model.fingerprint, self.port,
-                               self.config.node.role, tuple(advertised))
+                               self.config.node.role, tuple(advertised), self.identity.cluster_tag)
         self.discovery = Discovery(advert, interfaces)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.discovery.run)
@@ -375,6 +377,9 @@ class Node:
             async for event in self.discovery.events:
                 now = trio.current_time()
                 if isinstance(event, PeerSeen):
+                    if event.cluster and event.cluster != self.identity.cluster_tag:
+                        self._other_cluster(event)
+                        continue
                     if event.fingerprint != self.model.fingerprint:
                         self.counters.add("refused.fingerprint")
                         log.info("ignoring peer with another model", extra=fields(peer=short(event.node_id)))
@@ -386,6 +391,15 @@ class Node:
                 elif isinstance(event, PeerGone):
                     self.peers.gone(event.node_id)
                     log.info("peer gone", extra=fields(peer=short(event.node_id)))
+
+    def _other_cluster(self, event: PeerSeen) -> None:
+        """Another cluster's node on our LAN: not dialled (its TLS would refuse us), logged once."""
+        self.counters.add("ignored.other_cluster")
+        if event.node_id not in self._foreign and len(self._foreign) < MAX_FOREIGN_LOGGED:
+            self._foreign.add(event.node_id)
+            log.info("ignoring a node of another cluster", extra=fields(peer=short(event.node_id),
+                                                                       cluster=event.cluster.hex()))
+        self.peers.gone(event.node_id)
 
     # ---------------------------------------------------------------- gossip: the active side
 

@@ -564,6 +564,12 @@ class NodeIdentity:
     def node_id_hex(self) -> str:
         return format_node_id(self.node_id)
 
+    @property
+    def cluster_tag(self) -> bytes:
+        """8 bytes naming the cluster (its CA) in mDNS adverts, so that nodes pass over other clusters'
+        adverts instead of dialling them. A hint, like an advertised id: TLS decides membership."""
+        return hashlib.sha256(self.ca_der).digest()[:8]
+
     @classmethod
     def load(cls, cert: str | os.PathLike[str], key: str | os.PathLike[str], ca: str | os.PathLike[str], *,
              now: dt.datetime | None = None) -> NodeIdentity:

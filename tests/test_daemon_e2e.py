@@ -67,6 +67,27 @@ def test_three_daemons_find_each_other_by_mdns_and_exchange(tmp_path, split):
         assert not any(k.startswith("refused.") for k in counters), counters
 
 
+def test_two_clusters_on_one_lan_pass_over_each_other(tmp_path, split):
+    """Two clusters (two CAs) gossip on the same loopback mDNS: each node ignores the other cluster's adverts
+    by their cluster tag instead of dialling them and failing at TLS."""
+    x_train, y_train, _, _ = split
+    base = free_port_base(count=8)
+    clusters = [prepare(tmp_path / name, ClusterPlan(nodes=2, base_port=base + 4 * i, training=TRAINING,
+                                                     gossip={"period": 0.3}), x_train, y_train)
+                for i, name in enumerate(("red", "blue"))]
+    with Cluster(clusters[0]) as red, Cluster(clusters[1]) as blue:
+        for cluster, spec in [(red, s) for s in clusters[0]] + [(blue, s) for s in clusters[1]]:
+            assert cluster.wait_for_log(spec, "node started", 30), cluster.log_lines(spec)
+        time.sleep(6)
+        codes = [red.stop_all(), blue.stop_all()]
+    assert codes == [{"node0": 0, "node1": 0}] * 2, codes
+    for spec in clusters[0] + clusters[1]:
+        counters = evaluate_checkpoint(spec, x_train, y_train)[1]["counters"]
+        assert counters.get("ignored.other_cluster", 0) >= 2, counters  # the other cluster's two nodes
+        assert counters.get("merges", 0) >= 1, counters
+        assert not any(k.startswith(("refused.", "failed.")) for k in counters), counters
+
+
 def _spread(vectors: list[np.ndarray]) -> float:
     mean = np.mean(vectors, axis=0)
     return float(np.mean([np.linalg.norm(v - mean) for v in vectors]))

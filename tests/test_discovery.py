@@ -77,9 +77,27 @@ def test_advertisement_round_trips_through_the_checks():
     assert peer == PeerSeen(a.node_id, (LOOPBACK,), 1, a.fingerprint, "gateway", 65535)
 
 
+def test_cluster_tag_is_advertised_and_checked():
+    tag = bytes(range(8))
+    a = adv(cluster=tag)
+    info = a.service_info()
+    assert info.properties[b"cl"] == tag.hex().encode()
+    assert peer_from_records(info.name, info.text, info.port, info.parsed_addresses()).cluster == tag
+    untagged = adv()
+    assert b"cl" not in untagged.txt(), "no tag, no key: older nodes and tag-less adverts stay readable"
+    info = untagged.service_info()
+    assert peer_from_records(info.name, info.text, info.port, info.parsed_addresses()).cluster == b""
+    for bad in (b"0011", b"00112233445566778899", b"ZZ11223344556677", b""):
+        text = txt_bytes({**{k: v for k, v in untagged.txt().items()}, b"cl": bad})
+        with pytest.raises(MalformedAdvertisement, match="TXT cl"):
+            peer_from_records(untagged.instance_name, text, 7878, [LOOPBACK])
+
+
 @pytest.mark.parametrize(
     "kw",
     [
+        {"cluster": b"x" * 7},
+        {"cluster": "0011223344556677"},
         {"node_id": b"x" * 31},
         {"fingerprint": b"x" * 33},
         {"protocol": -1},
