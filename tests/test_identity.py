@@ -507,8 +507,9 @@ def test_encrypted_key_is_refused(pki, tmp_path):
 def test_certificate_of_another_ca_names_the_file(pki, tmp_path):
     d = node_copy(pki, "rogue", tmp_path)
     shutil.copy(pki.ca / CA_CERT, d / CA_CERT)
-    with pytest.raises(IdentityError, match=rf"{d / NODE_CERT}: not signed by the cluster CA"):
+    with pytest.raises(IdentityError, match=rf"{d / NODE_CERT}: not signed by the cluster CA") as err:
         NodeIdentity.from_dir(d)
+    assert "unable to get local issuer certificate; issuer 'some other CA'" in str(err.value), "OpenSSL's reason"
 
 
 def test_ca_and_node_roles_are_checked(pki, tmp_path):
@@ -632,13 +633,6 @@ def test_a_tampered_signature_is_not_signed_by_the_ca(pki, tmp_path):
     with pytest.raises(IdentityError, match=rf"{path}: not signed by the cluster CA in {pki.a.ca_path} \(") as err:
         NodeIdentity.load(path, pki.a.key_path, pki.a.ca_path)
     assert "signature" in str(err.value)
-
-
-def test_the_message_of_another_ca_names_openssl_reason_and_issuer(pki, tmp_path):
-    d = node_copy(pki, "rogue", tmp_path)
-    shutil.copy(pki.ca / CA_CERT, d / CA_CERT)
-    with pytest.raises(IdentityError, match=r"unable to get local issuer certificate; issuer 'some other CA'"):
-        NodeIdentity.from_dir(d)
 
 
 def test_what_every_peer_would_refuse_is_refused_at_load(pki, tmp_path):
