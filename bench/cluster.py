@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gossipfl.argtypes import bounded_float, bounded_int, positive_float
 from gossipfl.config import SCHEMES
 from gossipfl.control import ControlClient
 from gossipfl.datasets import load_digits, train_test_split
@@ -102,7 +103,7 @@ def node_state(spec: NodeSpec) -> tuple[np.ndarray, dict] | None:
 def run_config(args: argparse.Namespace, mode: str, scheme: str, root: Path, x_train, y_train, x_test,
                y_test) -> Run:
     fedavg = mode == "fedavg"
-    gossip = {"period": args.period, "scheme": scheme, "push_pull": mode != "push"}
+    gossip = {"period": args.period, "scheme": scheme, "push_pull": mode != "push", "topk_fraction": args.topk_fraction}
     plan = ClusterPlan(nodes=args.nodes + (1 if fedavg else 0), gateways=1 if fedavg else 0,
                        mode="fedavg" if fedavg else "gossip", split=args.split, alpha=args.alpha,
                        base_port=free_port_base(args.nodes + 1), gossip=gossip,
@@ -175,19 +176,23 @@ def write_png(path: Path, runs: list[Run], central: float, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, default=8, help="learning daemons (fedavg adds one gateway)")
-    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--nodes", type=bounded_int(2, 64), default=8,
+                        help="learning daemons (fedavg adds one gateway)")
+    parser.add_argument("--seconds", type=bounded_float(5, 3600), default=60)
     parser.add_argument("--split", choices=("dirichlet", "iid"), default="dirichlet")
-    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--alpha", type=positive_float, default=0.5)
     parser.add_argument("--modes", default="gossip",
                         help="comma-separated: gossip (push-pull), push (push-only gossip), fedavg")
     parser.add_argument("--mode", dest="modes", help="alias: --mode fedavg runs gossip and fedavg side by side")
     parser.add_argument("--schemes", default="int8", help="comma-separated: float32, float16, int8, topk")
-    parser.add_argument("--period", type=float, default=0.5, help="gossip period, and pause between rounds")
-    parser.add_argument("--duty-cycle", type=float, default=0.2)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--fedavg-epochs", type=int, default=2)
-    parser.add_argument("--sample-every", type=float, default=2.0)
+    parser.add_argument("--topk-fraction", type=bounded_float(1e-4, 1), default=0.01,
+                        help="share of the entries topk sends")
+    parser.add_argument("--period", type=bounded_float(0.05, 60), default=0.5,
+                        help="gossip period, and pause between rounds")
+    parser.add_argument("--duty-cycle", type=bounded_float(0.01, 1), default=0.2)
+    parser.add_argument("--lr", type=positive_float, default=0.05)
+    parser.add_argument("--fedavg-epochs", type=bounded_int(1, 1000), default=2)
+    parser.add_argument("--sample-every", type=bounded_float(0.5, 600), default=2.0)
     parser.add_argument("--csv", type=Path)
     parser.add_argument("--png", type=Path)
     args = parser.parse_args()
@@ -215,7 +220,8 @@ def main() -> None:
 
     split = f"{args.split}{f' (alpha {args.alpha})' if args.split == 'dirichlet' else ''}"
     title = (f"{args.nodes} gossipfld daemons on loopback, digits split {split}, {args.seconds:.0f}s each; "
-             f"gossip period {args.period}s, lr {args.lr}, duty cycle {args.duty_cycle}, "
+             f"gossip period {args.period}s, topk fraction {args.topk_fraction}, lr {args.lr}, "
+             f"duty cycle {args.duty_cycle}, "
              f"fedavg {args.fedavg_epochs} epochs/round")
     print(title)
     for run in runs:
