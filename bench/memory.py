@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
+
 HIDDEN = 128
 SLICE = 10  # training steps per slice, as the daemon's training.slice_steps default
 
@@ -268,9 +270,10 @@ def main() -> None:
                   f"{m['pss']:7.1f} {m['uss']:7.1f} {int(m['threads']):4d}")
             notes += [n for n in m["notes"] if n not in notes]
             prev = m
-        if sys.dont_write_bytecode:
-            notes.append("PYTHONDONTWRITEBYTECODE is set: modules without a cached .pyc (here gossipfl and "
-                         "gossipfld) are compiled at every start, which costs a few MB of RSS")
+        uncompiled = [name for name in ("gossipfl", "daemon") if not any((REPO / name / "__pycache__").glob("*.pyc"))]
+        if sys.dont_write_bytecode and uncompiled:
+            notes.append(f"PYTHONDONTWRITEBYTECODE is set and {', '.join(uncompiled)} has no cached .pyc: its modules "
+                         "are compiled at every start, which costs a few MB of RSS (`make bytecode` writes them)")
         for note in notes:
             print(f"note: {note}")
 
