@@ -23,6 +23,9 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gossipfl.atomic import write_bytes_atomic
+from gossipfl.der import (
+    ParsedCertificate,
+)
 from gossipfl.errors import IdentityError
 from gossipfl.identity import (
     CA_CERT,
@@ -35,7 +38,6 @@ from gossipfl.identity import (
     NODE_CERT,
     NODE_DAYS,
     NODE_KEY,
-    ParsedCertificate,
     check_ca_certificate,
     check_validity,
     format_node_id,

@@ -23,15 +23,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gossipfl.certs import describe_certificate, init_ca, issue_node_cert
+from gossipfl.der import (
+    OID_CLIENT_AUTH,
+    OID_SERVER_AUTH,
+    DerError,
+    parse_certificate,
+    read_tlv,
+    read_whole,
+)
 from gossipfl.errors import GossipflError, IdentityError
 from gossipfl.identity import (
     CA_CERT,
     CA_KEY,
     NODE_CERT,
     NODE_KEY,
-    OID_CLIENT_AUTH,
-    OID_SERVER_AUTH,
-    DerError,
     NodeIdentity,
     PeerIdentityError,
     check_peer,
@@ -41,11 +46,8 @@ from gossipfl.identity import (
     node_id_from_cert_der,
     node_id_from_cert_file,
     parse_allowlist,
-    parse_certificate,
     parse_node_id,
     peer_node_id,
-    read_tlv,
-    read_whole,
     server_context,
     validate_node_name,
 )
