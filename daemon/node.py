@@ -30,6 +30,7 @@ import numpy as np
 import trio
 
 from gossipfl import wire
+from gossipfl.atomic import write_bytes_atomic
 from gossipfl.checkpoint import load_checkpoint, save_checkpoint
 from gossipfl.codec import CodecConfig
 from gossipfl.config import NodeConfig, parse_host_port
@@ -64,6 +65,7 @@ from .notify import SystemdNotifier, watchdog_task
 log = logging.getLogger("gossipfld.node")
 
 CHECKPOINT = "checkpoint.onnx"
+REFERENCES = "references.bin"
 EVAL_EVERY = 5.0  # seconds between validation runs
 STATUS_EVERY = 10.0  # seconds between STATUS= lines to systemd
 LAG_PROBE = 0.05
@@ -103,8 +105,10 @@ class Node:
         self.state_dir = Path(config.node.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = self.state_dir / CHECKPOINT
-        for stale in self.state_dir.glob(f".{CHECKPOINT}.*.tmp"):  # left by a kill mid-write
-            stale.unlink(missing_ok=True)
+        self.references_path = self.state_dir / REFERENCES
+        for name in (CHECKPOINT, REFERENCES):
+            for stale in self.state_dir.glob(f".{name}.*.tmp"):  # left by a kill mid-write
+                stale.unlink(missing_ok=True)
         self.counters = Counters()
         self.started_at = time.time()
         self.age = 0.0
@@ -125,6 +129,7 @@ class Node:
         g = config.gossip
         self.codec = CodecConfig(scheme=g.scheme, topk_fraction=g.topk_fraction, int8_block=256, nthreads=1)
         self.gossip = GossipState(self.model.num_params, self.codec, g.max_peers, config.limits.outlier_factor)
+        self._restore_references()
         self.peers = PeerTable(g.period, g.failures_to_evict, g.max_backoff)
         self.peers.blocked.update(_node_ids(state.get("blocked", [])))
         self.allowlist = parse_allowlist(config.tls.allowlist) if config.tls.allowlist else None
@@ -163,6 +168,27 @@ class Node:
             log.info("resumed from checkpoint", extra=fields(age=state.get("age"), path=str(self.checkpoint_path)))
             return model, state
         return initial, {}
+
+    def _restore_references(self) -> None:
+        """Resume deltas where the last run left them; a missing or damaged file only costs need-fulls."""
+        if not self.config.state.save_references:
+            self.references_path.unlink(missing_ok=True)  # never resume from a file this run will not update
+            return
+        try:
+            data = self.references_path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("cannot read the delta references; peers will send full models",
+                        extra=fields(path=str(self.references_path), error=exc.strerror))
+            return
+        try:
+            count = self.gossip.restore(data, self.model.fingerprint)
+        except CodecError as exc:
+            log.warning("ignoring the saved delta references; peers will send full models",
+                        extra=fields(path=str(self.references_path), error=str(exc)))
+            return
+        log.info("resumed delta references", extra=fields(references=count))
 
     @property
     def hello(self) -> wire.Hello:
@@ -343,6 +369,9 @@ class Node:
             snapshot = self.model.copy()
             state = self.state()
         await trio.to_thread.run_sync(save_checkpoint, self.checkpoint_path, snapshot, state)
+        if self.config.state.save_references:
+            data = await trio.to_thread.run_sync(self.gossip.frozen().dump, self.model.fingerprint)
+            await trio.to_thread.run_sync(write_bytes_atomic, self.references_path, data, 0o600)
         self.counters.add("checkpoints")
 
     async def _checkpoint_loop(self) -> None:
@@ -508,6 +537,8 @@ class Node:
             await conn.send(wire.ModelDelta(push.base_seq, push.new_seq, age, 0, push.payload))
             expect(await conn.receive(), wire.Ack)
         self.gossip.commit_push(push)
+        if push.base_seq == 0:
+            self.counters.add("full_models_sent")  # what lost references cost: a whole model, not a delta
 
     async def _pull(self, conn: MessageStream, peer_id: bytes) -> None:
         """The pull half of push-pull: ask for the peer's pre-merge model and merge it as it merged ours."""

@@ -134,6 +134,10 @@ class LimitsSection:
 @dataclass(frozen=True)
 class StateSection:
     checkpoint_seconds: float = 30.0
+    # Keep the per-peer delta references in state/references.bin with every checkpoint, so a restart goes
+    # on with deltas instead of one full model per peer. Costs 2 x gossip.max_peers x the model's size on
+    # disk at every checkpoint: turn it off for large models on flash that must be spared.
+    save_references: bool = True
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,19 @@ references only when the exchange completes (``commit_*``), so a dropped connect
 the old sequence or, at worst, makes the next message answer need-full: never silently diverged.
 
 The number of peers with references is bounded; the least recently used go first.
+
+A chain of references starts at a full model (base 0) whose new sequence number is drawn at random, and
+then counts up by one. So a reference restored from disk after a crash (``dump``/``restore``) that is
+older than what the peer holds can never carry the same sequence number as the peer's with other
+contents: a stale restore meets need-full, never a silently wrong base. (Counting every chain from 1
+would let a chain that restarted after a lost ack climb back to a stale copy's number.)
 """
 
 from __future__ import annotations
 
+import hashlib
+import random
+import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
@@ -28,6 +37,11 @@ from gossipfl.errors import CodecError
 from gossipfl.merge import update_norm_is_outlier
 
 NORM_HISTORY = 32
+CHAIN_START_BITS = 62  # a full model's new_seq is random in [1, 2**62): room to count up, never near 2**64
+_DUMP_MAGIC = b"GFLREF\x00\x01"
+_DUMP_HEADER = struct.Struct("<8s32sQI")  # magic, model fingerprint, parameter count, entries
+_DUMP_ENTRY = struct.Struct("<B32sQ")  # direction (0 outgoing, 1 incoming), peer id, sequence
+_DIGEST = 32
 
 
 @dataclass
@@ -83,8 +97,10 @@ class _LRU(OrderedDict[bytes, Reference]):
 
 
 class GossipState:
-    def __init__(self, count: int, codec: CodecConfig, max_peers: int = 16, outlier_factor: float = 10.0) -> None:
+    def __init__(self, count: int, codec: CodecConfig, max_peers: int = 16, outlier_factor: float = 10.0,
+                 rng: random.Random | None = None) -> None:
         self.count = count
+        self.rng = rng or random.SystemRandom()
         self.codec = codec
         self.outlier_factor = outlier_factor
         self.outgoing = _LRU(max_peers)
@@ -98,8 +114,9 @@ class GossipState:
         held = None if full else self.outgoing.get(peer)
         reference = Reference(self.count, 0) if held is None else held.copy()
         base = reference.seq
-        payload = reference.encode_towards(params, self.codec, new_seq=base + 1)
-        return Push(peer, base, base + 1, payload, reference)
+        new = base + 1 if base else self.rng.randrange(1, 1 << CHAIN_START_BITS)
+        payload = reference.encode_towards(params, self.codec, new_seq=new)
+        return Push(peer, base, new, payload, reference)
 
     def commit_push(self, push: Push) -> None:
         self.outgoing.touch(push.peer, push.reference)
@@ -113,7 +130,7 @@ class GossipState:
 
     def receive(self, peer: bytes, base_seq: int, new_seq: int, payload: bytes, local: np.ndarray) -> Received:
         """Decode a delta from ``peer``. Raises NeedFull, Refused, or CodecError (bad payload)."""
-        if new_seq != base_seq + 1:
+        if new_seq == 0 or (base_seq != 0 and new_seq != base_seq + 1):
             raise Refused("sequence", f"new sequence {new_seq} does not follow base {base_seq}")
         held = self.incoming.get(peer)
         if base_seq == 0:
@@ -134,3 +151,60 @@ class GossipState:
     def commit_receive(self, received: Received) -> None:
         self.incoming.touch(received.peer, received.reference)
         self.recent_distances.append(received.distance)
+
+    # ---------------------------------------------------------------- persistence
+
+    def frozen(self) -> GossipState:
+        """A copy of the tables that shares their references, to ``dump`` from a worker thread while gossip
+        goes on: a committed reference is never changed in place, only replaced by a new one."""
+        copy = GossipState(self.count, self.codec, self.outgoing.limit, self.outlier_factor, self.rng)
+        copy.outgoing.update(self.outgoing)
+        copy.incoming.update(self.incoming)
+        return copy
+
+    def dump(self, fingerprint: bytes) -> bytes:
+        """Every reference, least recently used first, for a restart to resume deltas without need-full.
+
+        Call on the thread that commits; the bytes may then be written from any thread. A SHA-256 of the
+        whole closes the file, so a torn or flipped file is refused by ``restore``, not half-believed.
+        """
+        entries = [(0, peer, ref) for peer, ref in self.outgoing.items()]
+        entries += [(1, peer, ref) for peer, ref in self.incoming.items()]
+        parts = [_DUMP_HEADER.pack(_DUMP_MAGIC, fingerprint, self.count, len(entries))]
+        for direction, peer, ref in entries:
+            parts += [_DUMP_ENTRY.pack(direction, peer, ref.seq), ref.values.tobytes()]
+        body = b"".join(parts)
+        return body + hashlib.sha256(body).digest()
+
+    def restore(self, data: bytes, fingerprint: bytes) -> int:
+        """Adopt the references of a ``dump`` of this model; returns how many. CodecError names what is off.
+
+        The file is local state, but checked like a peer's frame: magic, model, sizes, digest, finite values.
+        Nothing is adopted unless all of it is good.
+        """
+        view = memoryview(data)
+        if len(view) < _DUMP_HEADER.size + _DIGEST:
+            raise CodecError(f"references: {len(view)} bytes is shorter than a header")
+        if hashlib.sha256(view[:-_DIGEST]).digest() != bytes(view[-_DIGEST:]):
+            raise CodecError("references: digest mismatch (torn or corrupted file)")
+        magic, model, count, entries = _DUMP_HEADER.unpack_from(view)
+        if magic != _DUMP_MAGIC:
+            raise CodecError("references: not a gossipfl references file (or another version)")
+        if model != fingerprint or count != self.count:
+            raise CodecError("references: saved for another model")
+        entry_size = _DUMP_ENTRY.size + 4 * count
+        if len(view) != _DUMP_HEADER.size + entries * entry_size + _DIGEST:
+            raise CodecError(f"references: {len(view)} bytes do not hold {entries} references of {count} values")
+        tables: tuple[_LRU, _LRU] = (_LRU(self.outgoing.limit), _LRU(self.incoming.limit))
+        offset = _DUMP_HEADER.size
+        for _ in range(entries):
+            direction, peer, seq = _DUMP_ENTRY.unpack_from(view, offset)
+            values = np.frombuffer(view, np.float32, count, offset + _DUMP_ENTRY.size)
+            offset += entry_size
+            if direction not in (0, 1) or seq == 0:
+                raise CodecError(f"references: bad entry (direction {direction}, sequence {seq})")
+            if not np.all(np.isfinite(values)):
+                raise CodecError("references: a reference is not finite")
+            tables[direction].touch(peer, Reference.from_values(values, seq))
+        self.outgoing, self.incoming = tables
+        return entries

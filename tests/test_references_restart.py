@@ -1,0 +1,78 @@
+"""A restarted daemon resumes its per-peer delta references, so neither side falls back to full models.
+
+Real daemons, real TLS, static peers. Control: the same restart with ``state.save_references = false``,
+after which both ends must send a full model again.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from gossipfl.datasets import load_digits
+from gossipfld.cluster import Cluster, ClusterPlan, evaluate_checkpoint, free_port_base, prepare
+
+pytestmark = pytest.mark.slow
+
+
+def _restart_once(root, save_references: bool) -> tuple[dict, dict, list[str]]:
+    x, y = load_digits()
+    plan = ClusterPlan(nodes=2, base_port=free_port_base(), mdns=False, static_peers=True,
+                       training={"duty_cycle": 0.1}, gossip={"period": 0.3},
+                       extra={"state": {"save_references": save_references}})
+    specs = prepare(root, plan, x[:400], y[:400])
+    with Cluster(specs) as cluster:
+        time.sleep(4)
+        assert cluster.stop(specs[1]) == 0, "SIGTERM: checkpoint and references written"
+        cluster.start(specs[1])
+        assert cluster.wait_for_log(specs[1], "node started", 30)
+        time.sleep(4)
+        codes = cluster.stop_all()
+    assert codes == {s.name: 0 for s in specs}, codes
+    counters = [evaluate_checkpoint(spec, x, y)[1]["counters"] for spec in specs]
+    return counters[0], counters[1], cluster.log_lines(specs[1])
+
+
+def test_restart_resumes_delta_references(tmp_path):
+    pusher, restarted, log = _restart_once(tmp_path, save_references=True)
+    assert any("resumed delta references" in line and "references=2" in line for line in log), log
+    # One full model each way when the pair first met, and none after the restart. (One more at most: an
+    # exchange cut by the SIGTERM after the receiver committed but before its ack arrived leaves the two
+    # ends one apart, which costs that direction a need-full and a full model; the control costs both.)
+    fulls = pusher.get("full_models_sent", 0) + restarted.get("full_models_sent", 0)
+    assert 2 <= fulls <= 3, (pusher, restarted)
+    assert restarted.get("merges", 0) >= 4, restarted
+    assert (tmp_path / "node1" / "state" / "references.bin").stat().st_mode & 0o777 == 0o600
+
+
+def test_without_saved_references_a_restart_costs_need_full(tmp_path):
+    pusher, restarted, log = _restart_once(tmp_path, save_references=False)
+    assert not any("resumed delta references" in line for line in log)
+    # The restarted node starts a new chain (a full model), and its peer must too, after a need-full or a
+    # pull that names no base.
+    assert restarted.get("full_models_sent") == 2 and pusher.get("full_models_sent") == 2, (pusher, restarted)
+    assert not (tmp_path / "node1" / "state" / "references.bin").exists()
+
+
+def test_a_damaged_references_file_is_ignored_with_a_warning(tmp_path):
+    x, y = load_digits()
+    plan = ClusterPlan(nodes=2, base_port=free_port_base(), mdns=False, static_peers=True,
+                       training={"duty_cycle": 0.1}, gossip={"period": 0.3})
+    specs = prepare(tmp_path, plan, x[:400], y[:400])
+    with Cluster(specs) as cluster:
+        time.sleep(3)
+        assert cluster.stop(specs[1]) == 0
+        refs = specs[1].checkpoint.parent / "references.bin"
+        data = bytearray(refs.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        refs.write_bytes(bytes(data))
+        cluster.start(specs[1])
+        assert cluster.wait_for_log(specs[1], "node started", 30)
+        time.sleep(3)
+        codes = cluster.stop_all()
+    assert codes == {s.name: 0 for s in specs}, codes
+    log = cluster.log_lines(specs[1])
+    assert any("ignoring the saved delta references" in line and "digest mismatch" in line for line in log), log
+    counters = evaluate_checkpoint(specs[1], x, y)[1]["counters"]
+    assert counters.get("merges", 0) >= 4, "it learns on, after need-full and full models"
