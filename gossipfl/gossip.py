@@ -37,6 +37,9 @@ from gossipfl.errors import CodecError
 from gossipfl.merge import update_norm_is_outlier
 
 NORM_HISTORY = 32
+# The outlier rule never takes the recent median distance to be below this share of our own model's norm:
+# with the default factor 10, a model within half our norm's distance is never refused as an outlier.
+OUTLIER_FLOOR = 0.05
 CHAIN_START_BITS = 62  # a full model's new_seq is random in [1, 2**62): room to count up, never near 2**64
 _DUMP_MAGIC = b"GFLREF\x00\x01"
 _DUMP_HEADER = struct.Struct("<8s32sQI")  # magic, model fingerprint, parameter count, entries
@@ -143,7 +146,8 @@ class GossipState:
         distance = float(np.linalg.norm(reference.values - local))
         if not np.isfinite(distance):
             raise CodecError("decoded model is not finite")
-        if update_norm_is_outlier(distance, list(self.recent_distances), self.outlier_factor):
+        floor = OUTLIER_FLOOR * float(np.linalg.norm(local))
+        if update_norm_is_outlier(distance, list(self.recent_distances), self.outlier_factor, floor=floor):
             median = float(np.median(self.recent_distances))
             raise Refused("outlier", f"model is {distance:.3g} away, recent median {median:.3g}")
         return Received(peer, reference, distance)

@@ -29,13 +29,17 @@ def age_weighted_merge(local: np.ndarray, local_age: float, remote: np.ndarray, 
     return Merged(age=max(local_age, remote_age), weight_remote=share)
 
 
-def update_norm_is_outlier(norm: float, recent: list[float], factor: float, min_history: int = 5) -> bool:
+def update_norm_is_outlier(norm: float, recent: list[float], factor: float, min_history: int = 5,
+                           floor: float = 0.0) -> bool:
     """True when ``norm`` is far above the median of recently accepted update norms.
 
     Until enough history exists nothing is refused, so a cluster can start; a model that is not
-    finite is refused earlier, by the codec.
+    finite is refused earlier, by the codec. ``floor`` is the smallest median the rule believes: once
+    the nodes agree closely (push-pull gets them within a fraction of a percent of each other) the
+    median falls towards zero, and without a floor the next honest step of training, or a model from
+    a peer that was away for a while, would look like an attack and be refused for good.
     """
     if len(recent) < min_history:
         return False
-    median = float(np.median(recent))
+    median = max(float(np.median(recent)), floor)
     return median > 0 and norm > factor * median

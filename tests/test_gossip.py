@@ -88,6 +88,26 @@ def test_outlier_is_refused_and_leaves_state_unchanged():
     assert np.array_equal(b.incoming[A].values, before)
 
 
+def test_agreement_does_not_turn_honest_updates_into_outliers():
+    """Once the nodes agree closely the recent distances are tiny; a peer's normal step must still pass."""
+    a, b = states("float32")
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=N).astype(np.float32)
+    for _ in range(10):
+        x += rng.normal(0, 1e-5, N).astype(np.float32)
+        send(a, b, x, x)  # models all but equal: distances near zero
+    step = x + rng.normal(0, 0.05, N).astype(np.float32)  # a normal step: 5% of the norm away
+    got = b.receive(A, *_push_args(a.prepare_push(B, step)), x)
+    assert got.distance > 100 * float(np.median(b.recent_distances))
+    poisoned = a.prepare_push(B, x * 100)
+    with pytest.raises(Refused, match="outlier"):
+        b.receive(A, *_push_args(poisoned), x)
+
+
+def _push_args(push):
+    return push.base_seq, push.new_seq, push.payload
+
+
 def test_corrupt_payload_and_bad_sequences():
     a, b = states()
     x = np.ones(N, np.float32)
