@@ -51,6 +51,7 @@ def test_three_daemons_find_each_other_by_mdns_and_exchange(tmp_path, split):
         for spec in specs:
             assert cluster.wait_for_log(spec, "node started", 30), cluster.log_lines(spec)
         time.sleep(8)
+        live = {spec.name: ControlClient(spec.socket, timeout=10).call("status")["counters"] for spec in specs}
         codes = cluster.stop_all()
     assert codes == {s.name: 0 for s in specs}, "SIGTERM stops every daemon cleanly"
     ids = {s.node_id.hex()[:12] for s in specs}
@@ -62,10 +63,11 @@ def test_three_daemons_find_each_other_by_mdns_and_exchange(tmp_path, split):
         last_registration = max(_ts(next(ln for ln in cluster.log_lines(s) if "registered" in ln)) for s in specs)
         assert max(seen.values()) - max(registered, last_registration) < 5.0
         assert any("node stopped" in line for line in lines)
-        _metrics, state, _ = evaluate_checkpoint(spec, x_test, y_test)
-        counters = state["counters"]
+        counters = live[spec.name]  # read while all ran: stopping together can cut an exchange in flight
         assert counters["merges"] >= 2 and counters["exchanges_out"] >= 2, counters
         assert not any(k.startswith("refused.") for k in counters), counters
+        _metrics, state, _ = evaluate_checkpoint(spec, x_test, y_test)
+        assert state["counters"]["merges"] >= counters["merges"], "the checkpoint at SIGTERM holds them too"
 
 
 def test_two_clusters_on_one_lan_pass_over_each_other(tmp_path, split):
