@@ -58,6 +58,7 @@ import trio
 from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
 from gossipfl.config import ROLES
+from gossipfl.identity import CLUSTER_TAG_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,7 @@ MAX_RESOLVERS = 4  # worker threads resolving services at once
 
 _HEX64 = re.compile(rb"[0-9a-f]{64}")
 _DECIMAL = re.compile(rb"[0-9]{1,5}")
-CLUSTER_TAG_BYTES = 8
-_CLUSTER_HEX = re.compile(rb"[0-9a-f]{16}")
+_CLUSTER_HEX = re.compile(rb"[0-9a-f]{%d}" % (2 * CLUSTER_TAG_BYTES))
 
 
 class MalformedAdvertisement(ValueError):
@@ -109,7 +109,7 @@ class Advertisement:
     port: int  # TCP port of the peer listener
     role: str = "node"  # "node" or "gateway"
     addresses: tuple[str, ...] = ()  # IP addresses to put in A/AAAA records; at least one
-    cluster: bytes = b""  # CLUSTER_TAG_BYTES: see cluster_tag(); empty = not advertised
+    cluster: bytes = b""  # NodeIdentity.cluster_tag; empty = not advertised
 
     def __post_init__(self) -> None:
         if not isinstance(self.cluster, bytes) or len(self.cluster) not in (0, CLUSTER_TAG_BYTES):

@@ -74,6 +74,14 @@ MAX_FOREIGN_LOGGED = 256  # other clusters' nodes logged by id; past that a host
 PUSH_PULL = "push-pull"  # Hello capability: this node asks for, and answers, pulls after a push
 
 
+@dataclass(frozen=True)
+class _BeforeMerge:
+    """A node's model (when kept) and age as they were just before a merge: what the pusher's pull gets."""
+
+    params: np.ndarray | None
+    age: float
+
+
 @dataclass
 class Counters:
     values: dict[str, float] = field(default_factory=dict)
@@ -370,8 +378,9 @@ class Node:
             state = self.state()
         await trio.to_thread.run_sync(save_checkpoint, self.checkpoint_path, snapshot, state)
         if self.config.state.save_references:
-            data = await trio.to_thread.run_sync(self.gossip.frozen().dump, self.model.fingerprint)
-            await trio.to_thread.run_sync(write_bytes_atomic, self.references_path, data, 0o600)
+            frozen, fingerprint = self.gossip.frozen(), self.model.fingerprint
+            await trio.to_thread.run_sync(
+                lambda: write_bytes_atomic(self.references_path, frozen.dump(fingerprint), mode=0o600))
         self.counters.add("checkpoints")
 
     async def _checkpoint_loop(self) -> None:
@@ -516,7 +525,10 @@ class Node:
     def _send_lock(self, peer_id: bytes) -> trio.Lock:
         # One lock per authenticated peer we ever exchanged with: bounded by the cluster's size. Never
         # pruned while running, since a task may hold a lock it has not acquired yet.
-        return self._sending.setdefault(peer_id, trio.Lock())
+        lock = self._sending.get(peer_id)
+        if lock is None:
+            lock = self._sending[peer_id] = trio.Lock()
+        return lock
 
     async def _send_model(self, conn: MessageStream, peer_id: bytes, params: np.ndarray, age: float,
                           base_seq: int | None) -> None:
@@ -550,7 +562,7 @@ class Node:
                 raise PeerRefused(f"peer-{reply.code}", reply.text or "pull refused")
             self.counters.add("pulls_declined")  # it was sending to us at that moment: the push stands
             return
-        if await self._receive_delta(conn, peer_id, reply) is not None:
+        if await self._receive_delta(conn, peer_id, reply, keep_before=False) is not None:
             self.counters.add("pulls")
 
     def _account(self, peer: Peer | None, conn: MessageStream, peer_id: bytes) -> None:
@@ -680,7 +692,7 @@ class Node:
 
     async def _serve_deltas(self, conn: MessageStream, peer_id: bytes, message: wire.Message | None) -> None:
         """Serve pushes from ``peer_id`` and, after a merged push, its pull of our pre-merge model."""
-        before_merge: tuple[np.ndarray, float] | None = None
+        before_merge: _BeforeMerge | None = None
         while message is not None:
             if isinstance(message, wire.PullRequest):
                 await self._answer_pull(conn, peer_id, message, before_merge)
@@ -693,17 +705,18 @@ class Node:
             except PeerRefused as exc:
                 await conn.send(wire.Error(wire.ErrorCode.REFUSED, str(exc)[:200]))
                 raise
-            before_merge = await self._receive_delta(conn, peer_id, delta)
+            before_merge = await self._receive_delta(conn, peer_id, delta, keep_before=self.config.gossip.push_pull)
             if before_merge is None:
                 return
             self.counters.add("exchanges_in")
             message = await self._first_message(conn)
 
-    async def _receive_delta(self, conn: MessageStream, peer_id: bytes,
-                             delta: wire.ModelDelta) -> tuple[np.ndarray, float] | None:
+    async def _receive_delta(self, conn: MessageStream, peer_id: bytes, delta: wire.ModelDelta, *,
+                             keep_before: bool) -> _BeforeMerge | None:
         """Decode a delta from ``peer_id`` (asking for the full model when we lack its base), merge it and
-        acknowledge it. Returns our model and age as they were just before the merge (what a pull gets);
-        None when the update was refused (the peer has been told why)."""
+        acknowledge it. Returns our model and age as they were just before the merge (what a pull gets; the
+        model only with ``keep_before``, so merges that no pull can follow copy nothing); None when the
+        update was refused (the peer has been told why)."""
         while True:
             async with self.lock:
                 local = self.model.params.copy()
@@ -726,7 +739,7 @@ class Node:
                 await conn.send(wire.Error(wire.ErrorCode.CODEC, str(exc)[:200]))
                 return None
         async with self.lock:
-            before = self.model.params.copy(), self.age
+            before = _BeforeMerge(self.model.params.copy() if keep_before else None, self.age)
             merged = age_weighted_merge(self.model.params, self.age, received.model, delta.age)
             self.age = merged.age
             self.gossip.commit_receive(received)
@@ -738,9 +751,9 @@ class Node:
         return before
 
     async def _answer_pull(self, conn: MessageStream, peer_id: bytes, request: wire.PullRequest,
-                           before_merge: tuple[np.ndarray, float] | None) -> None:
+                           before_merge: _BeforeMerge | None) -> None:
         """Send our model as it was before we merged the peer's push, so that both ends average alike."""
-        if not self.config.gossip.push_pull or before_merge is None:
+        if before_merge is None or before_merge.params is None:
             await conn.send(wire.Error(wire.ErrorCode.REFUSED, "a pull must follow a merged push"))
             raise PeerRefused("pull", "pull without a merged push, or push-pull is off here")
         lock = self._send_lock(peer_id)
@@ -750,8 +763,7 @@ class Node:
             await conn.send(wire.Error(wire.ErrorCode.OVERLOADED, "already sending to you; push kept"))
             return
         try:
-            params, age = before_merge
-            await self._send_model(conn, peer_id, params, age, base_seq=request.base_seq)
+            await self._send_model(conn, peer_id, before_merge.params, before_merge.age, base_seq=request.base_seq)
         finally:
             lock.release()
         self.counters.add("pulls_answered")

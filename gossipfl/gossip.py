@@ -169,8 +169,8 @@ class GossipState:
     def dump(self, fingerprint: bytes) -> bytes:
         """Every reference, least recently used first, for a restart to resume deltas without need-full.
 
-        Call on the thread that commits; the bytes may then be written from any thread. A SHA-256 of the
-        whole closes the file, so a torn or flipped file is refused by ``restore``, not half-believed.
+        Call it on the thread that commits, or on a ``frozen`` copy from any thread. A SHA-256 of the whole
+        closes the file, so a torn or flipped file is refused by ``restore``, not half-believed.
         """
         entries = [(0, peer, ref) for peer, ref in self.outgoing.items()]
         entries += [(1, peer, ref) for peer, ref in self.incoming.items()]

@@ -62,6 +62,7 @@ KEY_MODE = 0o600
 CERT_MODE = 0o644
 DIR_MODE = 0o700
 NODE_ID_BYTES = 32
+CLUSTER_TAG_BYTES = 8  # NodeIdentity.cluster_tag: a prefix of the CA certificate's SHA-256
 CA_DAYS = 7300
 NODE_DAYS = 3650
 # Certificates start this long before "now", so a peer whose clock is a little behind still accepts them.
@@ -71,7 +72,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _NODE_ID_RE = re.compile(r"[0-9a-fA-F]{64}")
 
 __all__ = [
-    "CA_CERT", "CA_KEY", "NODE_CERT", "NODE_ID_BYTES", "NODE_KEY", "IdentityError", "NodeIdentity",
+    "CA_CERT", "CA_KEY", "CLUSTER_TAG_BYTES", "NODE_CERT", "NODE_ID_BYTES", "NODE_KEY", "IdentityError", "NodeIdentity",
     "PeerIdentityError", "check_ca_certificate", "check_peer", "check_validity", "client_context",
     "format_node_id", "format_utc", "load_certificate", "node_id_from_cert_der", "node_id_from_cert_file",
     "parse_allowlist", "parse_node_id", "peer_node_id", "read_file", "read_private_key", "server_context",
@@ -284,7 +285,7 @@ class NodeIdentity:
     def cluster_tag(self) -> bytes:
         """8 bytes naming the cluster (its CA) in mDNS adverts, so that nodes pass over other clusters'
         adverts instead of dialling them. A hint, like an advertised id: TLS decides membership."""
-        return hashlib.sha256(self.ca_der).digest()[:8]
+        return hashlib.sha256(self.ca_der).digest()[:CLUSTER_TAG_BYTES]
 
     @classmethod
     def load(cls, cert: str | os.PathLike[str], key: str | os.PathLike[str], ca: str | os.PathLike[str], *,
