@@ -29,6 +29,14 @@ class PeerRefused(GossipflError):
         super().__init__(f"{reason}: {detail}")
 
 
+class LinkBroken(GossipflError):
+    """The connection broke in the middle of an exchange both ends had accepted: a peer that stopped or
+    crashed, a route that went away. A failure of the link, counted apart from refusals so that an
+    operator's ``refused.*`` counters mean what they say."""
+
+    reason = "link"
+
+
 @dataclass
 class Traffic:
     bytes_in: int = 0
@@ -43,11 +51,24 @@ class MessageStream:
         self.decoder = wire.FrameDecoder(limits)
         self.read_timeout = read_timeout
         self.traffic = Traffic()
+        self.messages_in = 0
+
+    def _broken(self, exc: trio.BrokenResourceError) -> GossipflError:
+        """What a broken stream means here. With TLS 1.3 the server checks the client's certificate after
+        the client's handshake has returned, so a dialler refused by the peer only learns of it as a broken
+        stream before the peer's first message; any other break is the link's."""
+        detail = f"connection broken: {exc.__cause__ or exc}"
+        if not self.stream.server_side and self.messages_in == 0:
+            return PeerRefused("tls", detail + " (before the peer's first message: it may refuse our certificate)")
+        return LinkBroken(detail)
 
     async def send(self, message: wire.Message) -> None:
         frame = wire.encode(message)
-        with trio.fail_after(self.read_timeout):
-            await self.stream.send_all(frame)
+        try:
+            with trio.fail_after(self.read_timeout):
+                await self.stream.send_all(frame)
+        except trio.BrokenResourceError as exc:
+            raise self._broken(exc) from exc
         self.traffic.bytes_out += len(frame)
 
     async def receive(self, timeout: float | None = None) -> wire.Message:
@@ -59,11 +80,12 @@ class MessageStream:
             while True:
                 message = self.decoder.next_message()
                 if message is not None:
+                    self.messages_in += 1
                     return message
                 try:
                     data = await self.stream.receive_some(READ_SIZE)
                 except trio.BrokenResourceError as exc:
-                    raise PeerRefused("tls", f"connection broken: {exc.__cause__ or exc}") from exc
+                    raise self._broken(exc) from exc
                 if not data:
                     raise PeerRefused("closed", "peer closed the connection")
                 self.traffic.bytes_in += len(data)

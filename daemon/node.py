@@ -53,7 +53,7 @@ from gossipfl.peers import Peer, PeerTable
 from gossipfl.trainer import Metrics, TrainConfig, Trainer
 
 from .commands import command_table
-from .connection import MessageStream, PeerRefused, expect, tls_handshake, verify_peer
+from .connection import LinkBroken, MessageStream, PeerRefused, expect, tls_handshake, verify_peer
 from .control import ControlServer
 from .discovery import Advertisement, Discovery, PeerGone, PeerSeen
 from .follower import Follower
@@ -478,8 +478,9 @@ class Node:
         try:
             with trio.fail_after(self.config.limits.read_timeout * 3):
                 return await self._push(peer, expected)
-        except (PeerRefused, ProtocolError, CodecError, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-            reason = exc.reason if isinstance(exc, PeerRefused) else type(exc).__name__
+        except (PeerRefused, LinkBroken, ProtocolError, CodecError, OSError, trio.TooSlowError,
+                trio.BrokenResourceError) as exc:
+            reason = exc.reason if isinstance(exc, PeerRefused | LinkBroken) else type(exc).__name__
             self.counters.add(f"failed.{reason}")
             if isinstance(exc, PeerRefused) and exc.reason in ("identity", "tls", "peer-fingerprint_mismatch"):
                 self._refusal(peer.node_id, exc.reason)
@@ -654,12 +655,17 @@ class Node:
                     await self._serve_deltas(conn, peer_id, first)
             if isinstance(first, wire.GatewayRound):  # a FedAvg round: local epochs take their time
                 await self.follower.session(conn, peer_id, first)
-        except (PeerRefused, ProtocolError, CodecError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+        except (PeerRefused, ProtocolError, CodecError, trio.TooSlowError) as exc:
             reason = exc.reason if isinstance(exc, PeerRefused) else type(exc).__name__
             if reason != "closed":
                 self._refusal(peer_id, reason)
                 log.info("inbound connection refused", extra=fields(peer=short(peer_id) if peer_id else "?",
                                                                    reason=reason, error=str(exc)))
+        except (LinkBroken, trio.BrokenResourceError, OSError) as exc:
+            # The link broke under an exchange we were willing to finish: not a refusal of the peer.
+            self.counters.add("dropped.link")
+            log.info("inbound connection dropped", extra=fields(peer=short(peer_id) if peer_id else "?",
+                                                               error=str(exc)))
         finally:
             if peer_id:
                 self._account(None, conn, peer_id)

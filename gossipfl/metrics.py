@@ -17,6 +17,7 @@ from typing import Any
 _LABELLED = {
     "refused": ("gossipfl_refusals_total", "reason"),
     "failed": ("gossipfl_push_failures_total", "reason"),
+    "dropped": ("gossipfl_inbound_drops_total", "reason"),
     "control": ("gossipfl_control_requests_total", "result"),
 }
 _DIRECTED = {
@@ -28,6 +29,7 @@ _DIRECTED = {
 _HELP = {
     "gossipfl_refusals_total": "Connections and updates refused, by reason.",
     "gossipfl_push_failures_total": "Outgoing exchanges that failed, by reason.",
+    "gossipfl_inbound_drops_total": "Inbound exchanges cut by a broken link, by error.",
     "gossipfl_control_requests_total": "Control-socket requests, by result.",
     "gossipfl_exchanges_total": "Completed model exchanges, by direction.",
     "gossipfl_bytes_total": "Bytes on peer connections, by direction.",
