@@ -7,16 +7,21 @@ apart after the same number of exchanges.
 
 from __future__ import annotations
 
+import socket
 import time
 
 import numpy as np
 import pytest
 
+from gossipfl import wire
 from gossipfl.checkpoint import load_checkpoint, save_checkpoint
 from gossipfl.control import ControlClient
 from gossipfl.datasets import load_digits
 from gossipfl.model import Model
 from gossipfld.cluster import Cluster, ClusterPlan, free_port_base, prepare
+
+from .conftest import wait_for
+from .visitor import make_visitor
 
 pytestmark = pytest.mark.slow
 
@@ -78,3 +83,48 @@ def test_push_only_gossip_does_not_keep_the_mean(tmp_path):
         assert "pulls" not in state["counters"] and "pulls_answered" not in state["counters"]
     # Each push moves only the receiver: the pair's mean model wanders off the weighted average.
     assert np.abs((final_a + final_b) / 2 - expected).max() > 1e-3
+
+
+def test_a_pull_while_the_receiver_is_pushing_to_the_puller_is_declined_and_the_push_kept(tmp_path):
+    """Two nodes pushing to each other at once must not both wait for the other's send lock: the one
+    asked for a pull while its own push to the asker is in flight declines it (OVERLOADED), keeps the
+    merged push, and answers the next pull once its push is done. The visitor holds the daemon's push
+    unacknowledged to make that moment last."""
+    specs, visitor = make_visitor(tmp_path, training={"enabled": False})
+    spec = specs[0]
+    with socket.create_server(("127.0.0.1", visitor.port)) as listener:
+        listener.settimeout(30)
+        with Cluster(specs) as cluster:
+            held, theirs = visitor.accept(listener)  # the daemon's push to us, which we leave pending
+            pushed = held.receive()
+            assert isinstance(pushed, wire.ModelDelta)
+            daemon_id = theirs.node_id
+
+            asking = visitor.dial(spec)
+            asking.send(visitor.full_model_delta(daemon_id))
+            assert isinstance(asking.receive(), wire.Ack)  # our push is merged
+            asking.send(wire.PullRequest(0))
+            declined = asking.receive()
+            asking.close()
+
+            held.send(wire.Ack(pushed.new_seq))  # its push completes; it pulls, and we decline in turn
+            assert isinstance(held.receive(), wire.PullRequest)
+            held.send(wire.Error(wire.ErrorCode.OVERLOADED, "busy"))
+            held.close()
+
+            asking = visitor.dial(spec)  # nothing in flight to us now: the pull is answered
+            asking.send(visitor.full_model_delta(daemon_id))
+            assert isinstance(asking.receive(), wire.Ack)
+            asking.send(wire.PullRequest(0))
+            answered = asking.receive()
+            if isinstance(answered, wire.ModelDelta):
+                asking.send(wire.Ack(answered.new_seq))
+            asking.close()
+            counters = wait_for(lambda: (c := ControlClient(spec.socket, timeout=10).call("status")["counters"])
+                                .get("pulls_answered") and c, 20, "the pull to be counted")
+            assert cluster.running(spec)
+    assert isinstance(declined, wire.Error) and declined.code == wire.ErrorCode.OVERLOADED, declined
+    assert isinstance(answered, wire.ModelDelta) and answered.base_seq == 0, answered
+    assert counters["exchanges_in"] == 2 and counters["pulls_answered"] == 1, counters
+    assert counters["pulls_declined"] == 1 and counters["exchanges_out"] >= 1, counters
+    assert not [k for k in counters if k.startswith("refused.")], counters
