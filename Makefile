@@ -25,7 +25,7 @@ demo: $(STAMP) bytecode
 
 test: $(STAMP) bytecode
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP) bytecode
 	$(BIN)/python bench/train_step.py

@@ -24,6 +24,7 @@ would let a chain that restarted after a lost ack climb back to a stale copy's n
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import struct
@@ -118,8 +119,19 @@ class GossipState:
         reference = Reference(self.count, 0) if held is None else held.copy()
         base = reference.seq
         new = base + 1 if base else self.rng.randrange(1, 1 << CHAIN_START_BITS)
-        payload = reference.encode_towards(params, self.codec, new_seq=new)
+        payload = reference.encode_towards(params, self.codec if base else self.full_codec, new_seq=new)
         return Push(peer, base, new, payload, reference)
+
+    @property
+    def full_codec(self) -> CodecConfig:
+        """How a whole model (base 0) is coded. A receiver merges its reconstruction of the model, so that
+        must be the whole model from the first message: top-k of a model against zero would hand it 1% of
+        our weights and 99% zeros to average with its own (measured: gossip with topk ended 10 points
+        under central training). The scheme of top-k's values (int8 by default) carries every weight
+        instead; the deltas after it are top-k again."""
+        if self.codec.scheme != "topk":
+            return self.codec
+        return dataclasses.replace(self.codec, scheme=self.codec.topk_values)
 
     def commit_push(self, push: Push) -> None:
         self.outgoing.touch(push.peer, push.reference)
