@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import trio
 
-from gossipfl.config import LOG_FORMATS, load_config
+from gossipfl.config import LOG_FORMATS, check_named_files, load_config
 from gossipfl.errors import GossipflError
 from gossipfl.identity import NodeIdentity
 
@@ -36,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         setup_logging(args.log_format or config.log.format, args.log_level or config.log.level)
+        check_named_files(config)
         identity = NodeIdentity.load(config.tls.cert, config.tls.key, config.tls.ca)
         node = Node(config, identity)
     except GossipflError as exc:

@@ -19,7 +19,7 @@ from gossipfl import cli_control, identity, service
 from gossipfl import demo as demo_command
 from gossipfl.argtypes import int_list, positive_float, positive_int
 from gossipfl.certs import describe_certificate, init_ca, issue_node_cert
-from gossipfl.config import load_config
+from gossipfl.config import check_named_files, load_config
 from gossipfl.data import DataSpec, load_directory, read_file
 from gossipfl.errors import DataError, GossipflError
 from gossipfl.model import Model
@@ -178,11 +178,10 @@ def cmd_certs_show(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     """What gossipfld would refuse at start, said offline: keys, values, and the files they name."""
     config = load_config(args.file)
+    check_named_files(config)
     ident = identity.NodeIdentity.load(config.tls.cert, config.tls.key, config.tls.ca)
     model = Model.load(config.model.path)
     Trainer(model)  # the model must be trainable
-    if not config.data.directory.is_dir():
-        raise DataError(f"data.directory: {config.data.directory} is not a directory")
     print(f"{args.file}: ok; node {identity.format_node_id(ident.node_id)}, {model.describe()}")
     return 0
 

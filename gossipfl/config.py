@@ -197,6 +197,25 @@ def load_config(path: str | os.PathLike[str]) -> NodeConfig:
     return config_from_dict(table, base_dir=file.resolve().parent, source=file)
 
 
+def check_named_files(c: NodeConfig) -> None:
+    """Refuse a config whose certificate, key, CA, model or data directory is missing, naming the key.
+
+    The loaders that read these files name only the path; an operator on a fresh install (the shipped
+    config names /etc/gossipfl/certs before any certificate is there) needs to know which key to fix
+    and how to make what is missing."""
+    issue = "make one with `gossipfl certs issue --ca CA_DIR --name NAME --out DIR` (docs/identity.md)"
+    files = (("tls.cert", c.tls.cert, issue), ("tls.key", c.tls.key, issue),
+             ("tls.ca", c.tls.ca, "copy the cluster's ca.crt there, or start a cluster with `gossipfl certs init-ca`"),
+             ("model.path", c.model.path, "an ONNX model built with `gossipfl model init` or exported elsewhere"))
+    for key, path, hint in files:
+        if not path.is_file():
+            what = "is not a file" if path.exists() else "does not exist"
+            raise ConfigError(f"{key}: {path} {what}; {hint}")
+    if not c.data.directory.is_dir():
+        what = "is not a directory" if c.data.directory.exists() else "does not exist"
+        raise ConfigError(f"data.directory: {c.data.directory} {what}; the node's training data go there")
+
+
 def config_from_dict(table: dict[str, Any], base_dir: Path | None = None, source: Path | None = None) -> NodeConfig:
     base = base_dir or Path.cwd()
     sections: dict[str, Any] = {}

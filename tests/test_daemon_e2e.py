@@ -270,7 +270,11 @@ def test_bad_config_is_refused_at_start_and_by_config_check(tmp_path, split):
     spec.config.write_text(text.replace("\nperod = 3", "").replace("certs/node.key", "certs/missing.key"))
     daemon = subprocess.run([sys.executable, "-m", "gossipfld.main", "--config", str(spec.config)],
                             capture_output=True, text=True, timeout=60)
-    assert daemon.returncode == 2 and "missing.key" in daemon.stderr
+    assert daemon.returncode == 2 and "tls.key:" in daemon.stderr and "missing.key does not exist" in daemon.stderr
+    check = subprocess.run([sys.executable, "-m", "gossipfl.cli", "config", "check", str(spec.config)],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode != 0 and check.stderr.strip().count("\n") == 0
+    assert "tls.key:" in check.stderr and "gossipfl certs issue" in check.stderr, check.stderr
 
 
 def test_daemons_in_network_namespaces_find_each_other_by_mdns(tmp_path, split):

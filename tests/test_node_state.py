@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gossipfl.checkpoint import load_checkpoint, save_checkpoint
-from gossipfl.config import config_from_dict, load_config
+from gossipfl.config import check_named_files, config_from_dict, load_config
 from gossipfl.errors import ConfigError, ModelError
 from gossipfl.merge import age_weighted_merge, update_norm_is_outlier
 from gossipfl.peers import PeerTable
@@ -59,6 +59,26 @@ def test_config_file_errors(tmp_path):
     bad.write_text("[node\nname=")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_missing_files_name_their_key_and_how_to_make_them(tmp_path):
+    for name in ("certs/node.crt", "certs/node.key", "certs/ca.crt", "model.onnx"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "data").mkdir()
+    config = config_from_dict({}, base_dir=tmp_path)
+    check_named_files(config)  # all there: no complaint (their contents are the loaders' to check)
+    for key, name, hint in (("tls.ca", "certs/ca.crt", "gossipfl certs init-ca"),
+                            ("tls.key", "certs/node.key", "gossipfl certs issue"),
+                            ("model.path", "model.onnx", "gossipfl model init")):
+        (tmp_path / name).rename(tmp_path / "aside")
+        with pytest.raises(ConfigError, match=rf"^{key}: {tmp_path / name} does not exist; .*{hint}"):
+            check_named_files(config)
+        (tmp_path / "aside").rename(tmp_path / name)
+    (tmp_path / "data").rmdir()
+    (tmp_path / "data").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"^data.directory: .* is not a directory"):
+        check_named_files(config)
 
 
 def test_age_weighted_merge():
