@@ -58,6 +58,23 @@ def _print(args: argparse.Namespace, result: Any, human: Callable[[Any], str]) -
     return 0
 
 
+# counter family -> how the status line names it; the same families as the metrics' labelled counters
+_PROBLEMS = (("refused", "refused"), ("failed", "failed pushes"), ("dropped", "dropped links"))
+
+
+def _problems(counters: dict[str, Any]) -> str:
+    """One line an operator can scan: what was refused, failed or dropped, and the commonest reasons."""
+    parts = []
+    for family, label in _PROBLEMS:
+        reasons = {k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith(family + ".")}
+        if reasons:
+            top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+            more = ", ..." if len(reasons) > 3 else ""
+            parts.append(f"{label} {sum(reasons.values()):.0f} ("
+                         + ", ".join(f"{k} {v:.0f}" for k, v in top) + more + ")")
+    return "; ".join(parts) or "none"
+
+
 def _status_text(s: dict[str, Any]) -> str:
     v = s.get("validation") or {}
     if v.get("accuracy") is not None:
@@ -78,6 +95,7 @@ def _status_text(s: dict[str, Any]) -> str:
         f"peers       {s['peers']} live, {len(s['blocked'])} blocked",
         f"exchanges   {c.get('exchanges_out', 0):.0f} out, {c.get('exchanges_in', 0):.0f} in; "
         f"{human_size(c.get('bytes_out', 0))} sent, {human_size(c.get('bytes_in', 0))} received",
+        f"problems    {_problems(c)}",
         f"uptime      {_duration(s['uptime'])}",
     ])
 

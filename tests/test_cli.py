@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from gossipfl.cli_control import _problems
 from gossipfl.datasets import write_csv
 
 from .conftest import FIXTURES, one_line_error, run_cli
@@ -109,3 +110,11 @@ def test_bad_arguments_are_one_line():
     line = one_line_error(gossipfl("model", "init", "--arch", "mlp", "--inputs", "4", "--out", "/dev/null",
                                    check=False))
     assert "--classes" in line
+
+
+def test_status_problems_line_sums_each_family_and_names_the_commonest_reasons():
+    assert _problems({"exchanges_in": 5, "control.ok": 3}) == "none"
+    counters = {"refused.tls": 2, "refused.blocked": 5, "refused.codec": 1, "refused.outlier": 1,
+                "failed.link": 1, "dropped.link": 3, "merges": 9}
+    assert _problems(counters) == ("refused 9 (blocked 5, tls 2, codec 1, ...); failed pushes 1 (link 1); "
+                                   "dropped links 3 (link 3)")

@@ -152,7 +152,7 @@ def test_status_in_both_forms(daemons):
     assert status["uptime"] > 0 and status["train_samples"] > 0
     text = daemons.cli("status").stdout
     assert spec.node_id.hex() in text
-    for label in ("role", "model", "age", "training", "validation", "peers", "uptime"):
+    for label in ("role", "model", "age", "training", "validation", "peers", "problems", "uptime"):
         assert any(line.startswith(label) for line in text.splitlines()), (label, text)
 
 
@@ -228,6 +228,8 @@ def test_block_and_unblock_a_peer(daemons):
     daemons.wait(lambda: daemons.json("status")["counters"].get("refused.blocked", 0) > 0,
                  what="node1's pushes to be refused")
     assert any(p["node_id"] == node1 and p["state"] == "blocked" for p in daemons.json("peers"))
+    problems = [ln for ln in daemons.cli("status").stdout.splitlines() if ln.startswith("problems")]
+    assert problems and "refused" in problems[0] and "blocked" in problems[0], problems
     assert daemons.cli("peer", "unblock", node1).stdout.startswith(f"unblocked {node1}")
     assert json.loads(daemons.cli("peer", "block", node1, "--json").stdout) == {"blocked": [node1]}
     assert json.loads(daemons.cli("peer", "unblock", node1, "--json").stdout) == {"blocked": []}
