@@ -37,6 +37,18 @@ class LinkBroken(GossipflError):
     reason = "link"
 
 
+def failure_reason(exc: BaseException) -> str:
+    """The metric label for why an exchange ended early: the refusal's reason, ``timeout``, ``link``, or
+    the error's type (``ConnectionRefusedError``, ``FrameError``) where that says it best."""
+    if isinstance(exc, PeerRefused | LinkBroken):
+        return exc.reason
+    if isinstance(exc, trio.TooSlowError):
+        return "timeout"
+    if isinstance(exc, trio.BrokenResourceError):
+        return "link"
+    return type(exc).__name__
+
+
 @dataclass
 class Traffic:
     bytes_in: int = 0

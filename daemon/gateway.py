@@ -37,7 +37,7 @@ from gossipfl.errors import AggregationError, CodecError, ProtocolError
 from gossipfl.gossip import GossipState, Push
 from gossipfl.peers import Peer
 
-from .connection import LinkBroken, MessageStream, PeerRefused, expect, tls_handshake, verify_peer
+from .connection import LinkBroken, MessageStream, PeerRefused, expect, failure_reason, tls_handshake, verify_peer
 from .logs import fields
 
 if TYPE_CHECKING:
@@ -231,7 +231,7 @@ class Gateway:
             node.peers.succeeded(peer.node_id, trio.current_time())
         except (PeerRefused, LinkBroken, ProtocolError, CodecError, OSError, trio.TooSlowError,
                 trio.BrokenResourceError) as exc:
-            reason = exc.reason if isinstance(exc, PeerRefused | LinkBroken) else type(exc).__name__
+            reason = failure_reason(exc)
             node.counters.add(f"fedavg.client_failed.{reason}")
             node.peers.failed(peer.node_id, trio.current_time())  # back off: not asked again for a while
             log.info("client left the round", extra=fields(peer=peer.node_id.hex()[:12], round=rnd.number,

@@ -53,7 +53,7 @@ from gossipfl.peers import Peer, PeerTable
 from gossipfl.trainer import Metrics, TrainConfig, Trainer
 
 from .commands import command_table
-from .connection import LinkBroken, MessageStream, PeerRefused, expect, tls_handshake, verify_peer
+from .connection import LinkBroken, MessageStream, PeerRefused, expect, failure_reason, tls_handshake, verify_peer
 from .control import ControlServer
 from .discovery import Advertisement, Discovery, PeerGone, PeerSeen
 from .follower import Follower
@@ -480,7 +480,7 @@ class Node:
                 return await self._push(peer, expected)
         except (PeerRefused, LinkBroken, ProtocolError, CodecError, OSError, trio.TooSlowError,
                 trio.BrokenResourceError) as exc:
-            reason = exc.reason if isinstance(exc, PeerRefused | LinkBroken) else type(exc).__name__
+            reason = failure_reason(exc)
             self.counters.add(f"failed.{reason}")
             if isinstance(exc, PeerRefused) and exc.reason in ("identity", "tls", "peer-fingerprint_mismatch"):
                 self._refusal(peer.node_id, exc.reason)
@@ -656,7 +656,7 @@ class Node:
             if isinstance(first, wire.GatewayRound):  # a FedAvg round: local epochs take their time
                 await self.follower.session(conn, peer_id, first)
         except (PeerRefused, ProtocolError, CodecError, trio.TooSlowError) as exc:
-            reason = exc.reason if isinstance(exc, PeerRefused) else type(exc).__name__
+            reason = failure_reason(exc)
             if reason != "closed":
                 self._refusal(peer_id, reason)
                 log.info("inbound connection refused", extra=fields(peer=short(peer_id) if peer_id else "?",
