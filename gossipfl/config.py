@@ -206,7 +206,7 @@ def check_named_files(c: NodeConfig) -> None:
     issue = "make one with `gossipfl certs issue --ca CA_DIR --name NAME --out DIR` (docs/identity.md)"
     files = (("tls.cert", c.tls.cert, issue), ("tls.key", c.tls.key, issue),
              ("tls.ca", c.tls.ca, "copy the cluster's ca.crt there, or start a cluster with `gossipfl certs init-ca`"),
-             ("model.path", c.model.path, "an ONNX model built with `gossipfl model init` or exported elsewhere"))
+             ("model.path", c.model.path, "put the cluster's ONNX model there (`gossipfl model init` makes one)"))
     for key, path, hint in files:
         if not path.is_file():
             what = "is not a file" if path.exists() else "does not exist"
