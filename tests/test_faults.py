@@ -46,6 +46,7 @@ from gossipfl.datasets import load_digits, train_test_split
 from gossipfl.model import Model
 from gossipfld.cluster import Cluster, ClusterPlan, NodeSpec, evaluate_checkpoint, prepare
 
+from .conftest import wait_for
 from .netns import Lab, netns_lab, require_netns
 
 pytestmark = pytest.mark.slow
@@ -335,6 +336,10 @@ def test_bad_links_lossy_and_slow_learning_still_converges(tmp_path, split):
         # Exchanges are about four times rarer on these links, so the plateau comes later: a longer run.
         time.sleep(BAD_LINKS_SECONDS)
         dropped, throttled = _dropped(faulty.lab), _throttled(faulty.lab)
+        # Every node still counts every other as live. Polled: with 20% loss, two dials that fail in a row
+        # evict a peer for a moment now and then, and one snapshot of 30 pairs may catch that moment.
+        wait_for(lambda: all(faulty.call(s, "status")["peers"] == PLAN.nodes - 1 for s in faulty.specs), 30,
+                 "every node to count every other as live")
         status = {s.name: faulty.call(s, "status") for s in faulty.specs}
         stop_together(faulty, clean)
     merges = {name: s["counters"].get("merges", 0) for name, s in status.items()}
@@ -342,7 +347,6 @@ def test_bad_links_lossy_and_slow_learning_still_converges(tmp_path, split):
     compare(faulty, clean, split, "bad links")
     assert all(d > 50 for d in dropped) and sum(throttled) > 0, "the links were bad indeed"
     assert all(m >= 10 for m in merges.values()), merges
-    assert all(s["peers"] == PLAN.nodes - 1 for s in status.values()), {n: s["peers"] for n, s in status.items()}
 
 
 # ---------------------------------------------------------------- a flood from a rogue host

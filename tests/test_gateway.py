@@ -122,7 +122,8 @@ def test_clients_fall_back_to_gossip_and_return_to_the_gateway(tmp_path, split):
         watcher.start()
         try:
             wait_for(lambda: gateway_round(gateway) >= 8, 90, "8 rounds")
-            assert all(status(s)["fedavg"]["learning_by"] == "rounds" for s in clients)
+            wait_for(lambda: all(status(s)["fedavg"]["learning_by"] == "rounds" for s in clients), 30,
+                     "every client to learn by rounds")
             cluster.kill(gateway)
             at_kill = np.mean([accuracy(s, x_test, y_test) for s in clients])
             wait_for(lambda: all(status(s)["fedavg"]["learning_by"] == "gossip" for s in clients), 30,
@@ -137,10 +138,13 @@ def test_clients_fall_back_to_gossip_and_return_to_the_gateway(tmp_path, split):
             wait_for(lambda: gateway_round(gateway) >= 0, 30, "the gateway to come back")
             back_at = gateway_round(gateway)
             wait_for(lambda: gateway_round(gateway) >= back_at + 5, 90, "5 rounds after the return")
-            for spec in clients:
+
+            def back(spec) -> bool:  # the restarted gateway finds each client by mDNS, then dials it
                 s = status(spec)
-                assert s["fedavg"]["learning_by"] == "rounds"
-                assert s["fedavg"]["following"] == gateway.node_id.hex()
+                return s is not None and s["fedavg"]["learning_by"] == "rounds" \
+                    and s["fedavg"]["following"] == gateway.node_id.hex()
+
+            wait_for(lambda: all(back(s) for s in clients), 60, "every client back with the gateway")
             returned = np.mean([accuracy(s, x_test, y_test) for s in clients])
             assert returned >= after_gossip - 0.02, (after_gossip, returned)
         finally:

@@ -14,7 +14,21 @@ from gossipfl.control import ControlClient
 from gossipfl.datasets import load_digits
 from gossipfld.cluster import Cluster, ClusterPlan, evaluate_checkpoint, free_port_base, prepare
 
+from .conftest import wait_for
+
 pytestmark = pytest.mark.slow
+
+
+def _wait_until_they_met(cluster: Cluster, specs) -> None:
+    """Both up, and each has pushed twice (so each holds a reference of the other, both ways)."""
+    for spec in specs:
+        assert cluster.wait_for_log(spec, "node started", 30), cluster.log_lines(spec)
+
+    def met() -> bool:
+        counters = [ControlClient(s.socket, timeout=10).call("status")["counters"] for s in specs]
+        return all(c.get("exchanges_out", 0) >= 2 and c.get("full_models_sent", 0) >= 1 for c in counters)
+
+    wait_for(met, 30, "the two nodes to exchange both ways")
 
 
 def _restart_once(root, save_references: bool) -> tuple[dict, dict, list[str]]:
@@ -31,7 +45,8 @@ def _restart_once(root, save_references: bool) -> tuple[dict, dict, list[str]]:
                 for s in specs]
 
     with Cluster(specs) as cluster:
-        time.sleep(4)
+        _wait_until_they_met(cluster, specs)
+        time.sleep(1)
         before = fulls()
         assert cluster.stop(specs[1]) == 0, "SIGTERM: checkpoint and references written"
         cluster.start(specs[1])
@@ -71,7 +86,7 @@ def test_a_damaged_references_file_is_ignored_with_a_warning(tmp_path):
                        training={"duty_cycle": 0.1}, gossip={"period": 0.3})
     specs = prepare(tmp_path, plan, x[:400], y[:400])
     with Cluster(specs) as cluster:
-        time.sleep(3)
+        _wait_until_they_met(cluster, specs)
         assert cluster.stop(specs[1]) == 0
         refs = specs[1].checkpoint.parent / "references.bin"
         data = bytearray(refs.read_bytes())
