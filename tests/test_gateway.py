@@ -71,7 +71,15 @@ def run_rounds(root: Path, split, plan: ClusterPlan, rounds: int, byzantine: flo
         specs[-1].program = (str(BYZANTINE), str(byzantine))
     with Cluster(specs) as cluster:
         wait_for(lambda: gateway_round(specs[0]) >= rounds, 240, f"{rounds} rounds")
-        time.sleep(1.0)  # the last round's result reaches the clients
+        if byzantine is None:  # the last round's result reaches every client before they stop
+
+            def adopted() -> bool:
+                ages = [(s := status(spec)) and s["age"] for spec in specs]
+                return all(age == ages[0] for age in ages[1:])
+
+            wait_for(adopted, 30, "every client to adopt the last global model")
+        else:
+            time.sleep(1.0)
         codes = cluster.stop_all()
     return specs, codes
 
@@ -80,7 +88,8 @@ def test_gateway_and_five_clients_match_central_training(tmp_path, split):
     x_train, y_train, x_test, y_test = split
     plan = ClusterPlan(nodes=6, gateways=1, mode="fedavg", alpha=0.5, base_port=free_port_base(),
                        training={"lr": 0.05, "duty_cycle": 0.5}, extra=ALL_DATA,
-                       fedavg={"epochs": 5, "max_rounds": 100, "deadline": 5.0, "round_pause": 0.1})
+                       fedavg={"epochs": 5, "max_rounds": 100, "deadline": 5.0, "round_pause": 0.1,
+                               "min_clients": 5})  # no round before all five are found
     specs, codes = run_rounds(tmp_path, split, plan, 100)
     assert all(code == 0 for code in codes.values()), codes
     central = Trainer(train_centrally(tmp_path / "model.onnx", x_train, y_train)).evaluate(x_test, y_test).accuracy
@@ -165,7 +174,7 @@ def test_a_client_scaling_its_update_by_100(tmp_path, split, rule):
         plan = ClusterPlan(nodes=6, gateways=1, mode="fedavg", split="iid", base_port=free_port_base(),
                            training={"lr": 0.05, "duty_cycle": 0.5}, extra=ALL_DATA,
                            fedavg={"epochs": 2, "max_rounds": 30, "deadline": 5.0, "round_pause": 0.1,
-                                   "rule": rule, "trim_fraction": 0.2})
+                                   "rule": rule, "trim_fraction": 0.2, "min_clients": 5})
         root = tmp_path / ("attacked" if attacked else "clean")
         specs, codes = run_rounds(root, split, plan, 30, byzantine=100.0 if attacked else None)
         assert codes[specs[0].name] == 0, codes
