@@ -23,9 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gossipfl.atomic import write_bytes_atomic
-from gossipfl.der import (
-    ParsedCertificate,
-)
+from gossipfl.der import ParsedCertificate
 from gossipfl.errors import IdentityError
 from gossipfl.identity import (
     CA_CERT,

@@ -100,12 +100,22 @@ class _LRU(OrderedDict[bytes, Reference]):
             self.popitem(last=False)
 
 
+def _full_model_codec(codec: CodecConfig) -> CodecConfig:
+    """How a whole model (base 0) is coded. A receiver merges its reconstruction of the model, so that
+    must be the whole model from the first message: top-k of a model against zero would hand it 1% of
+    our weights and 99% zeros to average with its own (measured: gossip with topk ended 10 points
+    under central training). The scheme of top-k's values (int8 by default) carries every weight
+    instead; the deltas after it are top-k again."""
+    return dataclasses.replace(codec, scheme=codec.topk_values) if codec.scheme == "topk" else codec
+
+
 class GossipState:
     def __init__(self, count: int, codec: CodecConfig, max_peers: int = 16, outlier_factor: float = 10.0,
                  rng: random.Random | None = None) -> None:
         self.count = count
         self.rng = rng or random.SystemRandom()
         self.codec = codec
+        self.full_codec = _full_model_codec(codec)
         self.outlier_factor = outlier_factor
         self.outgoing = _LRU(max_peers)
         self.incoming = _LRU(max_peers)
@@ -121,17 +131,6 @@ class GossipState:
         new = base + 1 if base else self.rng.randrange(1, 1 << CHAIN_START_BITS)
         payload = reference.encode_towards(params, self.codec if base else self.full_codec, new_seq=new)
         return Push(peer, base, new, payload, reference)
-
-    @property
-    def full_codec(self) -> CodecConfig:
-        """How a whole model (base 0) is coded. A receiver merges its reconstruction of the model, so that
-        must be the whole model from the first message: top-k of a model against zero would hand it 1% of
-        our weights and 99% zeros to average with its own (measured: gossip with topk ended 10 points
-        under central training). The scheme of top-k's values (int8 by default) carries every weight
-        instead; the deltas after it are top-k again."""
-        if self.codec.scheme != "topk":
-            return self.codec
-        return dataclasses.replace(self.codec, scheme=self.codec.topk_values)
 
     def commit_push(self, push: Push) -> None:
         self.outgoing.touch(push.peer, push.reference)
@@ -160,7 +159,7 @@ class GossipState:
             raise CodecError("decoded model is not finite")
         floor = OUTLIER_FLOOR * float(np.linalg.norm(local))
         if update_norm_is_outlier(distance, list(self.recent_distances), self.outlier_factor, floor=floor):
-            median = float(np.median(self.recent_distances))
+            median = max(float(np.median(self.recent_distances)), floor)  # what the rule compared against
             raise Refused("outlier", f"model is {distance:.3g} away, recent median {median:.3g}")
         return Received(peer, reference, distance)
 
