@@ -36,10 +36,10 @@ import numpy as np
 from gossipfl.argtypes import bounded_float, bounded_int, positive_float
 from gossipfl.config import SCHEMES
 from gossipfl.control import ControlClient
-from gossipfl.datasets import load_digits, train_test_split
 from gossipfl.errors import GossipflError
-from gossipfl.model import Model
-from gossipfl.trainer import Trainer
+from gossipfl.learning.datasets import load_digits, train_test_split
+from gossipfl.learning.model import Model
+from gossipfl.learning.trainer import Trainer
 from gossipfld.cluster import Cluster, ClusterPlan, HeldOut, NodeSpec, free_port_base, prepare, train_centrally
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -100,11 +100,11 @@ def _blosc2(ctx: dict) -> None:
 
 
 def _gossipfl(ctx: dict) -> None:
-    import gossipfl.checkpoint
     import gossipfl.codec
-    import gossipfl.data
     import gossipfl.identity
-    import gossipfl.trainer
+    import gossipfl.learning.checkpoint
+    import gossipfl.learning.data
+    import gossipfl.learning.trainer
     import gossipfl.wire  # noqa: F401
 
     try:  # the daemon's own modules; tolerated missing while the daemon is being edited
@@ -116,14 +116,14 @@ def _gossipfl(ctx: dict) -> None:
 
 
 def _model(ctx: dict) -> None:
-    from gossipfl.model import Model
+    from gossipfl.learning.model import Model
 
     ctx["model"] = Model.load(Path(ctx["workdir"]) / "model.onnx")
 
 
 def _trainer(ctx: dict) -> None:
-    from gossipfl.optim import OptimizerConfig
-    from gossipfl.trainer import TrainConfig, Trainer
+    from gossipfl.learning.optim import OptimizerConfig
+    from gossipfl.learning.trainer import TrainConfig, Trainer
 
     ctx["trainer"] = Trainer(ctx["model"], TrainConfig(
         optimizer=OptimizerConfig("sgd", lr=0.05, momentum=0.9), batch_size=32, seed=0, threads=1))
@@ -206,7 +206,7 @@ def free_port() -> int:
 
 
 def measure_daemon(root: Path, x, y, seconds: float) -> dict[str, float]:
-    from gossipfl.checkpoint import load_checkpoint
+    from gossipfl.learning.checkpoint import load_checkpoint
     from gossipfld.cluster import Cluster, ClusterPlan, prepare
 
     plan = ClusterPlan(nodes=1, hidden=(HIDDEN,), mdns=False, static_peers=False, base_port=free_port(),
@@ -247,8 +247,8 @@ def main() -> None:
 
     import numpy as np
 
-    from gossipfl.datasets import load_digits
-    from gossipfl.zoo import ArchSpec, build
+    from gossipfl.learning.datasets import load_digits
+    from gossipfl.learning.zoo import ArchSpec, build
 
     x, y = load_digits()
     with tempfile.TemporaryDirectory(prefix="gossipfl-memory-") as tmp:

@@ -19,10 +19,10 @@ from collections.abc import Callable
 import numpy as np
 import onnxruntime as ort
 
-from gossipfl.autodiff import LABELS, build_gradient_graph
-from gossipfl.optim import OptimizerConfig
-from gossipfl.trainer import TrainConfig, Trainer, session_options
-from gossipfl.zoo import ArchSpec, build
+from gossipfl.learning.autodiff import LABELS, build_gradient_graph
+from gossipfl.learning.optim import OptimizerConfig
+from gossipfl.learning.trainer import TrainConfig, Trainer, session_options
+from gossipfl.learning.zoo import ArchSpec, build
 
 BATCH, INPUTS, HIDDEN, CLASSES = 64, 64, 128, 10
 

@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 
 from gossipfl.certs import init_ca, issue_node_cert
-from gossipfl.checkpoint import load_checkpoint
-from gossipfl.datasets import dirichlet_shards, iid_shards, write_csv
 from gossipfl.errors import GossipflError
-from gossipfl.model import Model
-from gossipfl.optim import OptimizerConfig
-from gossipfl.trainer import Metrics, TrainConfig, Trainer, predict, prediction_session
-from gossipfl.zoo import ArchSpec, build
+from gossipfl.learning.checkpoint import load_checkpoint
+from gossipfl.learning.datasets import dirichlet_shards, iid_shards, write_csv
+from gossipfl.learning.model import Model
+from gossipfl.learning.optim import OptimizerConfig
+from gossipfl.learning.trainer import Metrics, TrainConfig, Trainer, predict, prediction_session
+from gossipfl.learning.zoo import ArchSpec, build
 
 CONTROL_SOCKET = "control.sock"
 

@@ -30,11 +30,11 @@ import numpy as np
 import trio
 
 from gossipfl import wire
-from gossipfl.aggregate import AggregateResult, ClientUpdate, aggregate
 from gossipfl.codec import decode_delta
 from gossipfl.config import aggregator_config
 from gossipfl.errors import AggregationError, CodecError, ProtocolError
 from gossipfl.gossip import GossipState, Push
+from gossipfl.learning.aggregate import AggregateResult, ClientUpdate, aggregate
 from gossipfl.peers import Peer
 
 from .connection import LinkBroken, MessageStream, PeerRefused, expect, failure_reason, tls_handshake, verify_peer

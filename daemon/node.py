@@ -31,10 +31,8 @@ import trio
 
 from gossipfl import wire
 from gossipfl.atomic import write_bytes_atomic
-from gossipfl.checkpoint import load_checkpoint, save_checkpoint
 from gossipfl.codec import CodecConfig
 from gossipfl.config import NodeConfig, parse_host_port
-from gossipfl.data import DataSpec, LocalData
 from gossipfl.errors import CodecError, ConfigError, GossipflError, IdentityError, ModelError, ProtocolError
 from gossipfl.gossip import GossipState, NeedFull, Refused
 from gossipfl.identity import (
@@ -45,12 +43,14 @@ from gossipfl.identity import (
     parse_node_id,
     server_context,
 )
-from gossipfl.merge import age_weighted_merge
+from gossipfl.learning.checkpoint import load_checkpoint, save_checkpoint
+from gossipfl.learning.data import DataSpec, LocalData
+from gossipfl.learning.merge import age_weighted_merge
+from gossipfl.learning.model import Model
+from gossipfl.learning.optim import OptimizerConfig
+from gossipfl.learning.trainer import Metrics, TrainConfig, Trainer
 from gossipfl.metrics import render
-from gossipfl.model import Model
-from gossipfl.optim import OptimizerConfig
 from gossipfl.peers import Peer, PeerTable
-from gossipfl.trainer import Metrics, TrainConfig, Trainer
 
 from .commands import command_table
 from .connection import LinkBroken, MessageStream, PeerRefused, expect, failure_reason, tls_handshake, verify_peer

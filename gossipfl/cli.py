@@ -20,12 +20,12 @@ from gossipfl import demo as demo_command
 from gossipfl.argtypes import int_list, positive_float, positive_int
 from gossipfl.certs import describe_certificate, init_ca, issue_node_cert
 from gossipfl.config import check_named_files, load_config
-from gossipfl.data import DataSpec, load_directory, read_file
 from gossipfl.errors import DataError, GossipflError
-from gossipfl.model import Model
-from gossipfl.optim import OPTIMIZERS, OptimizerConfig
-from gossipfl.trainer import Metrics, TrainConfig, Trainer, predict
-from gossipfl.zoo import ARCHITECTURES, ArchSpec, build
+from gossipfl.learning.data import DataSpec, load_directory, read_file
+from gossipfl.learning.model import Model
+from gossipfl.learning.optim import OPTIMIZERS, OptimizerConfig
+from gossipfl.learning.trainer import Metrics, TrainConfig, Trainer, predict
+from gossipfl.learning.zoo import ARCHITECTURES, ArchSpec, build
 
 log = logging.getLogger("gossipfl.cli")
 EXIT_USAGE = 2

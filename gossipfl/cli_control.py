@@ -20,9 +20,9 @@ from gossipfl.argtypes import positive_float
 from gossipfl.atomic import write_bytes_atomic
 from gossipfl.config import load_config
 from gossipfl.control import ControlClient, socket_path
-from gossipfl.data import DataSpec, read_file
 from gossipfl.errors import ControlError, DataError, ModelError
-from gossipfl.model import Model
+from gossipfl.learning.data import DataSpec, read_file
+from gossipfl.learning.model import Model
 
 REQUEST_BUDGET = 512 * 1024  # bytes of rows per predict request, well under the daemon's default limit
 

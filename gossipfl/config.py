@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gossipfl.aggregate import AggregatorConfig
 from gossipfl.errors import ConfigError
+from gossipfl.learning.aggregate import AggregatorConfig
 
 ROLES = ("node", "gateway")
 MODES = ("gossip", "fedavg", "auto")

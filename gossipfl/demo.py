@@ -33,11 +33,11 @@ from typing import Any, TextIO
 import numpy as np
 
 from gossipfl.argtypes import bounded_float, bounded_int
-from gossipfl.checkpoint import load_checkpoint
 from gossipfl.cli_control import human_size
 from gossipfl.control import MAX_SOCKET_PATH, ControlClient
-from gossipfl.datasets import load_digits, train_test_split, write_csv
 from gossipfl.errors import ControlError, DaemonNotRunning, GossipflError
+from gossipfl.learning.checkpoint import load_checkpoint
+from gossipfl.learning.datasets import load_digits, train_test_split, write_csv
 from gossipfld.cluster import (
     CONTROL_SOCKET,
     Cluster,

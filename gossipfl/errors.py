@@ -38,7 +38,39 @@ class CodecError(GossipflError):
 
 
 class ProtocolError(GossipflError):
-    """A peer sent bytes that are not a valid gossipfl frame or message."""
+    """Bytes or a message that break the gossipfl protocol: a malformed frame, or a message out of place."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the conversation: a message the exchange does not allow at this point (h11's name)."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send a message the exchange does not allow at this point: a bug in this node, not the peer."""
+
+
+class Refusal(GossipflError):
+    """An exchange refused by one side, for a reason that is also a metric label (``refused.<reason>``)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class RefusedByUs(Refusal):
+    """This node refuses the peer or what it sent: admission, an outlier model, a bad payload."""
+
+
+class RefusedByPeer(Refusal):
+    """The peer refused us: its Error message (reason ``peer-<code>``) or, on a dial, its TLS layer."""
+
+
+class LinkBroken(GossipflError):
+    """The connection broke in the middle of an exchange both ends had accepted: a peer that stopped or
+    crashed, a route that went away. Counted apart from refusals, so ``refused.*`` means what it says."""
+
+    reason = "link"
 
 
 class AggregationError(GossipflError):

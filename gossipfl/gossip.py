@@ -35,7 +35,7 @@ import numpy as np
 
 from gossipfl.codec import CodecConfig, Reference
 from gossipfl.errors import CodecError
-from gossipfl.merge import update_norm_is_outlier
+from gossipfl.learning.merge import update_norm_is_outlier
 
 NORM_HISTORY = 32
 # The outlier rule never takes the recent median distance to be below this share of our own model's norm:

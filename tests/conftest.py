@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gossipfl.datasets import load_digits, train_test_split, write_csv
-from gossipfl.zoo import ArchSpec, build
+from gossipfl.learning.datasets import load_digits, train_test_split, write_csv
+from gossipfl.learning.zoo import ArchSpec, build
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gossipfl import aggregate as agg
-from gossipfl.aggregate import AggregatorConfig, ClientUpdate, aggregate, staleness_weight, trim_count
 from gossipfl.errors import AggregationError, ConfigError
+from gossipfl.learning import aggregate as agg
+from gossipfl.learning.aggregate import AggregatorConfig, ClientUpdate, aggregate, staleness_weight, trim_count
 
 RULES = ["mean", "fedavgm", "trimmed_mean", "median"]
 

@@ -14,9 +14,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from gossipfl.autodiff import LABELS, LOSS, SUPPORTED_OPS, build_gradient_graph
 from gossipfl.errors import ModelError, UnsupportedOpError
-from gossipfl.model import TASK_KEY, Model
+from gossipfl.learning.autodiff import LABELS, LOSS, SUPPORTED_OPS, build_gradient_graph
+from gossipfl.learning.model import TASK_KEY, Model
 
 BATCH = 4
 REL_TOL = 1e-5

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gossipfl.cli_control import _problems
-from gossipfl.datasets import write_csv
+from gossipfl.learning.datasets import write_csv
 
 from .conftest import FIXTURES, one_line_error, run_cli
 

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from gossipfl import cli
-from gossipfl.datasets import load_digits, train_test_split, write_csv
-from gossipfl.model import Model
+from gossipfl.learning.datasets import load_digits, train_test_split, write_csv
+from gossipfl.learning.model import Model
 from gossipfld.cluster import Cluster, ClusterPlan, NodeSpec, free_port_base, prepare, write_toml
 
 from .conftest import one_line_error, wait_for

@@ -14,9 +14,9 @@ import pytest
 
 from gossipfl.certs import init_ca, issue_node_cert
 from gossipfl.control import ControlClient
-from gossipfl.datasets import load_digits, train_test_split
-from gossipfl.model import Model
-from gossipfl.trainer import Trainer
+from gossipfl.learning.datasets import load_digits, train_test_split
+from gossipfl.learning.model import Model
+from gossipfl.learning.trainer import Trainer
 from gossipfld.cluster import (
     Cluster,
     ClusterPlan,
@@ -105,7 +105,7 @@ def test_five_daemons_on_non_iid_shards_learn_together(tmp_path, split):
     with Cluster(specs) as cluster:
         time.sleep(35)
         assert all(code == 0 for code in cluster.stop_all().values())
-    from gossipfl.data import DataSpec, load_directory
+    from gossipfl.learning.data import DataSpec, load_directory
 
     gossip, alone = [], []
     for spec in specs:
@@ -186,7 +186,7 @@ def test_foreign_ca_wrong_id_and_other_model_are_refused(tmp_path, split):
     issue_node_cert(tmp_path / "other-ca", "stranger", tmp_path / "stranger" / "certs")
     # 2. the same CA but another model
     issue_node_cert(tmp_path / "ca", "othermodel", tmp_path / "othermodel" / "certs")
-    from gossipfl.zoo import ArchSpec, build
+    from gossipfl.learning.zoo import ArchSpec, build
 
     build(ArchSpec("mlp", 64, 10, hidden=(16,))).save(tmp_path / "other-model.onnx")
     for i, (name, model) in enumerate([("stranger", tmp_path / "model.onnx"),

@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from gossipfl.data import DataSpec, LocalData, load_directory
-from gossipfl.datasets import dirichlet_shards, write_csv
 from gossipfl.errors import DataError
+from gossipfl.learning.data import DataSpec, LocalData, load_directory
+from gossipfl.learning.datasets import dirichlet_shards, write_csv
 
 from .conftest import rows
 

@@ -42,8 +42,8 @@ import pytest
 
 from gossipfl.certs import issue_node_cert
 from gossipfl.control import ControlClient
-from gossipfl.datasets import load_digits, train_test_split
-from gossipfl.model import Model
+from gossipfl.learning.datasets import load_digits, train_test_split
+from gossipfl.learning.model import Model
 from gossipfld.cluster import Cluster, ClusterPlan, NodeSpec, evaluate_checkpoint, prepare
 
 from .conftest import wait_for

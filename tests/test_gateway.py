@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from gossipfl.control import ControlClient
-from gossipfl.datasets import load_digits, train_test_split
 from gossipfl.errors import ControlError
-from gossipfl.model import Model
-from gossipfl.trainer import Trainer
+from gossipfl.learning.datasets import load_digits, train_test_split
+from gossipfl.learning.model import Model
+from gossipfl.learning.trainer import Trainer
 from gossipfld.cluster import (
     Cluster,
     ClusterPlan,

@@ -5,9 +5,9 @@ import onnx
 import pytest
 
 from gossipfl.errors import ModelError
-from gossipfl.model import Model
-from gossipfl.trainer import predict
-from gossipfl.zoo import ArchSpec, build
+from gossipfl.learning.model import Model
+from gossipfl.learning.trainer import predict
+from gossipfl.learning.zoo import ArchSpec, build
 
 from .conftest import FIXTURES
 

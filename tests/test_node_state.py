@@ -7,12 +7,12 @@ import random
 import numpy as np
 import pytest
 
-from gossipfl.checkpoint import load_checkpoint, save_checkpoint
 from gossipfl.config import check_named_files, config_from_dict, load_config
 from gossipfl.errors import ConfigError, ModelError
-from gossipfl.merge import age_weighted_merge, update_norm_is_outlier
+from gossipfl.learning.checkpoint import load_checkpoint, save_checkpoint
+from gossipfl.learning.merge import age_weighted_merge, update_norm_is_outlier
+from gossipfl.learning.zoo import ArchSpec, build
 from gossipfl.peers import PeerTable
-from gossipfl.zoo import ArchSpec, build
 
 
 def test_config_defaults_and_relative_paths(tmp_path):

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from gossipfl import wire
-from gossipfl.checkpoint import load_checkpoint, save_checkpoint
 from gossipfl.control import ControlClient
-from gossipfl.datasets import load_digits
-from gossipfl.model import Model
+from gossipfl.learning.checkpoint import load_checkpoint, save_checkpoint
+from gossipfl.learning.datasets import load_digits
+from gossipfl.learning.model import Model
 from gossipfld.cluster import Cluster, ClusterPlan, free_port_base, prepare
 
 from .conftest import wait_for

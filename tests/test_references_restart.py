@@ -11,7 +11,7 @@ import time
 import pytest
 
 from gossipfl.control import ControlClient
-from gossipfl.datasets import load_digits
+from gossipfl.learning.datasets import load_digits
 from gossipfld.cluster import Cluster, ClusterPlan, evaluate_checkpoint, free_port_base, prepare
 
 from .conftest import wait_for

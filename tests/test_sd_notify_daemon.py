@@ -18,8 +18,8 @@ import uuid
 
 import pytest
 
-from gossipfl.checkpoint import load_checkpoint
-from gossipfl.datasets import load_digits
+from gossipfl.learning.checkpoint import load_checkpoint
+from gossipfl.learning.datasets import load_digits
 from gossipfld.cluster import Cluster, ClusterPlan, free_port_base, prepare
 
 pytestmark = pytest.mark.slow

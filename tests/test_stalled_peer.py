@@ -13,7 +13,7 @@ import time
 import pytest
 
 from gossipfl.control import ControlClient
-from gossipfl.datasets import load_digits
+from gossipfl.learning.datasets import load_digits
 from gossipfld.cluster import Cluster, ClusterPlan, free_port_base, prepare
 
 pytestmark = pytest.mark.slow

@@ -5,12 +5,12 @@ import pytest
 from onnx import TensorProto
 from onnx.reference import ReferenceEvaluator
 
-from gossipfl.autodiff import LABELS, build_gradient_graph
 from gossipfl.errors import ConfigError, DataError
-from gossipfl.model import Model
-from gossipfl.optim import OptimizerConfig
-from gossipfl.trainer import TrainConfig, Trainer
-from gossipfl.zoo import ArchSpec, build
+from gossipfl.learning.autodiff import LABELS, build_gradient_graph
+from gossipfl.learning.model import Model
+from gossipfl.learning.optim import OptimizerConfig
+from gossipfl.learning.trainer import TrainConfig, Trainer
+from gossipfl.learning.zoo import ArchSpec, build
 
 from .conftest import FIXTURES, rows
 

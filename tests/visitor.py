@@ -18,10 +18,10 @@ import numpy as np
 from gossipfl import wire
 from gossipfl.certs import issue_node_cert
 from gossipfl.codec import CodecConfig
-from gossipfl.datasets import load_digits
 from gossipfl.gossip import GossipState
 from gossipfl.identity import NodeIdentity, client_context, server_context
-from gossipfl.model import Model
+from gossipfl.learning.datasets import load_digits
+from gossipfl.learning.model import Model
 from gossipfld.cluster import ClusterPlan, NodeSpec, free_port_base, prepare
 
 

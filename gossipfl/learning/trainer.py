@@ -19,18 +19,10 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from gossipfl.autodiff import LABELS, LOSS, build_gradient_graph
 from gossipfl.errors import ConfigError, DataError
-from gossipfl.model import Model
-from gossipfl.optim import (
-    ADAM_EPS,
-    LR,
-    NEW_PREFIX,
-    OptimizerConfig,
-    adam_scalars,
-    add_update_step,
-    state_name,
-)
+from gossipfl.learning.autodiff import LABELS, LOSS, build_gradient_graph
+from gossipfl.learning.model import Model
+from gossipfl.learning.optim import ADAM_EPS, LR, NEW_PREFIX, OptimizerConfig, adam_scalars, add_update_step, state_name
 
 EVAL_BATCH = 1024
 

@@ -27,7 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from gossipfl.errors import ModelError, UnsupportedOpError
-from gossipfl.model import Dim, Model, tensor_shape
+from gossipfl.learning.model import Dim, Model, tensor_shape
 
 LABELS = "gossipfl.labels"
 LOSS = "gossipfl.loss"

@@ -15,7 +15,7 @@ from typing import Any
 
 from gossipfl.atomic import write_bytes_atomic
 from gossipfl.errors import ModelError
-from gossipfl.model import Model
+from gossipfl.learning.model import Model
 
 STATE_KEY = "gossipfl.state"
 FORMAT = 1

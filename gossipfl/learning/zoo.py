@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from gossipfl.errors import ModelError
-from gossipfl.model import IR_VERSION, TASK_KEY, TASKS, Model
+from gossipfl.learning.model import IR_VERSION, TASK_KEY, TASKS, Model
 
 OPSET = 17
 ARCHITECTURES = ("logreg", "mlp", "cnn1d")
