@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gossipfl.codec import CodecConfig, decode_delta, encode_delta
+from gossipfl.protocol.codec import CodecConfig, decode_delta, encode_delta
 
 GOAL_RATIO = {"int8": 4.5, "topk 1% int8": 50.0, "topk 1% float16": 50.0}
 GOAL_SPEED = 500.0  # MB/s, dense schemes

@@ -82,15 +82,15 @@ def _onnxruntime(ctx: dict) -> None:
 
 
 def _blosc2(ctx: dict) -> None:
-    # What the codec loads: the C library through gossipfl._blosc where that module exists (it falls back
-    # to python-blosc2 itself when the library is unusable), python-blosc2 in older trees.
+    # What the codec loads: the C library through gossipfl.protocol._blosc where that module exists (it falls
+    # back to python-blosc2 itself when the library is unusable), python-blosc2 in older trees.
     import importlib.util
 
-    import gossipfl
+    import gossipfl.protocol
 
-    spec = importlib.util.find_spec("gossipfl._blosc")
-    if spec is not None and spec.origin and Path(spec.origin).parent == Path(gossipfl.__file__).parent:
-        from gossipfl import _blosc
+    spec = importlib.util.find_spec("gossipfl.protocol._blosc")
+    if spec is not None and spec.origin and Path(spec.origin).parent == Path(gossipfl.protocol.__file__).parent:
+        from gossipfl.protocol import _blosc
 
         ctx["notes"].append(f"blosc2 layer: {_blosc.BACKEND.name}")
     else:
@@ -100,12 +100,13 @@ def _blosc2(ctx: dict) -> None:
 
 
 def _gossipfl(ctx: dict) -> None:
-    import gossipfl.codec
     import gossipfl.identity
     import gossipfl.learning.checkpoint
     import gossipfl.learning.data
     import gossipfl.learning.trainer
-    import gossipfl.wire  # noqa: F401
+    import gossipfl.protocol.codec
+    import gossipfl.protocol.framing
+    import gossipfl.protocol.messages  # noqa: F401
 
     try:  # the daemon's own modules; tolerated missing while the daemon is being edited
         import gossipfld.node  # noqa: F401
@@ -146,7 +147,8 @@ def _evaluate(ctx: dict) -> None:
 def _codec(ctx: dict) -> None:
     import numpy as np
 
-    from gossipfl.codec import CodecConfig, Reference
+    from gossipfl.protocol.codec import CodecConfig
+    from gossipfl.protocol.feedback import Reference
 
     config = CodecConfig(scheme="int8", int8_block=256, nthreads=1)  # as the daemon's
     params = ctx["model"].params

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import trio
 
-from gossipfl import wire
 from gossipfl.errors import GossipflError, ProtocolError
 from gossipfl.identity import check_peer
+from gossipfl.protocol import framing, messages
 
 READ_SIZE = 1 << 16
 
@@ -58,9 +58,9 @@ class Traffic:
 class MessageStream:
     """Wire messages over a TLS stream. Not safe for concurrent senders; one task owns it."""
 
-    def __init__(self, stream: trio.SSLStream, limits: wire.Limits, read_timeout: float) -> None:
+    def __init__(self, stream: trio.SSLStream, limits: framing.Limits, read_timeout: float) -> None:
         self.stream = stream
-        self.decoder = wire.FrameDecoder(limits)
+        self.decoder = framing.FrameDecoder(limits)
         self.read_timeout = read_timeout
         self.traffic = Traffic()
         self.messages_in = 0
@@ -74,8 +74,8 @@ class MessageStream:
             return PeerRefused("tls", detail + " (before the peer's first message: it may refuse our certificate)")
         return LinkBroken(detail)
 
-    async def send(self, message: wire.Message) -> None:
-        frame = wire.encode(message)
+    async def send(self, message: messages.Message) -> None:
+        frame = framing.encode(message)
         try:
             with trio.fail_after(self.read_timeout):
                 await self.stream.send_all(frame)
@@ -83,7 +83,7 @@ class MessageStream:
             raise self._broken(exc) from exc
         self.traffic.bytes_out += len(frame)
 
-    async def receive(self, timeout: float | None = None) -> wire.Message:
+    async def receive(self, timeout: float | None = None) -> messages.Message:
         """The next message; ProtocolError on garbage, trio.TooSlowError on silence, PeerRefused on EOF.
 
         ``timeout`` overrides the read timeout for a wait that is long by design, such as a gateway
@@ -128,11 +128,11 @@ def verify_peer(stream: trio.SSLStream, expected_id: bytes | None, allowlist: fr
         raise PeerRefused("identity", str(exc)) from exc
 
 
-def expect(message: wire.Message, *types: type[wire.Message]) -> wire.Message:
+def expect(message: messages.Message, *types: type[messages.Message]) -> messages.Message:
     """Raise on a peer's Error or on a message of the wrong kind at this point of the exchange."""
-    if isinstance(message, wire.Error) and wire.Error not in types:
-        code = wire.ErrorCode(message.code).name.lower() if message.code in wire.ErrorCode.__members__.values() \
-            else str(message.code)
+    if isinstance(message, messages.Error) and messages.Error not in types:
+        known = message.code in messages.ErrorCode.__members__.values()
+        code = messages.ErrorCode(message.code).name.lower() if known else str(message.code)
         raise PeerRefused(f"peer-{code}", message.text or "no detail")
     if not isinstance(message, types):
         names = " or ".join(t.__name__ for t in types)

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import trio
 
-from gossipfl import wire
-from gossipfl.codec import decode_delta, encode_delta
-from gossipfl.gossip import GossipState, NeedFull, Refused
+from gossipfl.protocol import messages
+from gossipfl.protocol.codec import decode_delta, encode_delta
+from gossipfl.protocol.references import GossipState, NeedFull, Refused
 
 from .connection import MessageStream, PeerRefused, expect
 from .logs import fields
@@ -81,12 +81,12 @@ class Follower:
 
     # ---------------------------------------------------------------- one round
 
-    async def session(self, conn: MessageStream, gateway_id: bytes, first: wire.GatewayRound) -> None:
+    async def session(self, conn: MessageStream, gateway_id: bytes, first: messages.GatewayRound) -> None:
         """Serve one round on an inbound connection from a gateway."""
         try:
             self._check_gateway(gateway_id)
         except PeerRefused as exc:
-            await conn.send(wire.Error(wire.ErrorCode.REFUSED, str(exc)[:200]))
+            await conn.send(messages.Error(messages.ErrorCode.REFUSED, str(exc)[:200]))
             raise
         node = self.node
         message = first
@@ -106,20 +106,20 @@ class Follower:
         payload = await trio.to_thread.run_sync(encode_delta, corrected, node.codec)
         sent = await trio.to_thread.run_sync(decode_delta, payload, node.model.num_params)
         self.residual = corrected - sent
-        await conn.send(wire.GatewayUpdate(message.round, global_seq, samples, base_age + samples, payload))
+        await conn.send(messages.GatewayUpdate(message.round, global_seq, samples, base_age + samples, payload))
         node.counters.add("fedavg.updates_sent")
         self.last_round, self.rounds = message.round, self.rounds + 1
         # The gateway aggregates once its quorum answered or the deadline passed; then sends the result.
         result = expect(await conn.receive(timeout=message.deadline + node.config.limits.read_timeout),
-                        wire.GatewayRound)
-        assert isinstance(result, wire.GatewayRound)
+                        messages.GatewayRound)
+        assert isinstance(result, messages.GatewayRound)
         if result.epochs != 0 or result.round != message.round:
             raise PeerRefused("protocol", "expected the round's result (zero epochs, same round)")
         new_global, _ = await self._receive_global(conn, gateway_id, result)
         await self._adopt(conn, gateway_id, result, new_global)
 
     async def _receive_global(self, conn: MessageStream, gateway_id: bytes,
-                              message: wire.GatewayRound) -> tuple[np.ndarray, int]:
+                              message: messages.GatewayRound) -> tuple[np.ndarray, int]:
         """Decode the global model, asking for it whole if our base is missing; returns it and its seq."""
         node = self.node
         while True:
@@ -129,9 +129,9 @@ class Follower:
                 break
             except NeedFull as exc:
                 node.counters.add("need_full_sent")
-                await conn.send(wire.NeedFull(exc.base_seq))
-                retry = expect(await conn.receive(), wire.GatewayRound)
-                assert isinstance(retry, wire.GatewayRound)
+                await conn.send(messages.NeedFull(exc.base_seq))
+                retry = expect(await conn.receive(), messages.GatewayRound)
+                assert isinstance(retry, messages.GatewayRound)
                 if retry.round != message.round or retry.epochs != message.epochs:
                     raise PeerRefused("protocol", "the gateway changed the round while resending it") from None
                 message = retry
@@ -141,7 +141,7 @@ class Follower:
         node.peers.succeeded(gateway_id, trio.current_time())
         return received.model.copy(), message.new_seq
 
-    async def _adopt(self, conn: MessageStream, gateway_id: bytes, message: wire.GatewayRound,
+    async def _adopt(self, conn: MessageStream, gateway_id: bytes, message: messages.GatewayRound,
                      global_params: np.ndarray) -> None:
         node = self.node
         async with node.lock:
@@ -151,5 +151,5 @@ class Follower:
                 node.counters.add("fedavg.adopted")
             else:  # our own model learned more (gossip while the gateway was away): keep it
                 node.counters.add("fedavg.kept_newer")
-        await conn.send(wire.Ack(message.new_seq))
+        await conn.send(messages.Ack(message.new_seq))
         log.debug("round adopted", extra=fields(gateway=gateway_id.hex()[:12], round=message.round, age=node.age))

@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import trio
 
-from gossipfl import wire
-from gossipfl.codec import decode_delta
 from gossipfl.config import aggregator_config
 from gossipfl.errors import AggregationError, CodecError, ProtocolError
-from gossipfl.gossip import GossipState, Push
 from gossipfl.learning.aggregate import AggregateResult, ClientUpdate, aggregate
-from gossipfl.peers import Peer
+from gossipfl.protocol import messages
+from gossipfl.protocol.codec import decode_delta
+from gossipfl.protocol.peers import Peer
+from gossipfl.protocol.references import GossipState, Push
 
 from .connection import LinkBroken, MessageStream, PeerRefused, expect, failure_reason, tls_handshake, verify_peer
 from .logs import fields
@@ -226,7 +226,7 @@ class Gateway:
                 await tls_handshake(stream, node.config.limits.connect_timeout)
                 peer_id = verify_peer(stream, peer.node_id, node.allowlist)
                 await conn.send(node.hello)
-                node._check_hello(expect(await conn.receive(), wire.Hello), peer_id)  # type: ignore[arg-type]
+                node._check_hello(expect(await conn.receive(), messages.Hello), peer_id)  # type: ignore[arg-type]
                 await self._serve_client(conn, peer_id, rnd, late_window)
             node.peers.succeeded(peer.node_id, trio.current_time())
         except (PeerRefused, LinkBroken, ProtocolError, CodecError, OSError, trio.TooSlowError,
@@ -244,18 +244,18 @@ class Gateway:
                 await conn.aclose()
 
     async def _send_global(self, conn: MessageStream, peer_id: bytes, number: int, params: np.ndarray,
-                           age: float, epochs: int, wait: float) -> tuple[Push, wire.Message]:
+                           age: float, epochs: int, wait: float) -> tuple[Push, messages.Message]:
         """Send the global model as a delta against the client's copy (whole, if it lost its copy);
         returns the push, to commit once the answer shows the client holds it, and the answer."""
         push = await trio.to_thread.run_sync(self.references.prepare_push, peer_id, params)
-        await conn.send(wire.GatewayRound(number, push.base_seq, push.new_seq, age, self.settings.deadline, epochs,
+        await conn.send(messages.GatewayRound(number, push.base_seq, push.new_seq, age, self.settings.deadline, epochs,
                                           push.payload))
         reply = await conn.receive(timeout=wait)
-        if isinstance(reply, wire.NeedFull):
+        if isinstance(reply, messages.NeedFull):
             self.node.counters.add("need_full_received")
             self.references.forget(peer_id)
             push = await trio.to_thread.run_sync(lambda: self.references.prepare_push(peer_id, params, full=True))
-            await conn.send(wire.GatewayRound(number, push.base_seq, push.new_seq, age, self.settings.deadline,
+            await conn.send(messages.GatewayRound(number, push.base_seq, push.new_seq, age, self.settings.deadline,
                                               epochs, push.payload))
             reply = await conn.receive(timeout=wait)
         return push, reply
@@ -264,8 +264,8 @@ class Gateway:
         node, s = self.node, self.settings
         push, reply = await self._send_global(conn, peer_id, rnd.number, rnd.params, rnd.age, s.epochs,
                                               late_window)
-        update = expect(reply, wire.GatewayUpdate)
-        assert isinstance(update, wire.GatewayUpdate)
+        update = expect(reply, messages.GatewayUpdate)
+        assert isinstance(update, messages.GatewayUpdate)
         if update.round != rnd.number or update.base_seq != push.new_seq:
             raise ProtocolError(f"update for round {update.round} base {update.base_seq}, expected round "
                                 f"{rnd.number} base {push.new_seq}")
@@ -287,5 +287,5 @@ class Gateway:
             return
         push, reply = await self._send_global(conn, peer_id, rnd.number, rnd.result, rnd.result_age, 0,
                                               node.config.limits.read_timeout)
-        expect(reply, wire.Ack)
+        expect(reply, messages.Ack)
         self.references.commit_push(push)

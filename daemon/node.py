@@ -29,12 +29,9 @@ from typing import Any
 import numpy as np
 import trio
 
-from gossipfl import wire
 from gossipfl.atomic import write_bytes_atomic
-from gossipfl.codec import CodecConfig
 from gossipfl.config import NodeConfig, parse_host_port
 from gossipfl.errors import CodecError, ConfigError, GossipflError, IdentityError, ModelError, ProtocolError
-from gossipfl.gossip import GossipState, NeedFull, Refused
 from gossipfl.identity import (
     NodeIdentity,
     client_context,
@@ -50,12 +47,16 @@ from gossipfl.learning.model import Model
 from gossipfl.learning.optim import OptimizerConfig
 from gossipfl.learning.trainer import Metrics, TrainConfig, Trainer
 from gossipfl.metrics import render
-from gossipfl.peers import Peer, PeerTable
+from gossipfl.protocol import framing, messages
+from gossipfl.protocol.advert import Advertisement, PeerGone, PeerSeen
+from gossipfl.protocol.codec import CodecConfig
+from gossipfl.protocol.peers import Peer, PeerTable
+from gossipfl.protocol.references import GossipState, NeedFull, Refused
 
 from .commands import command_table
 from .connection import LinkBroken, MessageStream, PeerRefused, expect, failure_reason, tls_handshake, verify_peer
 from .control import ControlServer
-from .discovery import Advertisement, Discovery, PeerGone, PeerSeen
+from .discovery import Discovery
 from .follower import Follower
 from .gateway import Gateway
 from .logs import fields
@@ -141,7 +142,7 @@ class Node:
         self.peers = PeerTable(g.period, g.failures_to_evict, g.max_backoff)
         self.peers.blocked.update(_node_ids(state.get("blocked", [])))
         self.allowlist = parse_allowlist(config.tls.allowlist) if config.tls.allowlist else None
-        self.limits = wire.Limits.for_model(self.model.num_params)
+        self.limits = framing.Limits.for_model(self.model.num_params)
         self.lock = trio.Lock()
         self.rng = random.Random()
         self.validation: Metrics | None = None
@@ -199,9 +200,10 @@ class Node:
         log.info("resumed delta references", extra=fields(references=count))
 
     @property
-    def hello(self) -> wire.Hello:
+    def hello(self) -> messages.Hello:
         caps = (self.config.gossip.scheme, PUSH_PULL) if self.config.gossip.push_pull else (self.config.gossip.scheme,)
-        return wire.Hello(self.node_id, wire.PROTOCOL_VERSION, self.model.fingerprint, self.config.node.role, caps)
+        return messages.Hello(self.node_id, messages.PROTOCOL_VERSION, self.model.fingerprint, self.config.node.role,
+                              caps)
 
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled or signalled; then checkpoint. ``started`` once peers can connect."""
@@ -406,7 +408,7 @@ class Node:
         advertised = [self.config.listen.address] if self.config.listen.address not in ("0.0.0.0", "::") \
             else interfaces
         assert self.port is not None
-        advert = Advertisement(self.node_id, wire.PROTOCOL_VERSION, self.model.fingerprint, self.port,
+        advert = Advertisement(self.node_id, messages.PROTOCOL_VERSION, self.model.fingerprint, self.port,
                                self.config.node.role, tuple(advertised), self.identity.cluster_tag)
         self.discovery = Discovery(advert, interfaces)
         async with trio.open_nursery() as nursery:
@@ -504,7 +506,7 @@ class Node:
             await tls_handshake(stream, self.config.limits.connect_timeout)
             peer_id = verify_peer(stream, expected, self.allowlist)
             await conn.send(self.hello)
-            theirs = expect(await conn.receive(), wire.Hello)
+            theirs = expect(await conn.receive(), messages.Hello)
             self._check_hello(theirs, peer_id)
             if expected is None:  # a static peer: now we know who it is
                 self.peers.gone(peer.node_id)
@@ -541,14 +543,14 @@ class Node:
         held = self.gossip.outgoing.get(peer_id)
         full = base_seq is not None and (held is None or held.seq != base_seq)
         push = await trio.to_thread.run_sync(lambda: self.gossip.prepare_push(peer_id, params, full=full))
-        await conn.send(wire.ModelDelta(push.base_seq, push.new_seq, age, 0, push.payload))
-        reply = expect(await conn.receive(), wire.Ack, wire.NeedFull)
-        if isinstance(reply, wire.NeedFull):
+        await conn.send(messages.ModelDelta(push.base_seq, push.new_seq, age, 0, push.payload))
+        reply = expect(await conn.receive(), messages.Ack, messages.NeedFull)
+        if isinstance(reply, messages.NeedFull):
             self.counters.add("need_full_received")
             self.gossip.forget(peer_id)
             push = await trio.to_thread.run_sync(lambda: self.gossip.prepare_push(peer_id, params, full=True))
-            await conn.send(wire.ModelDelta(push.base_seq, push.new_seq, age, 0, push.payload))
-            expect(await conn.receive(), wire.Ack)
+            await conn.send(messages.ModelDelta(push.base_seq, push.new_seq, age, 0, push.payload))
+            expect(await conn.receive(), messages.Ack)
         self.gossip.commit_push(push)
         if push.base_seq == 0:
             self.counters.add("full_models_sent")  # what lost references cost: a whole model, not a delta
@@ -556,10 +558,10 @@ class Node:
     async def _pull(self, conn: MessageStream, peer_id: bytes) -> None:
         """The pull half of push-pull: ask for the peer's pre-merge model and merge it as it merged ours."""
         held = self.gossip.incoming.get(peer_id)
-        await conn.send(wire.PullRequest(held.seq if held is not None else 0))
-        reply = expect(await conn.receive(), wire.ModelDelta, wire.Error)
-        if isinstance(reply, wire.Error):
-            if reply.code != wire.ErrorCode.OVERLOADED:
+        await conn.send(messages.PullRequest(held.seq if held is not None else 0))
+        reply = expect(await conn.receive(), messages.ModelDelta, messages.Error)
+        if isinstance(reply, messages.Error):
+            if reply.code != messages.ErrorCode.OVERLOADED:
                 raise PeerRefused(f"peer-{reply.code}", reply.text or "pull refused")
             self.counters.add("pulls_declined")  # it was sending to us at that moment: the push stands
             return
@@ -582,7 +584,7 @@ class Node:
         if peer is not None:
             peer.stats.refusals[reason] = peer.stats.refusals.get(reason, 0) + 1
 
-    def _check_hello(self, hello: wire.Hello, peer_id: bytes) -> None:
+    def _check_hello(self, hello: messages.Hello, peer_id: bytes) -> None:
         if hello.node_id != peer_id:
             raise PeerRefused("identity", "Hello names another node id than the certificate")
         if hello.model_fingerprint != self.model.fingerprint:
@@ -638,22 +640,22 @@ class Node:
             with trio.fail_after(self.config.limits.read_timeout * 3):
                 await tls_handshake(stream, self.config.limits.connect_timeout)
                 peer_id = verify_peer(stream, None, self.allowlist)
-                theirs = expect(await conn.receive(), wire.Hello)
+                theirs = expect(await conn.receive(), messages.Hello)
                 try:
                     self._check_hello(theirs, peer_id)
                 except PeerRefused as exc:
-                    code = wire.ErrorCode.FINGERPRINT_MISMATCH if exc.reason == "fingerprint" \
-                        else wire.ErrorCode.REFUSED
-                    await conn.send(wire.Error(code, str(exc)))
+                    code = messages.ErrorCode.FINGERPRINT_MISMATCH if exc.reason == "fingerprint" \
+                        else messages.ErrorCode.REFUSED
+                    await conn.send(messages.Error(code, str(exc)))
                     raise
                 await conn.send(self.hello)
                 host, _ = tcp.socket.getpeername()[:2]
                 peer = self.peers.seen(peer_id, host, 0, "inbound", trio.current_time())
                 peer.role = theirs.role  # an inbound gateway must be known as one, to be followed
                 first = await self._first_message(conn)
-                if first is not None and not isinstance(first, wire.GatewayRound):
+                if first is not None and not isinstance(first, messages.GatewayRound):
                     await self._serve_deltas(conn, peer_id, first)
-            if isinstance(first, wire.GatewayRound):  # a FedAvg round: local epochs take their time
+            if isinstance(first, messages.GatewayRound):  # a FedAvg round: local epochs take their time
                 await self.follower.session(conn, peer_id, first)
         except (PeerRefused, ProtocolError, CodecError, trio.TooSlowError) as exc:
             reason = failure_reason(exc)
@@ -676,7 +678,7 @@ class Node:
                 del self.open_by_host[remote]
 
     @staticmethod
-    async def _first_message(conn: MessageStream) -> wire.Message | None:
+    async def _first_message(conn: MessageStream) -> messages.Message | None:
         """The next message, or None when the peer closes the connection cleanly."""
         try:
             return await conn.receive()
@@ -696,20 +698,20 @@ class Node:
         if not self.learns_by_gossip and self.gateway is None:
             raise PeerRefused("following", "this node follows a gateway and takes no gossip now")
 
-    async def _serve_deltas(self, conn: MessageStream, peer_id: bytes, message: wire.Message | None) -> None:
+    async def _serve_deltas(self, conn: MessageStream, peer_id: bytes, message: messages.Message | None) -> None:
         """Serve pushes from ``peer_id`` and, after a merged push, its pull of our pre-merge model."""
         before_merge: _BeforeMerge | None = None
         while message is not None:
-            if isinstance(message, wire.PullRequest):
+            if isinstance(message, messages.PullRequest):
                 await self._answer_pull(conn, peer_id, message, before_merge)
                 before_merge = None
                 message = await self._first_message(conn)
                 continue
-            delta = expect(message, wire.ModelDelta)
+            delta = expect(message, messages.ModelDelta)
             try:
                 self._check_gossip_from(peer_id)
             except PeerRefused as exc:
-                await conn.send(wire.Error(wire.ErrorCode.REFUSED, str(exc)[:200]))
+                await conn.send(messages.Error(messages.ErrorCode.REFUSED, str(exc)[:200]))
                 raise
             before_merge = await self._receive_delta(conn, peer_id, delta, keep_before=self.config.gossip.push_pull)
             if before_merge is None:
@@ -717,7 +719,7 @@ class Node:
             self.counters.add("exchanges_in")
             message = await self._first_message(conn)
 
-    async def _receive_delta(self, conn: MessageStream, peer_id: bytes, delta: wire.ModelDelta, *,
+    async def _receive_delta(self, conn: MessageStream, peer_id: bytes, delta: messages.ModelDelta, *,
                              keep_before: bool) -> _BeforeMerge | None:
         """Decode a delta from ``peer_id`` (asking for the full model when we lack its base), merge it and
         acknowledge it. Returns our model and age as they were just before the merge (what a pull gets; the
@@ -732,17 +734,17 @@ class Node:
                 break
             except NeedFull as exc:
                 self.counters.add("need_full_sent")
-                await conn.send(wire.NeedFull(exc.base_seq))
-                delta = expect(await conn.receive(), wire.ModelDelta)
+                await conn.send(messages.NeedFull(exc.base_seq))
+                delta = expect(await conn.receive(), messages.ModelDelta)
             except Refused as exc:
                 self._refusal(peer_id, exc.reason)
                 log.warning("update refused", extra=fields(peer=short(peer_id), reason=exc.reason, error=str(exc)))
-                await conn.send(wire.Error(wire.ErrorCode.REFUSED, str(exc)[:200]))
+                await conn.send(messages.Error(messages.ErrorCode.REFUSED, str(exc)[:200]))
                 return None
             except CodecError as exc:
                 self._refusal(peer_id, "codec")
                 log.warning("bad update", extra=fields(peer=short(peer_id), error=str(exc)))
-                await conn.send(wire.Error(wire.ErrorCode.CODEC, str(exc)[:200]))
+                await conn.send(messages.Error(messages.ErrorCode.CODEC, str(exc)[:200]))
                 return None
         async with self.lock:
             before = _BeforeMerge(self.model.params.copy() if keep_before else None, self.age)
@@ -753,20 +755,20 @@ class Node:
         self.peers.succeeded(peer_id, trio.current_time())
         log.debug("merged", extra=fields(peer=short(peer_id), weight=round(merged.weight_remote, 3),
                                          age=self.age, distance=round(received.distance, 4)))
-        await conn.send(wire.Ack(delta.new_seq))
+        await conn.send(messages.Ack(delta.new_seq))
         return before
 
-    async def _answer_pull(self, conn: MessageStream, peer_id: bytes, request: wire.PullRequest,
+    async def _answer_pull(self, conn: MessageStream, peer_id: bytes, request: messages.PullRequest,
                            before_merge: _BeforeMerge | None) -> None:
         """Send our model as it was before we merged the peer's push, so that both ends average alike."""
         if before_merge is None or before_merge.params is None:
-            await conn.send(wire.Error(wire.ErrorCode.REFUSED, "a pull must follow a merged push"))
+            await conn.send(messages.Error(messages.ErrorCode.REFUSED, "a pull must follow a merged push"))
             raise PeerRefused("pull", "pull without a merged push, or push-pull is off here")
         lock = self._send_lock(peer_id)
         try:
             lock.acquire_nowait()
         except trio.WouldBlock:  # our own push to that peer is in flight: never wait (both could wait)
-            await conn.send(wire.Error(wire.ErrorCode.OVERLOADED, "already sending to you; push kept"))
+            await conn.send(messages.Error(messages.ErrorCode.OVERLOADED, "already sending to you; push kept"))
             return
         try:
             await self._send_model(conn, peer_id, before_merge.params, before_merge.age, base_seq=request.base_seq)

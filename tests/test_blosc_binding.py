@@ -1,4 +1,4 @@
-"""gossipfl._blosc: the ctypes binding to C-Blosc2 against python-blosc2, call for call."""
+"""gossipfl.protocol._blosc: the ctypes binding to C-Blosc2 against python-blosc2, call for call."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import blosc2
 import numpy as np
 import pytest
 
-from gossipfl import _blosc
+from gossipfl.protocol import _blosc
 
 NATIVE = _blosc.NativeBlosc.load()
 PYTHON = _blosc.PythonBlosc()
@@ -38,7 +38,7 @@ def test_the_wheel_ships_the_library_and_it_is_used() -> None:
 
 
 def test_importing_the_codec_does_not_import_python_blosc2() -> None:
-    code = "import sys, gossipfl.codec; print('blosc2' in sys.modules)"
+    code = "import sys, gossipfl.protocol.codec; print('blosc2' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from gossipfl import wire
 from gossipfl.control import ControlClient
 from gossipfl.metrics import render
+from gossipfl.protocol import messages
 from gossipfld.cluster import Cluster
 
 from .conftest import wait_for
@@ -43,7 +43,7 @@ def test_a_dialler_reset_after_its_hello_is_dropped_not_refused(tmp_path):
 
 def test_a_receiver_reset_mid_exchange_is_a_failed_push_not_a_refusal(tmp_path):
     specs, visitor = make_visitor(tmp_path)
-    seen: list[wire.Message] = []
+    seen: list[messages.Message] = []
     errors: list[BaseException] = []
     with socket.create_server(("127.0.0.1", visitor.port)) as listener:
         listener.settimeout(30)
@@ -68,6 +68,6 @@ def test_a_receiver_reset_mid_exchange_is_a_failed_push_not_a_refusal(tmp_path):
                                 20, "the daemon to count the failed push")
             time.sleep(1)  # later dials wait unaccepted in the backlog: none of that may count as a refusal
             assert cluster.running(spec)
-    assert [type(m) for m in seen] == [wire.Hello, wire.ModelDelta], seen
+    assert [type(m) for m in seen] == [messages.Hello, messages.ModelDelta], seen
     assert counters["failed.link"] == 1, counters
     assert not [k for k in counters if k.startswith("refused.")], counters

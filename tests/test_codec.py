@@ -1,4 +1,5 @@
-"""Tests of gossipfl.codec: round trips with error bounds, refusals of bad payloads, error feedback."""
+"""Tests of gossipfl.protocol.codec, quantize, chunks and feedback: round trips with error bounds, refusals of bad
+payloads, error feedback."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gossipfl import codec
-from gossipfl.codec import CodecConfig, Reference, decode_delta, encode_delta, read_header
 from gossipfl.errors import CodecError, ConfigError
+from gossipfl.protocol import codec, quantize
+from gossipfl.protocol.codec import CodecConfig, decode_delta, encode_delta, read_header
+from gossipfl.protocol.feedback import Reference
 
 F16_MAX = 65504.0
 
@@ -232,11 +234,11 @@ def test_float16_conversion_matches_numpy_on_random_bit_patterns() -> None:
         [0.0, -0.0, 2**-24, 2**-25, 2**-25 * 1.0001, 2**-14, 65504, -65504, 65519, 1 / 3], np.float32
     )
     x = np.concatenate([x, np.clip(edges, -F16_MAX, F16_MAX)])
-    np.testing.assert_array_equal(codec._to_float16(x).view(np.uint16), x.astype(np.float16).view(np.uint16))
+    np.testing.assert_array_equal(quantize.to_float16(x).view(np.uint16), x.astype(np.float16).view(np.uint16))
     h = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
     h = h[np.isfinite(h)]
     np.testing.assert_array_equal(
-        codec._from_float16(h).view(np.uint32), h.astype(np.float32).view(np.uint32)
+        quantize.from_float16(h).view(np.uint32), h.astype(np.float32).view(np.uint32)
     )
 
 

@@ -17,6 +17,7 @@ from gossipfl.control import ControlClient
 from gossipfl.learning.datasets import load_digits, train_test_split
 from gossipfl.learning.model import Model
 from gossipfl.learning.trainer import Trainer
+from gossipfl.protocol import messages
 from gossipfld.cluster import (
     Cluster,
     ClusterPlan,
@@ -224,20 +225,20 @@ def test_valid_certificate_under_another_advertised_id_is_refused(tmp_path, spli
     """mDNS says node X listens on a port where node Y answers: the dialler refuses after TLS."""
     from zeroconf import Zeroconf
 
-    from gossipfl import wire
-    from gossipfld.discovery import Advertisement
+    from gossipfl.protocol.advert import Advertisement
+    from gossipfld.discovery import service_info
 
     x_train, y_train, _, _ = split
     specs = prepare(tmp_path, ClusterPlan(nodes=2, base_port=free_port_base(), training=TRAINING,
                                           gossip={"period": 0.3}), x_train, y_train)
     fingerprint = Model.load(tmp_path / "model.onnx").fingerprint
-    forged = Advertisement(bytes(range(32)), wire.PROTOCOL_VERSION, fingerprint, specs[1].port, "node",
+    forged = Advertisement(bytes(range(32)), messages.PROTOCOL_VERSION, fingerprint, specs[1].port, "node",
                            ("127.0.0.1",))
     zc = Zeroconf(interfaces=["127.0.0.1"])
     try:
         with Cluster(specs) as cluster:
             assert cluster.wait_for_log(specs[0], "node started", 30)
-            zc.register_service(forged.service_info())
+            zc.register_service(service_info(forged))
             time.sleep(6)
             codes = cluster.stop_all()
     finally:

@@ -25,19 +25,18 @@ import pytest
 import trio
 from zeroconf import ServiceInfo, Zeroconf
 
-from gossipfld.discovery import (
+from gossipfl.protocol.advert import (
     MAX_TXT_BYTES,
     SERVICE_TYPE,
     Advertisement,
-    Discovery,
     MalformedAdvertisement,
     PeerGone,
     PeerSeen,
     instance_name,
-    open_discovery,
     parse_txt,
     peer_from_records,
 )
+from gossipfld.discovery import Discovery, open_discovery, service_info
 
 from .netns import netns_lab, require_netns
 
@@ -71,7 +70,7 @@ def txt_bytes(pairs: dict[bytes, bytes | None]) -> bytes:
 
 def test_advertisement_round_trips_through_the_checks():
     a = adv(role="gateway", protocol=65535, port=1)
-    info = a.service_info()
+    info = service_info(a)
     assert info.name == instance_name(a.node_id) == f"gfl-{a.node_id.hex()[:16]}.{SERVICE_TYPE}"
     peer = peer_from_records(info.name, info.text, info.port, info.parsed_addresses())
     assert peer == PeerSeen(a.node_id, (LOOPBACK,), 1, a.fingerprint, "gateway", 65535)
@@ -80,12 +79,12 @@ def test_advertisement_round_trips_through_the_checks():
 def test_cluster_tag_is_advertised_and_checked():
     tag = bytes(range(8))
     a = adv(cluster=tag)
-    info = a.service_info()
+    info = service_info(a)
     assert info.properties[b"cl"] == tag.hex().encode()
     assert peer_from_records(info.name, info.text, info.port, info.parsed_addresses()).cluster == tag
     untagged = adv()
     assert b"cl" not in untagged.txt(), "no tag, no key: older nodes and tag-less adverts stay readable"
-    info = untagged.service_info()
+    info = service_info(untagged)
     assert peer_from_records(info.name, info.text, info.port, info.parsed_addresses()).cluster == b""
     for bad in (b"0011", b"00112233445566778899", b"ZZ11223344556677", b""):
         text = txt_bytes({**{k: v for k, v in untagged.txt().items()}, b"cl": bad})
@@ -441,7 +440,7 @@ def test_malformed_advertisements_are_ignored_and_discovery_keeps_working(caplog
                             trio.to_thread.run_sync, functools.partial(zc.register_service, info,
                                                                        cooperating_responders=True),
                             limiter=limiter))
-                await trio.to_thread.run_sync(zc.register_service, good.service_info())
+                await trio.to_thread.run_sync(zc.register_service, service_info(good))
                 received: list = []
                 with trio.fail_after(8):
                     async for event in disc.events:
@@ -457,7 +456,7 @@ def test_malformed_advertisements_are_ignored_and_discovery_keeps_working(caplog
                 assert disc.peers[good_id] == received[-1]
                 assert not set(disc.peers) & set(bad_ids)
                 # Still working: the good one leaves cleanly and that is reported.
-                await trio.to_thread.run_sync(zc.unregister_service, good.service_info())
+                await trio.to_thread.run_sync(zc.unregister_service, service_info(good))
                 with trio.fail_after(5):
                     async for event in disc.events:
                         assert not (isinstance(event, PeerSeen) and event.node_id in bad_ids)

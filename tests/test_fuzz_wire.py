@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from gossipfl import codec, wire
-from gossipfl.codec import CodecConfig, decode_delta, encode_delta
 from gossipfl.errors import CodecError, ProtocolError
-from gossipfl.wire import FrameDecoder, Limits
+from gossipfl.protocol import codec, framing, messages
+from gossipfl.protocol.codec import CodecConfig, decode_delta, encode_delta
+from gossipfl.protocol.framing import FrameDecoder, Limits
 
 N_ELEMENTS = 512  # the model size the fuzzed peers agree on
 LIMITS = Limits.for_model(N_ELEMENTS, read_size=1 << 16)
@@ -66,18 +66,18 @@ def build_corpus() -> tuple[list[bytes], list[bytes]]:
     payloads.append(encode_delta(np.zeros(N_ELEMENTS, np.float32), CodecConfig(scheme="float32")))
     node = bytes(range(32))
     frames = [
-        wire.encode(wire.Hello(node, 1, node[::-1], "node", ("int8", "topk", "push-pull"))),
-        wire.encode(wire.Hello(node, 1, node, "gateway")),
-        wire.encode(wire.NeedFull(12)),
-        wire.encode(wire.Ack(13)),
-        wire.encode(wire.Ping(2**63)),
-        wire.encode(wire.Pong(7)),
-        wire.encode(wire.Error(3, "payload hash mismatch")),
+        framing.encode(messages.Hello(node, 1, node[::-1], "node", ("int8", "topk", "push-pull"))),
+        framing.encode(messages.Hello(node, 1, node, "gateway")),
+        framing.encode(messages.NeedFull(12)),
+        framing.encode(messages.Ack(13)),
+        framing.encode(messages.Ping(2**63)),
+        framing.encode(messages.Pong(7)),
+        framing.encode(messages.Error(3, "payload hash mismatch")),
     ]
     for i, p in enumerate(payloads):
-        frames.append(wire.encode(wire.ModelDelta(i, i + 1, 1234.5, 64, p)))
-        frames.append(wire.encode(wire.GatewayRound(i, i, i + 2, float(i), 30.0, 1, p)))
-        frames.append(wire.encode(wire.GatewayUpdate(i, i, 64, float(i), p)))
+        frames.append(framing.encode(messages.ModelDelta(i, i + 1, 1234.5, 64, p)))
+        frames.append(framing.encode(messages.GatewayRound(i, i, i + 2, float(i), 30.0, 1, p)))
+        frames.append(framing.encode(messages.GatewayUpdate(i, i, 64, float(i), p)))
     return frames, payloads
 
 

@@ -7,9 +7,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from gossipfl.codec import CodecConfig
 from gossipfl.errors import CodecError
-from gossipfl.gossip import GossipState, NeedFull, Refused
+from gossipfl.protocol.codec import CodecConfig
+from gossipfl.protocol.references import GossipState, NeedFull, Refused
 
 A, B = b"a" * 32, b"b" * 32
 N = 4096

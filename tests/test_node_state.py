@@ -12,7 +12,7 @@ from gossipfl.errors import ConfigError, ModelError
 from gossipfl.learning.checkpoint import load_checkpoint, save_checkpoint
 from gossipfl.learning.merge import age_weighted_merge, update_norm_is_outlier
 from gossipfl.learning.zoo import ArchSpec, build
-from gossipfl.peers import PeerTable
+from gossipfl.protocol.peers import PeerTable
 
 
 def test_config_defaults_and_relative_paths(tmp_path):

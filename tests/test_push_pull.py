@@ -13,11 +13,11 @@ import time
 import numpy as np
 import pytest
 
-from gossipfl import wire
 from gossipfl.control import ControlClient
 from gossipfl.learning.checkpoint import load_checkpoint, save_checkpoint
 from gossipfl.learning.datasets import load_digits
 from gossipfl.learning.model import Model
+from gossipfl.protocol import messages
 from gossipfld.cluster import Cluster, ClusterPlan, free_port_base, prepare
 
 from .conftest import wait_for
@@ -109,34 +109,34 @@ def test_a_pull_while_the_receiver_is_pushing_to_the_puller_is_declined_and_the_
         with Cluster(specs) as cluster:
             held, theirs = visitor.accept(listener)  # the daemon's push to us, which we leave pending
             pushed = held.receive()
-            assert isinstance(pushed, wire.ModelDelta)
+            assert isinstance(pushed, messages.ModelDelta)
             daemon_id = theirs.node_id
 
             asking = visitor.dial(spec)
             asking.send(visitor.full_model_delta(daemon_id))
-            assert isinstance(asking.receive(), wire.Ack)  # our push is merged
-            asking.send(wire.PullRequest(0))
+            assert isinstance(asking.receive(), messages.Ack)  # our push is merged
+            asking.send(messages.PullRequest(0))
             declined = asking.receive()
             asking.close()
 
-            held.send(wire.Ack(pushed.new_seq))  # its push completes; it pulls, and we decline in turn
-            assert isinstance(held.receive(), wire.PullRequest)
-            held.send(wire.Error(wire.ErrorCode.OVERLOADED, "busy"))
+            held.send(messages.Ack(pushed.new_seq))  # its push completes; it pulls, and we decline in turn
+            assert isinstance(held.receive(), messages.PullRequest)
+            held.send(messages.Error(messages.ErrorCode.OVERLOADED, "busy"))
             held.close()
 
             asking = visitor.dial(spec)  # nothing in flight to us now: the pull is answered
             asking.send(visitor.full_model_delta(daemon_id))
-            assert isinstance(asking.receive(), wire.Ack)
-            asking.send(wire.PullRequest(0))
+            assert isinstance(asking.receive(), messages.Ack)
+            asking.send(messages.PullRequest(0))
             answered = asking.receive()
-            if isinstance(answered, wire.ModelDelta):
-                asking.send(wire.Ack(answered.new_seq))
+            if isinstance(answered, messages.ModelDelta):
+                asking.send(messages.Ack(answered.new_seq))
             asking.close()
             counters = wait_for(lambda: (c := ControlClient(spec.socket, timeout=10).call("status")["counters"])
                                 .get("pulls_answered") and c, 20, "the pull to be counted")
             assert cluster.running(spec)
-    assert isinstance(declined, wire.Error) and declined.code == wire.ErrorCode.OVERLOADED, declined
-    assert isinstance(answered, wire.ModelDelta) and answered.base_seq == 0, answered
+    assert isinstance(declined, messages.Error) and declined.code == messages.ErrorCode.OVERLOADED, declined
+    assert isinstance(answered, messages.ModelDelta) and answered.base_seq == 0, answered
     assert counters["exchanges_in"] == 2 and counters["pulls_answered"] == 1, counters
     assert counters["pulls_declined"] == 1 and counters["exchanges_out"] >= 1, counters
     assert not [k for k in counters if k.startswith("refused.")], counters

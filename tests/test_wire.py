@@ -1,5 +1,5 @@
-"""Tests of gossipfl.wire: every message round-trips through any split of the byte stream, and every
-malformed or oversized frame is refused with a typed error, as early as the bytes allow."""
+"""Tests of gossipfl.protocol.messages and framing: every message round-trips through any split of the byte
+stream, and every malformed or oversized frame is refused with a typed error, as early as the bytes allow."""
 
 from __future__ import annotations
 
@@ -11,31 +11,36 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gossipfl import codec, wire
-from gossipfl.codec import CodecConfig, encode_delta
 from gossipfl.errors import ProtocolError
-from gossipfl.wire import (
-    Ack,
-    BadMessage,
+from gossipfl.protocol import codec
+from gossipfl.protocol.codec import CodecConfig, encode_delta
+from gossipfl.protocol.framing import (
+    PREFIX_SIZE,
     BadPayload,
     BufferFull,
-    Error,
     FrameDecoder,
     FrameTooLarge,
+    Limits,
+    TruncatedFrame,
+    UnknownMessageType,
+    UnsupportedVersion,
+    encode,
+)
+from gossipfl.protocol.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    BadMessage,
+    Error,
+    ErrorCode,
     GatewayRound,
     GatewayUpdate,
     Hello,
-    Limits,
     Message,
     ModelDelta,
     NeedFull,
     Ping,
     Pong,
     PullRequest,
-    TruncatedFrame,
-    UnknownMessageType,
-    UnsupportedVersion,
-    encode,
 )
 
 U64 = (1 << 64) - 1
@@ -155,7 +160,7 @@ def test_one_byte_at_a_time_gives_the_same_messages(batch: list[Message]) -> Non
 def test_frame_layout_is_as_documented() -> None:
     frame = encode(Ack(0x0102030405060708))
     assert frame[:2] == b"GF"
-    assert frame[2] == wire.PROTOCOL_VERSION == 1
+    assert frame[2] == PROTOCOL_VERSION == 1
     assert frame[3] == Ack.TYPE
     assert struct.unpack_from("<IQ", frame, 4) == (8, 0)
     assert frame[16:] == bytes.fromhex("0807060504030201")
@@ -232,7 +237,7 @@ def test_fields_are_normalized() -> None:
     assert type(m.base_seq) is int and type(m.age) is float and type(m.payload) is bytes
     h = Hello(bytearray(32), 1, memoryview(bytes(32)), "gateway", ["int8", "push-pull"])
     assert h.capabilities == ("int8", "push-pull") and type(h.node_id) is bytes
-    assert Error(wire.ErrorCode.CODEC, "x").code == 3
+    assert Error(ErrorCode.CODEC, "x").code == 3
 
 
 def test_encode_refuses_non_messages() -> None:
@@ -390,7 +395,7 @@ def test_limits_are_validated_and_derived() -> None:
     lim = Limits.for_model(10_000)
     assert lim.max_element_count == 10_000
     assert lim.max_payload_size == codec.encoded_size_bound(10_000)
-    assert lim.max_frame_size == wire.PREFIX_SIZE + lim.max_header_size + lim.max_payload_size
+    assert lim.max_frame_size == PREFIX_SIZE + lim.max_header_size + lim.max_payload_size
     # the largest legitimate messages fit the limits
     x = np.random.default_rng(0).normal(0, 1, 10_000).astype(np.float32)
     big = encode_delta(

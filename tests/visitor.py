@@ -15,20 +15,20 @@ from pathlib import Path
 
 import numpy as np
 
-from gossipfl import wire
 from gossipfl.certs import issue_node_cert
-from gossipfl.codec import CodecConfig
-from gossipfl.gossip import GossipState
 from gossipfl.identity import NodeIdentity, client_context, server_context
 from gossipfl.learning.datasets import load_digits
 from gossipfl.learning.model import Model
+from gossipfl.protocol import framing, messages
+from gossipfl.protocol.codec import CodecConfig
+from gossipfl.protocol.references import GossipState
 from gossipfld.cluster import ClusterPlan, NodeSpec, free_port_base, prepare
 
 
 @dataclass
 class Visitor:
     identity: NodeIdentity
-    hello: wire.Hello
+    hello: messages.Hello
     model: Model
     port: int  # where the daemon under test dials it (its only static peer)
     gossip: GossipState = field(init=False)
@@ -41,10 +41,10 @@ class Visitor:
         tcp = socket.create_connection((spec.address, spec.port), timeout=10)
         link = Link(client_context(self.identity).wrap_socket(tcp, server_hostname=None))
         link.send(self.hello)
-        assert isinstance(link.receive(), wire.Hello)
+        assert isinstance(link.receive(), messages.Hello)
         return link
 
-    def accept(self, listener: socket.socket) -> tuple[Link, wire.Message]:
+    def accept(self, listener: socket.socket) -> tuple[Link, messages.Message]:
         """The daemon's next dial, with our Hello sent back; returns the connection and the daemon's Hello."""
         tcp, _ = listener.accept()
         tcp.settimeout(10)
@@ -53,12 +53,12 @@ class Visitor:
         link.send(self.hello)
         return link, theirs
 
-    def full_model_delta(self, peer: bytes, age: float = 50.0) -> wire.ModelDelta:
+    def full_model_delta(self, peer: bytes, age: float = 50.0) -> messages.ModelDelta:
         """Our model in full (base 0), as a push a daemon accepts: near its own initial model."""
         rng = np.random.default_rng(0)
         params = self.model.params + rng.normal(0, 1e-3, self.model.num_params).astype(np.float32)
         push = self.gossip.prepare_push(peer, params, full=True)
-        return wire.ModelDelta(push.base_seq, push.new_seq, age, 0, push.payload)
+        return messages.ModelDelta(push.base_seq, push.new_seq, age, 0, push.payload)
 
 
 def make_visitor(tmp_path: Path, **plan_options: object) -> tuple[list[NodeSpec], Visitor]:
@@ -75,7 +75,7 @@ def make_visitor(tmp_path: Path, **plan_options: object) -> tuple[list[NodeSpec]
     visitor_id = issue_node_cert(tmp_path / "ca", "visitor", directory)
     identity = NodeIdentity.load(directory / "node.crt", directory / "node.key", directory / "ca.crt")
     model = Model.load(tmp_path / "model.onnx")
-    hello = wire.Hello(visitor_id, wire.PROTOCOL_VERSION, model.fingerprint, "node", ("push-pull",))
+    hello = messages.Hello(visitor_id, messages.PROTOCOL_VERSION, model.fingerprint, "node", ("push-pull",))
     return specs, Visitor(identity, hello, model, visitor_port)
 
 
@@ -84,12 +84,12 @@ class Link:
     """One connection, with its own frame decoder (a read may carry more than one message)."""
 
     sock: ssl.SSLSocket
-    decoder: wire.FrameDecoder = field(default_factory=lambda: wire.FrameDecoder(wire.Limits()))
+    decoder: framing.FrameDecoder = field(default_factory=lambda: framing.FrameDecoder(framing.Limits()))
 
-    def send(self, message: wire.Message) -> None:
-        self.sock.sendall(wire.encode(message))
+    def send(self, message: messages.Message) -> None:
+        self.sock.sendall(framing.encode(message))
 
-    def receive(self) -> wire.Message:
+    def receive(self) -> messages.Message:
         while (message := self.decoder.next_message()) is None:
             data = self.sock.recv(65536)
             assert data, "the daemon closed the connection"

@@ -1,6 +1,6 @@
 """Per-peer delta references for asynchronous gossip, as a state machine with no I/O.
 
-For every peer j, node i keeps two references (``codec.Reference``), each with a sequence number:
+For every peer j, node i keeps two references (``feedback.Reference``), each with a sequence number:
 
 - ``outgoing[j]``: the copy of i's model that j holds. A push codes ``x_i - outgoing[j]``; with error
   feedback the reference moves by exactly what j decodes, so what a lossy scheme drops from one
@@ -33,9 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gossipfl.codec import CodecConfig, Reference
 from gossipfl.errors import CodecError
 from gossipfl.learning.merge import update_norm_is_outlier
+from gossipfl.protocol.codec import CodecConfig
+from gossipfl.protocol.feedback import Reference
 
 NORM_HISTORY = 32
 # The outlier rule never takes the recent median distance to be below this share of our own model's norm:

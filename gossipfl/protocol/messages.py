@@ -1,33 +1,18 @@
-"""The peer-to-peer wire protocol: message types, framing, and a sans-I/O frame decoder.
+"""The peer-to-peer wire protocol's messages: frozen dataclasses that validate every field, and their error codes.
 
-Like h11, nothing here reads a socket or a clock: :func:`encode` turns a message into bytes, and a
-:class:`FrameDecoder` is fed whatever bytes arrived and hands back whole messages. The daemon owns the
-sockets, timeouts and TLS; tests and simulators drive the same code with plain byte strings.
-
-Frame (all integers little-endian)::
-
-    0   2  magic      b"GF"
-    2   1  version    framing/protocol version, 1
-    3   1  type       message type id
-    4   4  hlen       header length (u32)
-    8   8  plen       payload length (u64)
-    16  hlen          header: the message's fields, struct-packed
-    ..  plen          payload: a codec payload (gossipfl.codec) for delta-carrying messages, else empty
+A message is valid whether it was built locally or parsed from the wire: each ``__post_init__`` checks and
+normalizes every field, and :class:`BadMessage` (also a ``ValueError``) refuses anything else. Framing (the
+16-byte prefix, limits, the sans-I/O decoder) is in ``framing``.
 
 Headers are fixed-layout ``struct`` records, not JSON: every field has one width and one encoding, the
 length of the header is known from the type (or bounded, for the two with strings), and a parser cannot
 meet duplicate keys, big-number precision loss or type confusion. Extending a message means a new protocol
-version. Every length is checked against :class:`Limits` as soon as the 16-byte prefix has arrived, so a
-frame that would be too large is refused before its bytes are waited for or buffered. See
-``docs/protocol.md`` for the message fields and the reasoning.
+version. See ``docs/protocol.md`` for the message fields and the reasoning.
 
 Public API::
 
-    Hello, ModelDelta, NeedFull, Ack, GatewayRound, GatewayUpdate, Ping, Pong, Error  (frozen dataclasses)
-    encode(message) -> bytes
-    Limits(max_frame_size, max_header_size, max_payload_size, max_element_count, max_buffered)
-    Limits.for_model(element_count) -> Limits
-    FrameDecoder(limits).feed(data) / .feed_eof() / .next_message() -> Message | None / iteration
+    Hello, ModelDelta, NeedFull, Ack, PullRequest, GatewayRound, GatewayUpdate, Ping, Pong, Error  (frozen dataclasses)
+    ErrorCode, PROTOCOL_VERSION, MESSAGE_TYPES (type id -> class)
 """
 
 from __future__ import annotations
@@ -38,45 +23,30 @@ import math
 import operator
 import re
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar, Final, NoReturn, Self
+from typing import ClassVar, Final, Self
 
-from gossipfl import codec
-from gossipfl.errors import CodecError, ProtocolError
+from gossipfl.errors import ProtocolError
 
 __all__ = [
-    "MAGIC",
-    "PREFIX_SIZE",
+    "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
     "Ack",
     "BadMessage",
-    "BadPayload",
-    "BufferFull",
     "Error",
     "ErrorCode",
-    "FrameDecoder",
-    "FrameTooLarge",
     "GatewayRound",
     "GatewayUpdate",
     "Hello",
-    "Limits",
     "Message",
     "ModelDelta",
     "NeedFull",
     "Ping",
     "Pong",
     "PullRequest",
-    "TruncatedFrame",
-    "UnknownMessageType",
-    "UnsupportedVersion",
-    "encode",
 ]
 
-MAGIC: Final = b"GF"
 PROTOCOL_VERSION: Final = 1
-_PREFIX: Final = struct.Struct("<2sBBIQ")
-PREFIX_SIZE: Final = _PREFIX.size  # 16
 
 U16_MAX: Final = (1 << 16) - 1
 U32_MAX: Final = (1 << 32) - 1
@@ -91,33 +61,9 @@ _ROLES: Final = ("node", "gateway")
 # ------------------------------------------------------------------------------------------------ errors
 
 
-class FrameTooLarge(ProtocolError):
-    """A length field exceeds the configured limits; refused before the bytes are read."""
-
-
-class UnsupportedVersion(ProtocolError):
-    """The peer speaks a framing version this build does not."""
-
-
-class UnknownMessageType(ProtocolError):
-    """The type byte names no message of this protocol version."""
-
-
 class BadMessage(ProtocolError, ValueError):
     """A header that does not parse, or a field out of range. Also raised when a message is built
     with bad fields locally (hence ValueError too): an invalid message cannot be sent or received."""
-
-
-class BadPayload(ProtocolError):
-    """The payload of a delta-carrying message is not an acceptable codec payload."""
-
-
-class TruncatedFrame(ProtocolError):
-    """The stream ended in the middle of a frame."""
-
-
-class BufferFull(ProtocolError):
-    """More bytes were fed than the decoder may hold; the caller must drain messages between feeds."""
 
 
 class ErrorCode(enum.IntEnum):
@@ -183,14 +129,14 @@ class Message:
     # exact header size for fixed-layout messages, None for the ones with strings
     HEADER_SIZE: ClassVar[int | None] = None
 
-    def _pack_header(self) -> bytes:
+    def pack_header(self) -> bytes:
         raise NotImplementedError
 
-    def _payload_bytes(self) -> bytes:
+    def payload_bytes(self) -> bytes:
         return b""
 
     @classmethod
-    def _parse(cls, header: bytes, payload: bytes) -> Self:
+    def parse(cls, header: bytes, payload: bytes) -> Self:
         raise NotImplementedError
 
     def _set(self, name: str, value: object) -> None:
@@ -233,7 +179,7 @@ class Hello(Message):
             raise BadMessage("capabilities hold a duplicate")
         self._set("capabilities", caps)
 
-    def _pack_header(self) -> bytes:
+    def pack_header(self) -> bytes:
         parts = [
             self._FIXED.pack(
                 self.node_id,
@@ -249,7 +195,7 @@ class Hello(Message):
         return b"".join(parts)
 
     @classmethod
-    def _parse(cls, header: bytes, payload: bytes) -> Self:
+    def parse(cls, header: bytes, payload: bytes) -> Self:
         if len(header) < cls._FIXED.size:
             raise BadMessage(f"Hello header of {len(header)} bytes is shorter than {cls._FIXED.size}")
         node_id, version, fingerprint, role, ncap = cls._FIXED.unpack_from(header)
@@ -301,14 +247,14 @@ class ModelDelta(Message):
         self._set("sample_count", _uint("sample_count", self.sample_count, U64_MAX))
         self._set("payload", _payload("payload", self.payload))
 
-    def _pack_header(self) -> bytes:
+    def pack_header(self) -> bytes:
         return self._S.pack(self.base_seq, self.new_seq, self.age, self.sample_count)
 
-    def _payload_bytes(self) -> bytes:
+    def payload_bytes(self) -> bytes:
         return self.payload
 
     @classmethod
-    def _parse(cls, header: bytes, payload: bytes) -> Self:
+    def parse(cls, header: bytes, payload: bytes) -> Self:
         return cls(*cls._S.unpack(header), payload)
 
 
@@ -323,12 +269,12 @@ class _U64Message(Message):
         (only,) = dataclasses.fields(self)
         self._set(only.name, _uint(only.name, getattr(self, only.name), U64_MAX))
 
-    def _pack_header(self) -> bytes:
+    def pack_header(self) -> bytes:
         (only,) = dataclasses.fields(self)
         return self._S.pack(getattr(self, only.name))
 
     @classmethod
-    def _parse(cls, header: bytes, payload: bytes) -> Self:
+    def parse(cls, header: bytes, payload: bytes) -> Self:
         return cls(*cls._S.unpack(header))
 
 
@@ -397,14 +343,14 @@ class GatewayRound(Message):
         self._set("epochs", _uint("epochs", self.epochs, U32_MAX))
         self._set("payload", _payload("payload", self.payload))
 
-    def _pack_header(self) -> bytes:
+    def pack_header(self) -> bytes:
         return self._S.pack(self.round, self.base_seq, self.new_seq, self.age, self.deadline, self.epochs)
 
-    def _payload_bytes(self) -> bytes:
+    def payload_bytes(self) -> bytes:
         return self.payload
 
     @classmethod
-    def _parse(cls, header: bytes, payload: bytes) -> Self:
+    def parse(cls, header: bytes, payload: bytes) -> Self:
         return cls(*cls._S.unpack(header), payload)
 
 
@@ -431,14 +377,14 @@ class GatewayUpdate(Message):
         self._set("age", _nonneg_float("age", self.age))
         self._set("payload", _payload("payload", self.payload))
 
-    def _pack_header(self) -> bytes:
+    def pack_header(self) -> bytes:
         return self._S.pack(self.round, self.base_seq, self.sample_count, self.age)
 
-    def _payload_bytes(self) -> bytes:
+    def payload_bytes(self) -> bytes:
         return self.payload
 
     @classmethod
-    def _parse(cls, header: bytes, payload: bytes) -> Self:
+    def parse(cls, header: bytes, payload: bytes) -> Self:
         return cls(*cls._S.unpack(header), payload)
 
 
@@ -484,11 +430,11 @@ class Error(Message):
         if any(ch < " " or "\x7f" <= ch <= "\x9f" for ch in self.text):
             raise BadMessage("text holds a control character")
 
-    def _pack_header(self) -> bytes:
+    def pack_header(self) -> bytes:
         return self._S.pack(self.code) + self.text.encode("utf-8")
 
     @classmethod
-    def _parse(cls, header: bytes, payload: bytes) -> Self:
+    def parse(cls, header: bytes, payload: bytes) -> Self:
         if len(header) < cls._S.size:
             raise BadMessage(f"Error header of {len(header)} bytes is shorter than {cls._S.size}")
         (code,) = cls._S.unpack_from(header)
@@ -499,266 +445,13 @@ class Error(Message):
         return cls(code, text)
 
 
-_TYPES: Final[dict[int, type[Message]]] = {
+MESSAGE_TYPES: Final[dict[int, type[Message]]] = {
     cls.TYPE: cls
     for cls in (Hello, ModelDelta, NeedFull, Ack, GatewayRound, GatewayUpdate, Ping, Pong, Error, PullRequest)
 }
 # Largest header each variable-length type can have: a frame claiming more is refused from its prefix.
-_MAX_HEADER: Final[dict[int, int]] = {
+MAX_HEADER: Final[dict[int, int]] = {
     Hello.TYPE: Hello._FIXED.size + MAX_CAPABILITIES * 33,
     Error.TYPE: Error._S.size + MAX_ERROR_TEXT,
 }
-_MIN_HEADER: Final[dict[int, int]] = {Hello.TYPE: Hello._FIXED.size, Error.TYPE: Error._S.size}
-
-
-def encode(message: Message) -> bytes:
-    """The frame for a message. Messages validate themselves when built, so any message encodes."""
-    if not isinstance(message, Message) or type(message) not in _TYPES.values():
-        raise TypeError(f"not a gossipfl wire message: {type(message).__name__}")
-    header = message._pack_header()
-    payload = message._payload_bytes()
-    return b"".join(
-        [_PREFIX.pack(MAGIC, PROTOCOL_VERSION, message.TYPE, len(header), len(payload)), header, payload]
-    )
-
-
-# ------------------------------------------------------------------------------------------------ limits
-
-_DEFAULT_MAX_ELEMENTS: Final = 1 << 24
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a decoder accepts. Defaults fit a model of up to 16.7 M parameters coded by any scheme;
-    a daemon should use :meth:`for_model` with its actual model size, which tightens every bound.
-
-    ``max_buffered`` bounds the decoder's buffer: one whole frame plus one read from the socket, as
-    long as the caller drains messages after each feed."""
-
-    max_header_size: int = 4096
-    max_payload_size: int = codec.encoded_size_bound(_DEFAULT_MAX_ELEMENTS)
-    max_element_count: int = _DEFAULT_MAX_ELEMENTS
-    max_frame_size: int = PREFIX_SIZE + 4096 + codec.encoded_size_bound(_DEFAULT_MAX_ELEMENTS)
-    max_buffered: int = PREFIX_SIZE + 4096 + codec.encoded_size_bound(_DEFAULT_MAX_ELEMENTS) + (1 << 20)
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_header_size",
-            "max_payload_size",
-            "max_element_count",
-            "max_frame_size",
-            "max_buffered",
-        ):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"Limits.{name} must be a non-negative integer, got {v!r}")
-        if self.max_frame_size < PREFIX_SIZE:
-            raise ValueError(f"Limits.max_frame_size must be at least {PREFIX_SIZE}")
-        if self.max_buffered < self.max_frame_size:
-            raise ValueError("Limits.max_buffered must be at least max_frame_size")
-
-    @classmethod
-    def for_model(
-        cls, element_count: int, *, max_header_size: int = 4096, read_size: int = 1 << 20
-    ) -> Limits:
-        """Limits for peers sharing a model of ``element_count`` parameters: no legitimate payload can be
-        larger than the codec's worst case for that count, so nothing larger is ever buffered."""
-        payload = codec.encoded_size_bound(element_count)
-        frame = PREFIX_SIZE + max_header_size + payload
-        return cls(max_header_size, payload, element_count, frame, frame + read_size)
-
-
-# ----------------------------------------------------------------------------------------------- decoder
-
-
-@dataclass(frozen=True)
-class _Prefix:
-    type: int
-    hlen: int
-    plen: int
-
-    @property
-    def size(self) -> int:
-        return PREFIX_SIZE + self.hlen + self.plen
-
-
-class FrameDecoder:
-    """Turns a byte stream into messages. Feed it bytes as they arrive, then take messages until
-    :meth:`next_message` returns None (or iterate). A protocol error is raised once found and again on
-    every later call: after a peer sent garbage there is no reliable frame boundary to resume from.
-
-    Memory is bounded: a frame's prefix is checked against :class:`Limits` as soon as its 16 bytes are
-    in, and :meth:`feed` refuses to hold more than ``limits.max_buffered`` bytes.
-    """
-
-    def __init__(self, limits: Limits | None = None) -> None:
-        self.limits = limits or Limits()
-        self._buf = bytearray()
-        self._prefix: _Prefix | None = None
-        self._error: ProtocolError | None = None
-        self._eof = False
-
-    @property
-    def failed(self) -> bool:
-        return self._error is not None
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held that are not yet part of a returned message."""
-        return len(self._buf)
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._raise_if_failed()
-        if self._eof:
-            raise RuntimeError("feed() after feed_eof()")
-        if len(self._buf) + len(data) > self.limits.max_buffered:
-            self._fail(
-                BufferFull(
-                    f"{len(self._buf) + len(data)} bytes would be buffered, "
-                    f"the limit is {self.limits.max_buffered}; "
-                    "call next_message() until it returns None after each feed()"
-                )
-            )
-        self._buf += data
-        if self._prefix is None and len(self._buf) >= PREFIX_SIZE:
-            self._read_prefix()
-
-    def feed_eof(self) -> None:
-        """The peer closed the stream. Raises TruncatedFrame if it did so inside a frame."""
-        self._raise_if_failed()
-        self._eof = True
-        if self._buf and self._complete_frame_size() is None:
-            self._fail(TruncatedFrame(self._truncation_text()))
-
-    def next_message(self) -> Message | None:
-        """The next whole message, or None if more bytes are needed."""
-        self._raise_if_failed()
-        size = self._complete_frame_size()
-        if size is None:
-            if self._eof and self._buf:
-                self._fail(TruncatedFrame(self._truncation_text()))
-            return None
-        prefix = self._prefix
-        assert prefix is not None
-        header = bytes(self._buf[PREFIX_SIZE : PREFIX_SIZE + prefix.hlen])
-        with memoryview(self._buf) as view:
-            payload = bytes(view[PREFIX_SIZE + prefix.hlen : size])
-        try:
-            message = self._parse(prefix, header, payload)
-        except ProtocolError as exc:
-            self._fail(exc)
-        except (struct.error, ValueError, TypeError) as exc:  # defensive: a parse bug must not escape
-            self._fail(BadMessage(f"malformed {self._type_name(prefix.type)} header: {exc}"))
-        del self._buf[:size]
-        self._prefix = None  # the next prefix is read by the next call: this message is delivered first
-        return message
-
-    def __iter__(self) -> Iterator[Message]:
-        while (message := self.next_message()) is not None:
-            yield message
-
-    # -- internals
-
-    def _complete_frame_size(self) -> int | None:
-        if self._prefix is None and len(self._buf) >= PREFIX_SIZE:
-            self._read_prefix()
-        if self._prefix is None:
-            return None
-        size = self._prefix.size
-        return size if len(self._buf) >= size else None
-
-    def _read_prefix(self) -> None:
-        magic, version, mtype, hlen, plen = _PREFIX.unpack_from(self._buf)
-        lim = self.limits
-        if magic != MAGIC:
-            self._fail(ProtocolError(f"not a gossipfl frame: magic {bytes(magic)!r}, expected {MAGIC!r}"))
-        if version != PROTOCOL_VERSION:
-            self._fail(
-                UnsupportedVersion(
-                    f"frame version {version} is not supported (this build speaks {PROTOCOL_VERSION})"
-                )
-            )
-        cls = _TYPES.get(mtype)
-        if cls is None:
-            self._fail(UnknownMessageType(f"unknown message type {mtype}"))
-        assert cls is not None
-        name = cls.__name__
-        if hlen > lim.max_header_size:
-            self._fail(
-                FrameTooLarge(f"{name} header of {hlen} bytes exceeds the limit {lim.max_header_size}")
-            )
-        if plen > lim.max_payload_size:
-            self._fail(
-                FrameTooLarge(f"{name} payload of {plen} bytes exceeds the limit {lim.max_payload_size}")
-            )
-        if PREFIX_SIZE + hlen + plen > lim.max_frame_size:
-            self._fail(
-                FrameTooLarge(
-                    f"{name} frame of {PREFIX_SIZE + hlen + plen} bytes "
-                    f"exceeds the limit {lim.max_frame_size}"
-                )
-            )
-        if cls.HEADER_SIZE is not None:
-            if hlen != cls.HEADER_SIZE:
-                self._fail(
-                    BadMessage(f"{name} header must be {cls.HEADER_SIZE} bytes, the frame says {hlen}")
-                )
-        elif not _MIN_HEADER[mtype] <= hlen <= _MAX_HEADER[mtype]:
-            self._fail(
-                BadMessage(
-                    f"{name} header must be {_MIN_HEADER[mtype]}..{_MAX_HEADER[mtype]} bytes, "
-                    f"the frame says {hlen}"
-                )
-            )
-        if cls.HAS_PAYLOAD:
-            if plen == 0:
-                self._fail(BadMessage(f"{name} frame has no payload"))
-        elif plen != 0:
-            self._fail(BadMessage(f"{name} frame carries a {plen}-byte payload; it takes none"))
-        self._prefix = _Prefix(mtype, hlen, plen)
-
-    def _parse(self, prefix: _Prefix, header: bytes, payload: bytes) -> Message:
-        cls = _TYPES[prefix.type]
-        message = cls._parse(header, payload)
-        if cls.HAS_PAYLOAD:
-            self._check_payload(cls.__name__, payload)
-        return message
-
-    def _check_payload(self, name: str, payload: bytes) -> None:
-        """Cheap refusals before the payload goes anywhere: not a codec payload, or too many elements,
-        or more bytes than any coding of that many elements needs. The full check (hash, sizes, values)
-        happens in ``codec.decode_delta`` with the receiver's own model size."""
-        try:
-            info = codec.read_header(payload)
-        except CodecError as exc:
-            raise BadPayload(f"{name} payload: {exc}") from exc
-        if info.count > self.limits.max_element_count:
-            raise BadPayload(
-                f"{name} payload has {info.count} elements, the limit is {self.limits.max_element_count}"
-            )
-        bound = codec.encoded_size_bound(info.count)
-        if len(payload) > bound:
-            raise BadPayload(
-                f"{name} payload of {len(payload)} bytes is larger than {info.count} elements need"
-            )
-
-    def _truncation_text(self) -> str:
-        if self._prefix is None:
-            return f"stream ended inside a frame prefix ({len(self._buf)} of {PREFIX_SIZE} bytes)"
-        name = self._type_name(self._prefix.type)
-        return f"stream ended inside a {name} frame ({len(self._buf)} of {self._prefix.size} bytes)"
-
-    @staticmethod
-    def _type_name(mtype: int) -> str:
-        cls = _TYPES.get(mtype)
-        return cls.__name__ if cls else f"type {mtype}"
-
-    def _fail(self, exc: ProtocolError) -> NoReturn:
-        self._error = exc
-        self._buf = bytearray()
-        self._prefix = None
-        raise exc
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise self._error
+MIN_HEADER: Final[dict[int, int]] = {Hello.TYPE: Hello._FIXED.size, Error.TYPE: Error._S.size}
