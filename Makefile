@@ -21,7 +21,7 @@ bytecode: $(STAMP)
 install: $(STAMP) bytecode
 
 demo: $(STAMP) bytecode
-	$(BIN)/python -m gossipfl.demo
+	$(BIN)/python -m gossipfl.cli.demo
 
 test: $(STAMP) bytecode
 	$(BIN)/ruff check .

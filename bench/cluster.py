@@ -33,14 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-from gossipfl.argtypes import bounded_float, bounded_int, positive_float
+from gossipfl.cli.argtypes import bounded_float, bounded_int, positive_float
+from gossipfl.cli.client import ControlClient
 from gossipfl.config import SCHEMES
-from gossipfl.control import ControlClient
 from gossipfl.errors import GossipflError
 from gossipfl.learning.datasets import load_digits, train_test_split
 from gossipfl.learning.model import Model
 from gossipfl.learning.trainer import Trainer
-from gossipfld.cluster import Cluster, ClusterPlan, HeldOut, NodeSpec, free_port_base, prepare, train_centrally
+from gossipfl.testing.cluster import Cluster, ClusterPlan, HeldOut, NodeSpec, free_port_base, prepare, train_centrally
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -14,7 +14,7 @@ busy machine); USS is what only this process holds, about what one more daemon w
 The model is the default digits MLP 64-128-10, trained as the daemon trains it (SGD with momentum,
 batch 32, one thread); the delta is coded as the daemon codes it (int8, blocks of 256, one blosc2 thread).
 
-Then one real ``gossipfld`` process is started through ``gossipfld.cluster`` (a throwaway CA, certificate,
+Then one real ``gossipfld`` process is started through ``gossipfl.testing.cluster`` (a throwaway CA, certificate,
 config and digits shard; mDNS off, no peers), left to train for ``--daemon-seconds``, and its VmRSS,
 PSS and USS are read from /proc while it runs.
 """
@@ -100,7 +100,8 @@ def _blosc2(ctx: dict) -> None:
 
 
 def _gossipfl(ctx: dict) -> None:
-    import gossipfl.identity
+    import gossipfl.cli.tls
+    import gossipfl.identity.node
     import gossipfl.learning.checkpoint
     import gossipfl.learning.data
     import gossipfl.learning.trainer
@@ -112,7 +113,7 @@ def _gossipfl(ctx: dict) -> None:
         import gossipfld.node  # noqa: F401
     except ImportError as exc:
         ctx["notes"].append(f"gossipfld.node not importable: {exc}")
-    if "cryptography" in sys.modules:  # gossipfl.certs needs it, the daemon must not (about 11 MB)
+    if "cryptography" in sys.modules:  # gossipfl.cli.certs needs it, the daemon must not (about 11 MB)
         ctx["notes"].append("cryptography got imported by the daemon's modules")
 
 
@@ -209,7 +210,7 @@ def free_port() -> int:
 
 def measure_daemon(root: Path, x, y, seconds: float) -> dict[str, float]:
     from gossipfl.learning.checkpoint import load_checkpoint
-    from gossipfld.cluster import Cluster, ClusterPlan, prepare
+    from gossipfl.testing.cluster import Cluster, ClusterPlan, prepare
 
     plan = ClusterPlan(nodes=1, hidden=(HIDDEN,), mdns=False, static_peers=False, base_port=free_port(),
                        extra={"state": {"checkpoint_seconds": 2.0}})

@@ -15,7 +15,7 @@ import trio
 
 from gossipfl import control
 from gossipfl.errors import ControlError, IdentityError
-from gossipfl.identity import format_node_id, parse_node_id
+from gossipfl.identity.ids import format_node_id, parse_node_id
 from gossipfl.metrics import render
 
 from .control import Handler

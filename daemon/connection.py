@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import trio
 
 from gossipfl.errors import GossipflError, ProtocolError
-from gossipfl.identity import check_peer
+from gossipfl.identity.ids import check_peer
 from gossipfl.protocol import framing, messages
 
 READ_SIZE = 1 << 16

@@ -4,7 +4,7 @@ A round: the gateway picks ``fedavg.fraction`` of its live clients, dials each, 
 model as a delta against what that client holds (per-client references with error feedback, as in
 gossip). Clients train ``fedavg.epochs`` locally and answer with their delta and sample count. When
 ``fedavg.quorum`` of them answered, or ``fedavg.deadline`` passed, the gateway aggregates with the
-configured rule (``gossipfl.aggregate``: mean, FedAvgM, trimmed mean, median, with optional norm
+configured rule (``gossipfl.learning.aggregate``: mean, FedAvgM, trimmed mean, median, with optional norm
 clipping) and sends the new global model back to every client that took part, so a round ends with
 all of them holding it.
 

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 import trio
 
+from gossipfl.cli.tls import load_identity
 from gossipfl.config import LOG_FORMATS, check_named_files, load_config
 from gossipfl.errors import GossipflError
-from gossipfl.identity import NodeIdentity
 
 from .logs import fields, setup_logging
 from .node import Node
@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         setup_logging(args.log_format or config.log.format, args.log_level or config.log.level)
         check_named_files(config)
-        identity = NodeIdentity.load(config.tls.cert, config.tls.key, config.tls.ca)
+        identity = load_identity(config.tls.cert, config.tls.key, config.tls.ca)
         node = Node(config, identity)
     except GossipflError as exc:
         log.error("cannot start", extra=fields(error=str(exc)))

@@ -30,16 +30,11 @@ import numpy as np
 import trio
 
 from gossipfl.atomic import write_bytes_atomic
+from gossipfl.cli.tls import client_context, server_context
 from gossipfl.config import NodeConfig, parse_host_port
 from gossipfl.errors import CodecError, ConfigError, GossipflError, IdentityError, ModelError, ProtocolError
-from gossipfl.identity import (
-    NodeIdentity,
-    client_context,
-    format_node_id,
-    parse_allowlist,
-    parse_node_id,
-    server_context,
-)
+from gossipfl.identity.ids import format_node_id, parse_allowlist, parse_node_id
+from gossipfl.identity.node import NodeIdentity
 from gossipfl.learning.checkpoint import load_checkpoint, save_checkpoint
 from gossipfl.learning.data import DataSpec, LocalData
 from gossipfl.learning.merge import age_weighted_merge

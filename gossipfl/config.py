@@ -111,7 +111,7 @@ class FedavgSection:
     max_rounds: int = 0  # stop running rounds after this many (a finite training campaign); 0 = never stop
     late_updates: str = "drop"  # "drop", or "discount": apply late updates next round, scaled 1/sqrt(1+staleness)
     max_staleness: int = 3  # rounds after which a late update is dropped even when discounting
-    # gateway side: aggregation (gossipfl.aggregate)
+    # gateway side: aggregation (gossipfl.learning.aggregate)
     rule: str = "mean"  # mean, fedavgm, trimmed_mean, median
     clip_norm: float = 0.0  # clip each update to this L2 norm; 0 = off
     clip_factor: float = 0.0  # clip each update to this times the round's median norm; 0 = off

@@ -1,25 +1,23 @@
-"""The control-socket protocol between ``gossipfl`` and a running ``gossipfld``, and its client.
+"""The control-socket protocol between ``gossipfl`` and a running ``gossipfld``.
 
 One connection per request, like ``syncthing cli`` over its REST socket but simpler: the client sends
 one line of JSON, ``{"v": 1, "command": "status", "args": {}}``, and reads one line back, either
 ``{"v": 1, "ok": true, "result": ...}`` or ``{"v": 1, "ok": false, "error": {"code": ..., "message": ...}}``.
 The version lets a newer CLI talk to an older daemon and say so plainly instead of misreading a reply.
 
-Parsing is pure (bytes in, typed values or ``ControlError`` out) so the daemon's server and this
-client share it, and the client is blocking on purpose: the CLI is a short-lived synchronous program.
+Parsing is pure (bytes in, typed values or ``ControlError`` out) so the daemon's server and the CLI's
+client (``gossipfl.cli.client``, blocking on purpose: the CLI is a short-lived synchronous program) share it.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gossipfl.errors import ControlError, ControlForbidden, DaemonNotRunning
+from gossipfl.errors import ControlError, ControlForbidden
 
 PROTOCOL = 1
 DEFAULT_SOCKET = Path("/run/gossipfl/control.sock")
@@ -120,54 +118,3 @@ def socket_path(explicit: str | None = None, config_socket: Path | None = None) 
     if os.environ.get(SOCKET_ENV):
         return Path(os.environ[SOCKET_ENV])
     return config_socket or DEFAULT_SOCKET
-
-
-@dataclass
-class ControlClient:
-    path: Path
-    timeout: float = 30.0
-
-    def call(self, command: str, **args: Any) -> Any:
-        request = Request(command, args).encode()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(self.timeout)
-            self._connect(sock)
-            try:
-                sock.sendall(request)
-                reply = self._read_line(sock)
-            except TimeoutError:
-                raise ControlError(f"the daemon at {self.path} did not answer within {self.timeout:g} s",
-                                   TIMEOUT) from None
-            except OSError as exc:
-                raise ControlError(f"lost the connection to the daemon at {self.path}: {exc.strerror}") from None
-        return parse_reply(reply)
-
-    def _connect(self, sock: socket.socket) -> None:
-        try:
-            sock.connect(os.fsencode(self.path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise DaemonNotRunning(f"gossipfld is not running (nothing listens on {self.path})") from None
-        except PermissionError:
-            raise ControlForbidden(f"permission denied on {self.path}: run as root or as a member of the "
-                                   f"socket's group (usually 'gossipfl')") from None
-        except OSError as exc:
-            if exc.errno in (errno.ENOTSOCK, errno.ENOTDIR):
-                raise DaemonNotRunning(f"{self.path} is not a gossipfld control socket") from None
-            raise ControlError(f"cannot reach the daemon at {self.path}: {exc.strerror}") from None
-
-    def _read_line(self, sock: socket.socket) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-            if chunk.endswith(b"\n"):
-                break
-            if size > MAX_REPLY_BYTES:
-                raise ControlError(f"the daemon's reply is over {MAX_REPLY_BYTES} bytes")
-        if not chunks:
-            raise ControlError(f"the daemon at {self.path} closed the connection without a reply")
-        return b"".join(chunks)

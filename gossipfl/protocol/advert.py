@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gossipfl.config import ROLES
-from gossipfl.identity import CLUSTER_TAG_BYTES
+from gossipfl.identity.ids import CLUSTER_TAG_BYTES
 
 SERVICE_TYPE = "_gossipfl._tcp.local."
 INSTANCE_PREFIX = "gfl-"

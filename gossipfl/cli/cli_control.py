@@ -1,0 +1,221 @@
+"""The ``gossipfl`` commands that talk to a running daemon over its control socket.
+
+Each prints a human view by default and the daemon's JSON with ``--json``. A stopped daemon is one
+line and exit code 3 (``DaemonNotRunning``); a refused caller exit code 4 (``ControlForbidden``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gossipfl.atomic import write_bytes_atomic
+from gossipfl.cli.argtypes import positive_float
+from gossipfl.cli.client import ControlClient
+from gossipfl.config import load_config
+from gossipfl.control import socket_path
+from gossipfl.errors import ControlError, DataError, ModelError
+from gossipfl.learning.data import DataSpec, read_file
+from gossipfl.learning.model import Model
+
+REQUEST_BUDGET = 512 * 1024  # bytes of rows per predict request, well under the daemon's default limit
+
+
+def client(args: argparse.Namespace) -> ControlClient:
+    config_socket = load_config(args.config).control.socket if args.config else None
+    return ControlClient(socket_path(args.socket, config_socket), timeout=args.timeout)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days}d"] if days else []
+    if days or hours:
+        parts.append(f"{hours}h")
+    if days or hours or minutes:
+        parts.append(f"{minutes}m")
+    return " ".join([*parts, f"{secs}s"])
+
+
+def human_size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def _print(args: argparse.Namespace, result: Any, human: Callable[[Any], str]) -> int:
+    print(json.dumps(result) if args.json else human(result))
+    return 0
+
+
+# counter family -> how the status line names it; the same families as the metrics' labelled counters
+_PROBLEMS = (("refused", "refused"), ("failed", "failed pushes"), ("dropped", "dropped links"))
+
+
+def _problems(counters: dict[str, Any]) -> str:
+    """One line an operator can scan: what was refused, failed or dropped, and the commonest reasons."""
+    parts = []
+    for family, label in _PROBLEMS:
+        reasons = {k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith(family + ".")}
+        if reasons:
+            top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+            more = ", ..." if len(reasons) > 3 else ""
+            parts.append(f"{label} {sum(reasons.values()):.0f} ("
+                         + ", ".join(f"{k} {v:.0f}" for k, v in top) + more + ")")
+    return "; ".join(parts) or "none"
+
+
+def _status_text(s: dict[str, Any]) -> str:
+    v = s.get("validation") or {}
+    if v.get("accuracy") is not None:
+        quality = f"accuracy {v['accuracy']:.4f}, loss {v['loss']:.4f} on {v['count']} held-out samples"
+    elif v.get("rmse") is not None:
+        quality = f"rmse {v['rmse']:.4f}, loss {v['loss']:.4f} on {v['count']} held-out samples"
+    else:
+        quality = "not evaluated yet"
+    training = "paused" if s["paused"] else "running" if s["training"] else "idle (no data or disabled)"
+    c = s.get("counters", {})
+    return "\n".join([
+        f"node        {s['node_id']}  ({s['name']})",
+        f"role        {s['role']}, mode {s['mode']}",
+        f"model       {s['fingerprint'][:16]}  {s['model']['params']} parameters, {s['model']['task']}",
+        f"age         {s['age']:.0f} samples",
+        f"training    {training}, {s['train_samples']} local samples",
+        f"validation  {quality}",
+        f"peers       {s['peers']} live, {len(s['blocked'])} blocked",
+        f"exchanges   {c.get('exchanges_out', 0):.0f} out, {c.get('exchanges_in', 0):.0f} in; "
+        f"{human_size(c.get('bytes_out', 0))} sent, {human_size(c.get('bytes_in', 0))} received",
+        f"problems    {_problems(c)}",
+        f"uptime      {_duration(s['uptime'])}",
+    ])
+
+
+def _peers_text(peers: list[dict[str, Any]]) -> str:
+    if not peers:
+        return "no peers known"
+    header = f"{'NODE':<14}{'ADDRESS':<24}{'STATE':<14}{'LAST SEEN':>10}{'EXCH':>7}{'IN':>11}{'OUT':>11}  REFUSALS"
+    lines = [header]
+    for p in peers:
+        seen = "-" if p["last_seen_ago"] is None else f"{p['last_seen_ago']:.0f}s ago"
+        refusals = ",".join(f"{k}={v}" for k, v in sorted(p["refusals"].items())) or "-"
+        lines.append(f"{p['node_id'][:12]:<14}{p['address']:<24}{p['state']:<14}{seen:>10}{p['exchanges']:>7}"
+                     f"{human_size(p['bytes_in']):>11}{human_size(p['bytes_out']):>11}  {refusals}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return _print(args, client(args).call("status"), _status_text)
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    return _print(args, client(args).call("peers"), _peers_text)
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    text = client(args).call("metrics")
+    print(json.dumps({"text": text}) if args.json else text, end="" if not args.json else "\n")
+    return 0
+
+
+def _switch(command: str, word: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        return _print(args, client(args).call(command), lambda _: f"{word}: training and gossip")
+    return run
+
+
+def cmd_block(args: argparse.Namespace) -> int:
+    result = client(args).call("peer.block", id=args.id)
+    return _print(args, result, lambda r: f"blocked {args.id}; {len(r['blocked'])} blocked in all")
+
+
+def cmd_unblock(args: argparse.Namespace) -> int:
+    result = client(args).call("peer.unblock", id=args.id)
+    return _print(args, result, lambda r: f"unblocked {args.id}; {len(r['blocked'])} blocked in all")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    result = client(args).call("model.export")
+    try:
+        data = base64.b64decode(result["onnx"], validate=True)
+    except (KeyError, TypeError, binascii.Error) as exc:
+        raise ControlError(f"the daemon's export is malformed: {exc}") from None
+    model = Model.from_bytes(data)  # refuses anything that is not a loadable model
+    if model.fingerprint_hex != result.get("fingerprint"):
+        raise ModelError("the exported model's fingerprint does not match what the daemon reported")
+    write_bytes_atomic(Path(args.out), data, mode=0o644)
+    summary = {"out": args.out, "fingerprint": model.fingerprint_hex, "age": result.get("age"),
+               "parameters": model.num_params, "bytes": len(data)}
+    return _print(args, summary, lambda s: f"wrote {s['out']}: {s['parameters']} parameters, age {s['age']:.0f}, "
+                                           f"{s['bytes']} bytes")
+
+
+def predict_via_daemon(args: argparse.Namespace) -> tuple[str, np.ndarray, np.ndarray | None]:
+    """(task, outputs, labels) for the rows of ``args.input`` through the daemon's current model."""
+    ctl = client(args)
+    info = ctl.call("status")["model"]
+    spec = DataSpec(features=info["features"], task=info["task"],
+                    classes=info["outputs"] if info["task"] == "classification" else None,
+                    outputs=info["outputs"], label_column=args.label_column)
+    table = read_file(Path(args.input), spec, require_labels=False)
+    if len(table) == 0:
+        raise DataError(f"{args.input}: no samples")
+    x = table.x.reshape(len(table), -1).astype(np.float64)
+    row_bytes = len(json.dumps(x[0].tolist())) + 2
+    chunk = max(1, REQUEST_BUDGET // row_bytes)
+    outputs, labels = [], []
+    for start in range(0, len(x), chunk):
+        reply = ctl.call("predict", rows=x[start : start + chunk].tolist())
+        outputs.append(np.asarray(reply["outputs"], dtype=np.float32))
+        labels.extend(reply.get("labels", []))
+    out = np.concatenate(outputs)
+    return info["task"], out, np.asarray(labels) if info["task"] == "classification" else None
+
+
+def connection_options(parser_class: type[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """How to reach the daemon; a parent parser for every command that talks to it."""
+    options = parser_class(add_help=False)
+    options.add_argument("--socket", help="the daemon's control socket (default: $GOSSIPFL_SOCKET, the "
+                                          "config's control.socket, or /run/gossipfl/control.sock)")
+    options.add_argument("--config", help="read the socket path from this node config")
+    options.add_argument("--timeout", type=positive_float, default=30.0, help="seconds to wait for the daemon")
+    return options
+
+
+def register(sub: Any, parser_class: type[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Add the daemon commands; returns the shared options parser for commands defined elsewhere."""
+    common = parser_class(add_help=False, parents=[connection_options(parser_class)])
+    common.add_argument("--json", action="store_true", help="print the daemon's JSON")
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str, parent: Any = sub) -> Any:
+        command = parent.add_parser(name, help=help_text, parents=[common])
+        command.set_defaults(handler=handler)
+        return command
+
+    add("status", cmd_status, "the running daemon: identity, model, training, accuracy, peers")
+    add("peers", cmd_peers, "the daemon's peers: address, state, exchanges, bytes, refusals")
+    add("metrics", cmd_metrics, "the daemon's metrics in Prometheus text format")
+    add("pause", _switch("pause", "paused"), "pause training and gossip (survives restarts)")
+    add("resume", _switch("resume", "resumed"), "resume training and gossip")
+    peer = sub.add_parser("peer", help="block or unblock a peer by node id")
+    peer_sub = peer.add_subparsers(dest="peer_command", required=True, parser_class=parser_class)
+    add("block", cmd_block, "refuse a peer and never dial it", peer_sub).add_argument("id", help="64-hex node id")
+    add("unblock", cmd_unblock, "take a blocked peer back", peer_sub).add_argument("id", help="64-hex node id")
+    return common
+
+
+def register_export(model_sub: Any, common: argparse.ArgumentParser) -> None:
+    export = model_sub.add_parser("export", help="write the running daemon's current model as an ONNX file",
+                                  parents=[common])
+    export.add_argument("--out", required=True)
+    export.set_defaults(handler=cmd_export)

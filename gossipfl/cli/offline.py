@@ -1,0 +1,289 @@
+"""The ``gossipfl`` commands that need no daemon: models, training, evaluation, prediction, certificates,
+the config check and the systemd service; each with the function that registers its subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gossipfl.cli.argtypes import int_list, positive_float, positive_int
+from gossipfl.cli.certs import describe_certificate, init_ca, issue_node_cert
+from gossipfl.cli.cli_control import connection_options, predict_via_daemon
+from gossipfl.cli.service import CONFIG_PATH, UNIT_NAME, ServiceReport, install, uninstall
+from gossipfl.cli.tls import load_identity
+from gossipfl.config import check_named_files, load_config
+from gossipfl.errors import DataError, GossipflError
+from gossipfl.identity.ids import format_node_id
+from gossipfl.identity.node import CA_DAYS, CA_KEY, NODE_DAYS, node_id_from_cert_file
+from gossipfl.learning.data import DataSpec, load_directory, read_file
+from gossipfl.learning.model import Model
+from gossipfl.learning.optim import OPTIMIZERS, OptimizerConfig
+from gossipfl.learning.trainer import Metrics, TrainConfig, Trainer, predict
+from gossipfl.learning.zoo import ARCHITECTURES, ArchSpec, build
+
+
+def _data_spec(model: Model, label_column: str) -> DataSpec:
+    return DataSpec(features=model.features_per_sample, task=model.task,
+                    classes=model.num_outputs if model.task == "classification" else None,
+                    outputs=model.num_outputs, label_column=label_column)
+
+
+def _metrics_line(m: Metrics) -> str:
+    quality = f"accuracy {m.accuracy:.4f}" if m.accuracy is not None else f"rmse {m.rmse:.4f}"
+    return f"{quality}  loss {m.loss:.4f}  samples {m.count}"
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_model_init(args: argparse.Namespace) -> int:
+    hidden = args.hidden if args.hidden is not None else ([8, 16] if args.arch == "cnn1d" else [128])
+    shape = tuple(args.input_shape) if args.input_shape else None
+    if shape is not None and len(shape) != 2:
+        raise DataError("--input-shape takes two numbers: channels,length")
+    classes = args.classes if args.classes is not None else (1 if args.task == "regression" else None)
+    if classes is None:
+        raise DataError("--classes is required for a classifier")
+    spec = ArchSpec(arch=args.arch, inputs=args.inputs, classes=classes, hidden=hidden,
+                    input_shape=shape, task=args.task, seed=args.seed)  # type: ignore[arg-type]
+    model = build(spec)
+    Trainer(model)  # proves the new model trains before it is written
+    model.save(args.out)
+    print(f"wrote {args.out}: {model.describe()}")
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    model = Model.load(args.model)
+    Trainer(model)
+    info = {"task": model.task, "input": model.input_name, "input_shape": list(model.input_shape),
+            "output": model.output_name, "outputs": model.num_outputs, "parameters": model.num_params,
+            "tensors": {s.name: list(s.shape) for s in model.specs}, "fingerprint": model.fingerprint_hex}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(model.describe())
+        for name, shape in info["tensors"].items():  # type: ignore[union-attr]
+            print(f"  {name}  {tuple(shape)}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    model = Model.load(args.model)
+    opt = OptimizerConfig(name=args.optimizer, lr=args.lr, momentum=args.momentum)
+    trainer = Trainer(model, TrainConfig(optimizer=opt, batch_size=args.batch, seed=args.seed))
+    data = load_directory(args.data, _data_spec(model, args.label_column))
+    table = data.all
+    losses = []
+    for epoch in range(1, args.epochs + 1):
+        loss = trainer.epoch(table.x, table.y)
+        losses.append(loss)
+        if not np.isfinite(loss):
+            raise GossipflError(f"training diverged at epoch {epoch} (loss {loss}); lower --lr")
+        if not args.json:
+            print(f"epoch {epoch}/{args.epochs}  loss {loss:.4f}")
+    model.save(args.out)
+    metrics = trainer.evaluate(table.x, table.y)
+    if args.json:
+        print(json.dumps({"epochs": args.epochs, "losses": losses, "train": metrics.as_dict(), "out": args.out}))
+    else:
+        print(f"train {_metrics_line(metrics)}; wrote {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    model = Model.load(args.model)
+    trainer = Trainer(model)
+    data = load_directory(args.data, _data_spec(model, args.label_column))
+    table = data.all
+    metrics = trainer.evaluate(table.x, table.y)
+    print(json.dumps(metrics.as_dict()) if args.json else _metrics_line(metrics))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Offline with --model; otherwise through the running daemon's current model."""
+    if args.model is None:
+        task, out, _ = predict_via_daemon(args)
+    else:
+        model = Model.load(args.model)
+        table = read_file(Path(args.input), _data_spec(model, args.label_column), require_labels=False)
+        if len(table) == 0:
+            raise DataError(f"{args.input}: no samples")
+        task, out = model.task, predict(model, table.x)
+    if task == "classification":
+        labels = np.argmax(out, axis=1)
+        if args.json:
+            rows = zip(labels, out, strict=True)
+            print(json.dumps([{"label": int(lbl), "scores": row.tolist()} for lbl, row in rows]))
+        else:
+            print("\n".join(str(int(lbl)) for lbl in labels))
+    elif args.json:
+        print(json.dumps([{"value": row.tolist()} for row in out]))
+    else:
+        print("\n".join(" ".join(f"{v:.6g}" for v in row) for row in out))
+    return 0
+
+
+def cmd_certs_init_ca(args: argparse.Namespace) -> int:
+    cert = init_ca(args.dir, args.name, days=args.days)
+    node_id = format_node_id(node_id_from_cert_file(cert))
+    print(f"wrote {Path(args.dir) / CA_KEY} (keep it secret) and {cert}; CA id {node_id}")
+    return 0
+
+
+def cmd_certs_issue(args: argparse.Namespace) -> int:
+    node_id = issue_node_cert(args.ca, args.name, args.out, days=args.days)
+    print(format_node_id(node_id))
+    return 0
+
+
+def cmd_certs_show(args: argparse.Namespace) -> int:
+    info = describe_certificate(args.file)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        dns = ", ".join(info["dns_names"]) or "-"
+        print(f"node id   {info['node_id']}\n"
+              f"subject   {info['subject']}\n"
+              f"issuer    {info['issuer']}\n"
+              f"valid     {info['not_before']} to {info['not_after']} ({info['status']})\n"
+              f"ca        {'yes' if info['is_ca'] else 'no'}\n"
+              f"dns       {dns}\n"
+              f"serial    {info['serial']}")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """What gossipfld would refuse at start, said offline: keys, values, and the files they name."""
+    config = load_config(args.file)
+    check_named_files(config)
+    ident = load_identity(config.tls.cert, config.tls.key, config.tls.ca)
+    model = Model.load(config.model.path)
+    Trainer(model)  # the model must be trainable
+    print(f"{args.file}: ok; node {format_node_id(ident.node_id)}, {model.describe()}")
+    return 0
+
+
+def _print_service_report(report: ServiceReport) -> None:
+    for line in report.lines():
+        print(line)
+    for warning in report.warnings:
+        print(f"gossipfl: warning: {warning}", file=sys.stderr)
+
+
+def cmd_service_install(args: argparse.Namespace) -> int:
+    """Unit, system user and default config; an edited config is kept and the shipped one lands beside it."""
+    gossipfld = Path(args.gossipfld) if args.gossipfld else None
+    report = install(Path(args.prefix), gossipfld)
+    _print_service_report(report)
+    if Path(args.prefix).resolve() == Path("/"):
+        print(f"next: edit /{CONFIG_PATH} (see docs/systemd.md), then systemctl enable --now "
+              f"{UNIT_NAME}")
+    return 0
+
+
+def cmd_service_uninstall(args: argparse.Namespace) -> int:
+    """Unit and sysusers entry only: the config, the state and the user stay."""
+    _print_service_report(uninstall(Path(args.prefix)))
+    return 0
+
+
+# ---------------------------------------------------------------- registration
+
+
+def register_model(sub: Any, parser_class: type[argparse.ArgumentParser]) -> Any:
+    """``gossipfl model init|info``; returns the ``model`` subcommands, where ``model export`` is added too."""
+    model = sub.add_parser("model", help="create and inspect ONNX models")
+    model_sub = model.add_subparsers(dest="model_command", required=True, parser_class=parser_class)
+    init = model_sub.add_parser("init", help="write a new model from the zoo")
+    init.add_argument("--arch", choices=ARCHITECTURES, required=True)
+    init.add_argument("--inputs", type=positive_int, required=True, help="features per sample")
+    init.add_argument("--classes", type=positive_int, help="classes (or outputs, for --task regression)")
+    init.add_argument("--task", choices=("classification", "regression"), default="classification")
+    init.add_argument("--hidden", type=int_list, help="layer widths (mlp) or channels (cnn1d), e.g. 128,64")
+    init.add_argument("--input-shape", type=int_list, help="channels,length for cnn1d")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--out", required=True)
+    init.set_defaults(handler=cmd_model_init)
+    info = model_sub.add_parser("info", help="describe a model file")
+    info.add_argument("model")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(handler=cmd_model_info)
+    return model_sub
+
+
+def register_train_eval(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
+    """``gossipfl train`` and ``gossipfl eval``."""
+    train = sub.add_parser("train", help="train a model on a local data directory")
+    train.add_argument("--model", required=True)
+    train.add_argument("--data", required=True)
+    train.add_argument("--epochs", type=positive_int, required=True)
+    train.add_argument("--batch", type=positive_int, default=32)
+    train.add_argument("--lr", type=positive_float, default=0.05)
+    train.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    train.add_argument("--momentum", type=float, default=0.9)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--label-column", default="label")
+    train.add_argument("--out", required=True)
+    train.add_argument("--json", action="store_true")
+    train.set_defaults(handler=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a model on a local data directory")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--label-column", default="label")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(handler=cmd_eval)
+
+
+def register_predict(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
+    """``gossipfl predict``: offline with ``--model``, else through the running daemon."""
+    pr = sub.add_parser("predict", help="run a model (--model, or the running daemon's) on a .csv or .npz file",
+                        parents=[connection_options(parser_class)])
+    pr.add_argument("--model", help="an ONNX model file; without it, ask the running daemon")
+    pr.add_argument("--input", required=True)
+    pr.add_argument("--label-column", default="label")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(handler=cmd_predict)
+
+
+def register_admin(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
+    """``gossipfl certs``, ``gossipfl config check`` and ``gossipfl service``."""
+    certs = sub.add_parser("certs", help="the cluster CA and node certificates for mutual TLS")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True, parser_class=parser_class)
+    ca = certs_sub.add_parser("init-ca", help="create the cluster CA (ca.key, ca.crt) in a directory")
+    ca.add_argument("--dir", required=True)
+    ca.add_argument("--name", default="gossipfl cluster CA", help="the CA's common name")
+    ca.add_argument("--days", type=positive_int, default=CA_DAYS)
+    ca.set_defaults(handler=cmd_certs_init_ca)
+    issue = certs_sub.add_parser("issue", help="make a node key and certificate; prints the node id")
+    issue.add_argument("--ca", required=True, help="directory holding ca.key and ca.crt")
+    issue.add_argument("--name", required=True, help="node name: 1-63 of A-Z a-z 0-9 . _ -")
+    issue.add_argument("--out", required=True, help="directory for node.key, node.crt and ca.crt")
+    issue.add_argument("--days", type=positive_int, default=NODE_DAYS)
+    issue.set_defaults(handler=cmd_certs_issue)
+    show = certs_sub.add_parser("show", help="node id, subject, issuer and validity of a certificate")
+    show.add_argument("file")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_certs_show)
+    config = sub.add_parser("config", help="check a node configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True, parser_class=parser_class)
+    check = config_sub.add_parser("check", help="check a TOML config and the files it names, offline")
+    check.add_argument("file")
+    check.set_defaults(handler=cmd_config_check)
+    svc = sub.add_parser("service", help="install or remove the systemd service")
+    svc_sub = svc.add_subparsers(dest="service_command", required=True, parser_class=parser_class)
+    svc_install = svc_sub.add_parser("install", help="write the unit, the sysusers entry and a default config")
+    svc_install.add_argument("--prefix", default="/", help="root to install under, like DESTDIR (default /)")
+    svc_install.add_argument("--gossipfld", help="the gossipfld executable (default: the one beside this gossipfl)")
+    svc_install.set_defaults(handler=cmd_service_install)
+    svc_uninstall = svc_sub.add_parser("uninstall", help="remove the unit and sysusers entry; keep config and state")
+    svc_uninstall.add_argument("--prefix", default="/", help="root to remove from, like DESTDIR (default /)")
+    svc_uninstall.set_defaults(handler=cmd_service_uninstall)

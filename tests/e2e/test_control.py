@@ -1,0 +1,317 @@
+"""The control socket and every CLI command that uses it, against real running daemons.
+
+Two daemons gossip over static peers (no mDNS needed here); node0 also serves Prometheus metrics on a
+loopback port and puts its control socket in a directory other users can reach, so the group rules
+can be checked with real processes running under other uids (the tests that need that need root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gossipfl import cli
+from gossipfl.learning.datasets import load_digits, train_test_split, write_csv
+from gossipfl.learning.model import Model
+from gossipfl.testing.cluster import Cluster, ClusterPlan, NodeSpec, free_port_base, prepare, write_toml
+
+from ..conftest import one_line_error, wait_for
+
+pytestmark = pytest.mark.slow
+
+SOCKET_GROUP = 4242
+READER_UID = 4243
+OUTSIDER_UID = 4244
+MAX_CONNECTIONS = 4
+TIMEOUT = 3.0  # long enough that a loaded 2-core CI machine fills every slot before the first expires
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="running a client under another uid needs root")
+
+
+class Daemons:
+    def __init__(self, cluster: Cluster, specs: list[NodeSpec], socket_path: Path, metrics_port: int,
+                 x_test: np.ndarray) -> None:
+        self.cluster, self.specs, self.socket, self.metrics_port, self.x_test = (
+            cluster, specs, socket_path, metrics_port, x_test)
+
+    def cli(self, *args: str, check: bool = True, user: int | None = None, group: int | None = None,
+            sock: Path | None = None) -> subprocess.CompletedProcess[str]:
+        argv = [*args, "--socket", str(sock or self.socket)]
+        if user is not None:
+            proc = _cli_as(user, group if group is not None else user, argv)
+        else:
+            proc = subprocess.run([sys.executable, "-m", "gossipfl.cli", *argv], capture_output=True, text=True,
+                                  timeout=60)
+        if check:
+            assert proc.returncode == 0, proc.stderr
+        return proc
+
+    def json(self, *args: str) -> object:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def wait(self, predicate, timeout: float = 30.0, what: str = "condition"):
+        return wait_for(predicate, timeout, what)
+
+
+@pytest.fixture(scope="module")
+def daemons(tmp_path_factory):
+    x, y = load_digits()
+    x_train, y_train, x_test, _ = train_test_split(x, y, test_fraction=0.25, seed=1)
+    root = tmp_path_factory.mktemp("control")
+    base = free_port_base()
+    specs = prepare(root, ClusterPlan(nodes=2, base_port=base, mdns=False, static_peers=True,
+                                      training={"duty_cycle": 0.3}), x_train, y_train)
+    # node0's socket lives in a directory every uid can traverse, group-owned by SOCKET_GROUP.
+    socket_dir = Path(tempfile.mkdtemp(prefix="gfl-ctl-"))
+    socket_dir.chmod(0o755)
+    socket_path = socket_dir / "control.sock"
+    metrics_port = base + 10
+    tables = tomllib.loads(specs[0].config.read_text())
+    tables["control"] = {"socket": str(socket_path), "group": str(SOCKET_GROUP), "timeout": TIMEOUT,
+                         "max_connections": MAX_CONNECTIONS, "metrics_listen": f"127.0.0.1:{metrics_port}"}
+    write_toml(specs[0].config, tables)
+    with Cluster(specs) as cluster:
+        d = Daemons(cluster, specs, socket_path, metrics_port, x_test)
+        d.wait(lambda: d.cli("status", check=False).returncode == 0, what="node0's control socket")
+        d.wait(lambda: Daemons(cluster, specs, specs[1].socket, 0, x_test).cli("status", check=False)
+               .returncode == 0, what="node1's control socket")
+        yield d
+    shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def _cli_as(uid: int, gid: int, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """The CLI in a forked process that dropped to ``uid``/``gid`` (no supplementary groups).
+
+    Forked rather than exec'd: the interpreter may live where other users cannot read it (a pyenv
+    under /root), but the kernel sees the same credentials on the socket either way.
+    """
+    r_out, w_out = os.pipe()
+    r_err, w_err = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 99
+        try:
+            os.close(r_out)
+            os.close(r_err)
+            sys.stdout = open(w_out, "w")  # noqa: SIM115 - closed by os._exit's flush below
+            sys.stderr = open(w_err, "w")  # noqa: SIM115
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            code = cli.main(argv)
+        except BaseException as exc:
+            print(f"child failed: {exc!r}", file=sys.stderr)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(w_out)
+    os.close(w_err)
+    with open(r_out) as out, open(r_err) as err:
+        stdout, stderr = out.read(), err.read()
+    _, status = os.waitpid(pid, 0)
+    return subprocess.CompletedProcess(argv, os.waitstatus_to_exitcode(status), stdout, stderr)
+
+
+def _raw(path: Path, payload: bytes, timeout: float = 10.0) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(payload)  # the daemon may answer and close before a large request is all sent
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
+
+
+# ---------------------------------------------------------------- every command, both forms
+
+
+def test_status_in_both_forms(daemons):
+    spec = daemons.specs[0]
+    status = daemons.json("status")
+    assert status["node_id"] == spec.node_id.hex()
+    assert status["name"] == "node0" and status["role"] == "node" and status["mode"] == "gossip"
+    assert status["model"]["features"] == 64 and status["model"]["task"] == "classification"
+    assert status["uptime"] > 0 and status["train_samples"] > 0
+    text = daemons.cli("status").stdout
+    assert spec.node_id.hex() in text
+    for label in ("role", "model", "age", "training", "validation", "peers", "problems", "uptime"):
+        assert any(line.startswith(label) for line in text.splitlines()), (label, text)
+
+
+def test_peers_in_both_forms(daemons):
+    other = daemons.specs[1].node_id.hex()
+    peers = daemons.wait(lambda: [p for p in daemons.json("peers") if p["node_id"] == other and p["exchanges"] > 0],
+                         what="an exchange with node1")
+    assert peers[0]["state"] == "live" and peers[0]["bytes_out"] > 0
+    assert peers[0]["address"] == f"127.0.0.1:{daemons.specs[1].port}"
+    text = daemons.cli("peers").stdout
+    assert text.splitlines()[0].split()[:3] == ["NODE", "ADDRESS", "STATE"]
+    assert any(line.startswith(other[:12]) and " live " in line for line in text.splitlines()), text
+
+
+def test_metrics_in_both_forms_and_over_http(daemons):
+    daemons.wait(lambda: daemons.json("status")["counters"].get("exchanges_out", 0) > 0, what="an exchange")
+    text = daemons.cli("metrics").stdout
+    assert "# TYPE gossipfl_exchanges_total counter" in text
+    assert 'gossipfl_exchanges_total{direction="out"}' in text
+    age = [line for line in text.splitlines() if line.startswith("gossipfl_model_age ")]
+    assert age and float(age[0].split()[1]) > 0
+    assert "gossipfl_loop_lag_max_seconds" in text and "gossipfl_control_requests_total" in text
+    assert "gossipfl_info{" in json.loads(daemons.cli("metrics", "--json").stdout)["text"]
+    url = f"http://127.0.0.1:{daemons.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        assert reply.status == 200 and reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert "gossipfl_model_age" in reply.read().decode()
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"http://127.0.0.1:{daemons.metrics_port}/other", timeout=10)
+    assert info.value.code == 404
+
+
+def test_pause_stops_training_and_resume_restarts_it(daemons):
+    assert daemons.cli("pause").stdout.strip() == "paused: training and gossip"
+    daemons.wait(lambda: not daemons.json("status")["training"], what="training to stop")
+    steps = daemons.json("status")["counters"]["train_steps"]
+    time.sleep(1.5)
+    status = daemons.json("status")
+    assert status["paused"] is True and status["counters"]["train_steps"] == steps
+    assert "paused" in daemons.cli("status").stdout
+    assert daemons.cli("resume").stdout.strip() == "resumed: training and gossip"
+    daemons.wait(lambda: daemons.json("status")["counters"]["train_steps"] > steps, what="training to resume")
+    assert daemons.json("pause") == {"paused": True}
+    assert daemons.json("resume") == {"paused": False}
+
+
+def test_export_and_predict_through_the_daemon_match_offline(daemons, tmp_path):
+    daemons.cli("pause")  # freeze the model so the export and the predictions see the same parameters
+    try:
+        daemons.wait(lambda: not daemons.json("status")["training"], what="training to stop")
+        out = tmp_path / "exported.onnx"
+        summary = json.loads(daemons.cli("model", "export", "--out", str(out), "--json").stdout)
+        model = Model.load(out)
+        assert summary["fingerprint"] == model.fingerprint_hex == daemons.json("status")["fingerprint"]
+        assert "gossipfl.state" not in model.metadata  # a standalone model, not a checkpoint
+        human = daemons.cli("model", "export", "--out", str(tmp_path / "again.onnx")).stdout
+        assert human.startswith(f"wrote {tmp_path / 'again.onnx'}")
+        rows = tmp_path / "rows.csv"
+        write_csv(rows, daemons.x_test[:300], np.zeros(300, dtype=np.int64))
+        online = [int(v) for v in daemons.cli("predict", "--input", str(rows)).stdout.split()]
+        offline = [int(v) for v in daemons.cli("predict", "--model", str(out), "--input", str(rows)).stdout.split()]
+        assert len(online) == 300 and online == offline
+        as_json = json.loads(daemons.cli("predict", "--input", str(rows), "--json").stdout)
+        assert [r["label"] for r in as_json] == online and len(as_json[0]["scores"]) == 10
+    finally:
+        daemons.cli("resume")
+
+
+def test_block_and_unblock_a_peer(daemons):
+    node1 = daemons.specs[1].node_id.hex()
+    assert "blocked" in daemons.cli("peer", "block", node1).stdout
+    assert daemons.json("status")["blocked"] == [node1]
+    daemons.wait(lambda: daemons.json("status")["counters"].get("refused.blocked", 0) > 0,
+                 what="node1's pushes to be refused")
+    assert any(p["node_id"] == node1 and p["state"] == "blocked" for p in daemons.json("peers"))
+    problems = [ln for ln in daemons.cli("status").stdout.splitlines() if ln.startswith("problems")]
+    assert problems and "refused" in problems[0] and "blocked" in problems[0], problems
+    assert daemons.cli("peer", "unblock", node1).stdout.startswith(f"unblocked {node1}")
+    assert json.loads(daemons.cli("peer", "block", node1, "--json").stdout) == {"blocked": [node1]}
+    assert json.loads(daemons.cli("peer", "unblock", node1, "--json").stdout) == {"blocked": []}
+    line = one_line_error(daemons.cli("peer", "unblock", node1, check=False))
+    assert "is not blocked" in line
+    line = one_line_error(daemons.cli("peer", "block", "not-an-id", check=False))
+    assert "not a node id" in line
+
+
+# ---------------------------------------------------------------- refusals and limits
+
+
+def test_a_stopped_daemon_is_one_line_and_exit_code_3(daemons, tmp_path):
+    proc = daemons.cli("status", check=False, sock=tmp_path / "nothing.sock")
+    assert proc.returncode == 3
+    assert "not running" in one_line_error(proc)
+
+
+@needs_root
+def test_a_caller_outside_the_group_is_refused(daemons):
+    proc = daemons.cli("status", check=False, user=OUTSIDER_UID, group=OUTSIDER_UID)
+    assert proc.returncode == 4
+    assert "permission denied" in one_line_error(proc)
+
+
+@needs_root
+def test_a_group_member_may_read_but_not_pause(daemons):
+    status = json.loads(daemons.cli("status", "--json", user=READER_UID, group=SOCKET_GROUP).stdout)
+    assert status["node_id"] == daemons.specs[0].node_id.hex()
+    proc = daemons.cli("pause", check=False, user=READER_UID, group=SOCKET_GROUP)
+    assert proc.returncode == 4
+    assert "only root and the daemon's own user" in one_line_error(proc)
+    assert daemons.json("status")["paused"] is False
+
+
+def test_malformed_requests_get_clear_errors(daemons):
+    too_big = _raw(daemons.socket, b'{"v":1,"command":"status","args":{"pad":"' + b"x" * (2 << 20) + b'"}}\n')
+    assert too_big["ok"] is False and too_big["error"]["code"] == "too_large"
+    for payload, code in ((b"{not json\n", "bad_request"), (b"[1,2]\n", "bad_request"),
+                          (b'{"v":1,"command":"reboot"}\n', "unknown_command"),
+                          (b'{"v":99,"command":"status"}\n', "version"),
+                          (b'{"v":1,"command":"predict","args":{"rows":[[1,2]]}}\n', "bad_request")):
+        reply = _raw(daemons.socket, payload)
+        assert reply["ok"] is False and reply["error"]["code"] == code, (payload, reply)
+        assert reply["error"]["message"]
+    assert daemons.json("status")["counters"]["control.bad_request"] >= 3
+
+
+def test_silent_clients_time_out_and_the_daemon_keeps_serving(daemons):
+    silent = []
+    try:
+        for _ in range(MAX_CONNECTIONS - 1):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(daemons.socket))
+            silent.append(sock)
+        # one slot left: others are still served (asked in-process: a CLI start-up could outlast TIMEOUT)
+        assert _raw(daemons.socket, b'{"v":1,"command":"status"}\n')["ok"] is True
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(daemons.socket))
+        silent.append(sock)
+        time.sleep(0.2)
+        over = _raw(daemons.socket, b"")  # the connection over the limit is turned away at once
+        assert over["error"]["code"] == "busy"
+        for sock in silent:
+            sock.settimeout(TIMEOUT * 5)
+            reply = json.loads(sock.recv(65536))
+            assert reply["error"]["code"] == "timeout"
+    finally:
+        for sock in silent:
+            sock.close()
+    assert daemons.json("status")["node_id"] == daemons.specs[0].node_id.hex()
+
+
+def test_pause_and_blocks_survive_a_restart(daemons):
+    node1 = daemons.specs[1].node_id.hex()
+    daemons.cli("pause")
+    daemons.cli("peer", "block", node1)
+    spec = daemons.specs[0]
+    assert daemons.cluster.stop(spec) == 0
+    daemons.cluster.start(spec)
+    daemons.wait(lambda: daemons.cli("status", check=False).returncode == 0, what="node0 to come back")
+    status = daemons.json("status")
+    assert status["paused"] is True and status["blocked"] == [node1]
+    daemons.cli("resume")
+    daemons.cli("peer", "unblock", node1)

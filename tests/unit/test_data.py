@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from gossipfl.errors import DataError
+from gossipfl.learning.data import DataSpec, LocalData, load_directory
+from gossipfl.learning.datasets import dirichlet_shards, write_csv
+
+from ..conftest import rows
+
+SPEC = DataSpec(features=3, classes=4)
+
+
+def _csv(path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_csv_and_npz_are_read_together(tmp_path):
+    _csv(tmp_path / "a.csv", "f0,label,f1,f2\n1,0,2,3\n4,1,5,6\n")
+    np.savez(tmp_path / "b.npz", x=np.ones((3, 3)), y=np.array([3, 2, 1]))
+    data = load_directory(tmp_path, SPEC)
+    table = data.all
+    assert table.x.shape == (5, 3) and table.x.dtype == np.float32
+    assert sorted(table.y.tolist()) == [0, 1, 1, 2, 3]
+    assert [1, 2, 3] in table.x.tolist(), "the label column may stand anywhere"
+
+
+def test_new_and_changed_files_are_picked_up(tmp_path):
+    x, y = rows(20, 3, 4)
+    write_csv(tmp_path / "one.csv", x, y)
+    data = LocalData(tmp_path, SPEC, validation_fraction=0.0)
+    assert data.refresh() == [tmp_path / "one.csv"]
+    assert len(data.train) == 20
+    assert data.refresh() == [], "unchanged files are not read again"
+    write_csv(tmp_path / "two.csv", x[:5], y[:5])
+    assert data.refresh() == [tmp_path / "two.csv"]
+    assert len(data.train) == 25
+    (tmp_path / "one.csv").unlink()
+    data.refresh()
+    assert len(data.train) == 5
+
+
+def test_validation_split_is_stable_across_restarts_and_new_files(tmp_path):
+    x, y = rows(400, 3, 4)
+    write_csv(tmp_path / "a.csv", x, y)
+    first = LocalData(tmp_path, SPEC, validation_fraction=0.25)
+    first.refresh()
+    assert 60 < len(first.validation) < 140
+    write_csv(tmp_path / "b.csv", x[:50], y[:50])
+    second = LocalData(tmp_path, SPEC, validation_fraction=0.25)
+    second.refresh()
+    held = first.validation.x
+    assert np.array_equal(second.validation.x[: len(held)], held)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("f0,f1,f2,label\n1,2,nan,0\n", r"bad\.csv:2: feature 'f2' is nan, not finite"),
+    ("f0,f1,f2,label\n1,2,3,0\n1,2,0\n", r"bad\.csv:3: 3 fields, the header has 4"),
+    ("f0,f1,f2,label\n1,2,x3,0\n", r"bad\.csv:2: 'x3' is not a number"),
+    ("f0,f1,label\n1,2,0\n", r"bad\.csv:1: 2 feature columns, the model expects 3"),
+    ("f0,f1,f2,f3\n1,2,3,0\n", r"bad\.csv:1: no label column 'label'"),
+    ("f0,f1,f2,label\n1,2,3,7\n", r"bad\.csv:2: label 7 is not a class index in 0\.\.3"),
+    ("f0,f1,f2,label\n1,2,3,0.5\n", r"is not a class index"),
+    ("", r"bad\.csv: empty file"),
+])
+def test_malformed_csv_names_file_and_line(tmp_path, text, message):
+    _csv(tmp_path / "bad.csv", text)
+    with pytest.raises(DataError, match=message):
+        load_directory(tmp_path, SPEC)
+
+
+def test_daemon_mode_skips_bad_files_with_a_warning(tmp_path, caplog):
+    x, y = rows(10, 3, 4)
+    write_csv(tmp_path / "good.csv", x, y)
+    _csv(tmp_path / "bad.csv", "f0,f1,f2,label\n1,2,3,0\n1,inf,3,0\n")
+    data = LocalData(tmp_path, SPEC, validation_fraction=0.0)
+    with caplog.at_level(logging.WARNING):
+        data.refresh()
+    assert len(data.train) == 10
+    assert any("bad.csv:3" in r.getMessage() for r in caplog.records)
+    assert tmp_path / "bad.csv" in data.skipped
+    caplog.clear()
+    data.refresh()
+    assert not caplog.records, "a skipped file is not re-read until it changes"
+    _csv(tmp_path / "bad.csv", "f0,f1,f2,label\n1,2,3,0\n")
+    st = (tmp_path / "bad.csv").stat()
+    os.utime(tmp_path / "bad.csv", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    data.refresh()
+    assert len(data.train) == 11 and not data.skipped
+
+
+def test_npz_with_pickled_objects_is_refused(tmp_path):
+    np.savez(tmp_path / "evil.npz", x=np.array([{"a": 1}], dtype=object), y=np.array([0]))
+    with pytest.raises(DataError, match=r"evil\.npz"):
+        load_directory(tmp_path, SPEC)
+
+
+def test_npz_checks(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.ones((2, 5)), y=np.array([0, 1]))
+    with pytest.raises(DataError, match="5 features per sample, the model expects 3"):
+        load_directory(tmp_path, SPEC)
+    np.savez(tmp_path / "d.npz", x=np.array([[1, np.nan, 2]]), y=np.array([0]))
+    with pytest.raises(DataError, match="NaN"):
+        load_directory(tmp_path, SPEC)
+    (tmp_path / "d.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(DataError, match="not a readable"):
+        load_directory(tmp_path, SPEC)
+
+
+def test_empty_or_missing_directory(tmp_path):
+    with pytest.raises(DataError, match=r"no \.csv or \.npz files"):
+        load_directory(tmp_path, SPEC)
+    with pytest.raises(DataError, match="missing"):
+        load_directory(tmp_path / "missing", SPEC)
+
+
+def test_dirichlet_shards_cover_every_row_once_and_are_skewed():
+    y = np.repeat(np.arange(10), 100)
+    shards = dirichlet_shards(y, 5, alpha=0.5, seed=0)
+    joined = np.concatenate(shards)
+    assert sorted(joined.tolist()) == list(range(1000))
+    top_share = [np.bincount(y[s], minlength=10).max() / len(s) for s in shards]
+    assert max(top_share) > 0.2, "alpha 0.5 gives shards dominated by a few classes"
