@@ -613,7 +613,7 @@ class Node:
                     await trio.sleep(0.1)
                     continue
                 # One address may hold at most half the slots, so a host flooding us with connections
-                # cannot starve the honest peers' pushes (tests/test_faults.py).
+                # cannot starve the honest peers' pushes (tests/e2e/test_faults.py).
                 limit = self.config.limits.max_connections
                 try:
                     remote = str(tcp.socket.getpeername()[0])

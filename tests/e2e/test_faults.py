@@ -1,5 +1,5 @@
-"""Faults, end to end: real gossipfld processes on simulated hosts (network namespaces on a bridge, tests/netns.py)
-under churn, a partition, bad links, and a flood from a rogue host.
+"""Faults, end to end: real gossipfld processes on simulated hosts (network namespaces on a bridge,
+gossipfl/testing/netns.py) under churn, a partition, bad links, and a flood from a rogue host.
 
 The accuracy tests run two clusters side by side, each in a lab of its own: the one under test and its twin with
 the same plan (seeds, shards, initial model, settings) and the same duration, without faults. Both start

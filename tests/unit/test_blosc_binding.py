@@ -32,7 +32,7 @@ def arrays() -> list[np.ndarray]:
 
 def test_the_wheel_ships_the_library_and_it_is_used() -> None:
     # If this fails after a blosc2 upgrade, the codec still works through python-blosc2, but every
-    # daemon pays ~25 MB more: check the structs in gossipfl/_blosc.py against the new blosc2.h.
+    # daemon pays ~25 MB more: check the structs in gossipfl/protocol/_blosc.py against the new blosc2.h.
     assert NATIVE is not None, f"no usable libblosc2 in {_blosc._library_paths()}"
     assert isinstance(_blosc.BACKEND, _blosc.NativeBlosc)
 
