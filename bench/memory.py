@@ -110,9 +110,9 @@ def _gossipfl(ctx: dict) -> None:
     import gossipfl.protocol.messages  # noqa: F401
 
     try:  # the daemon's own modules; tolerated missing while the daemon is being edited
-        import gossipfld.node  # noqa: F401
+        import gossipfld.app  # noqa: F401
     except ImportError as exc:
-        ctx["notes"].append(f"gossipfld.node not importable: {exc}")
+        ctx["notes"].append(f"gossipfld.app not importable: {exc}")
     if "cryptography" in sys.modules:  # gossipfl.cli.certs needs it, the daemon must not (about 11 MB)
         ctx["notes"].append("cryptography got imported by the daemon's modules")
 

@@ -1,14 +1,16 @@
 """What each control-socket command does to a running node; arguments are checked here, as hostile.
 
-Kept apart from the socket server (control.py: transport, credentials, limits) and from the node
-(node.py: learning and gossip), so each can be read, and tested, on its own.
+Kept apart from the socket server (control.py: transport, credentials, limits) and from the parts it
+drives (the learner, the peer table, the reporter), which it is handed by the app, so each can be read, and
+tested, on its own.
 """
 
 from __future__ import annotations
 
 import base64
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
 import trio
@@ -16,12 +18,12 @@ import trio
 from gossipfl import control
 from gossipfl.errors import ControlError, IdentityError
 from gossipfl.identity.ids import format_node_id, parse_node_id
-from gossipfl.metrics import render
+from gossipfl.protocol.peers import PeerTable
+from gossipfl.protocol.references import GossipState
 
 from .control import Handler
-
-if TYPE_CHECKING:
-    from .node import Node
+from .learner import Learner
+from .reporting import Reporter
 
 MAX_PREDICT_ROWS = 100_000
 
@@ -54,57 +56,60 @@ def _rows_arg(args: dict[str, Any], features: int) -> np.ndarray:
     return np.asarray(rows, dtype=np.float32)
 
 
-def command_table(node: Node) -> dict[str, Handler]:
-    async def status(args: dict[str, Any]) -> Any:
-        return node.status()
+def command_table(node_id: bytes, learner: Learner, reporter: Reporter, peers: PeerTable, references: GossipState,
+                  checkpoint: Callable[[], Awaitable[None]]) -> dict[str, Handler]:
+    """The handler of every command in ``gossipfl.control.COMMANDS``, over the parts they read and change."""
 
-    async def peers(args: dict[str, Any]) -> Any:
-        return node.peers_report()
+    async def status(args: dict[str, Any]) -> Any:
+        return reporter.status()
+
+    async def peers_(args: dict[str, Any]) -> Any:
+        return reporter.peers_report()
 
     async def metrics(args: dict[str, Any]) -> Any:
-        return render(node.status())
+        return reporter.metrics_text()
 
     async def export(args: dict[str, Any]) -> Any:
-        async with node.lock:
-            snapshot = node.model.copy()
+        snapshot, age = await learner.export()
         data = await trio.to_thread.run_sync(snapshot.to_bytes)
-        return {"fingerprint": snapshot.fingerprint_hex, "age": node.age, "onnx": base64.b64encode(data).decode()}
+        return {"fingerprint": snapshot.fingerprint_hex, "age": age, "onnx": base64.b64encode(data).decode()}
 
     async def predict(args: dict[str, Any]) -> Any:
-        x = _rows_arg(args, node.model.features_per_sample)
-        async with node.lock:
-            out = await trio.to_thread.run_sync(node.trainer.predict, x)
-        result: dict[str, Any] = {"outputs": out.reshape(len(x), -1).tolist(), "age": node.age}
-        if node.model.task == "classification":
-            result["labels"] = np.argmax(out.reshape(len(x), -1), axis=1).tolist()
+        model = learner.model
+        x = _rows_arg(args, model.features_per_sample)
+        out, age = await learner.predict(x)
+        rows = out.reshape(len(x), -1)
+        result: dict[str, Any] = {"outputs": rows.tolist(), "age": age}
+        if model.task == "classification":
+            result["labels"] = np.argmax(rows, axis=1).tolist()
         return result
 
     async def pause(args: dict[str, Any]) -> Any:
-        node.set_paused(True)
-        await node.checkpoint()  # an operator's pause must survive a restart
+        learner.set_paused(True)
+        await checkpoint()  # an operator's pause must survive a restart
         return {"paused": True}
 
     async def resume(args: dict[str, Any]) -> Any:
-        node.set_paused(False)
-        await node.checkpoint()
+        learner.set_paused(False)
+        await checkpoint()
         return {"paused": False}
 
     async def block(args: dict[str, Any]) -> Any:
         peer_id = _node_id_arg(args)
-        if peer_id == node.node_id:
+        if peer_id == node_id:
             raise _bad("a node cannot block itself")
-        node.peers.blocked.add(peer_id)
-        node.gossip.forget(peer_id)
-        await node.checkpoint()
-        return {"blocked": sorted(format_node_id(b) for b in node.peers.blocked)}
+        peers.blocked.add(peer_id)
+        references.forget(peer_id)
+        await checkpoint()
+        return {"blocked": sorted(format_node_id(b) for b in peers.blocked)}
 
     async def unblock(args: dict[str, Any]) -> Any:
         peer_id = _node_id_arg(args)
-        if peer_id not in node.peers.blocked:
+        if peer_id not in peers.blocked:
             raise ControlError(f"{format_node_id(peer_id)} is not blocked", control.FAILED)
-        node.peers.blocked.discard(peer_id)
-        await node.checkpoint()
-        return {"blocked": sorted(format_node_id(b) for b in node.peers.blocked)}
+        peers.blocked.discard(peer_id)
+        await checkpoint()
+        return {"blocked": sorted(format_node_id(b) for b in peers.blocked)}
 
-    return {"status": status, "peers": peers, "metrics": metrics, "model.export": export, "predict": predict,
+    return {"status": status, "peers": peers_, "metrics": metrics, "model.export": export, "predict": predict,
             "pause": pause, "resume": resume, "peer.block": block, "peer.unblock": unblock}

@@ -89,6 +89,10 @@ class ControlServer:
         self.served = 0
         self.refused: dict[str, int] = {}
 
+    def counters(self) -> dict[str, float]:
+        """Requests answered and refused, as ``control.*`` counters of the node's status."""
+        return {"control.ok": self.served, **{f"control.{k}": v for k, v in self.refused.items()}}
+
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sock = await self._bind()
         try:

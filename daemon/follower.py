@@ -1,41 +1,43 @@
 """The client side of server-assisted FedAvg: following a gateway's rounds on this node.
 
-A gateway dials us with a ``GatewayRound``: the global model as a delta against the previous global
-we hold (per-gateway references with error feedback, exactly as in gossip), a deadline and a number
-of local epochs. We train those epochs from the global model (or from our own model, if gossip has
-taken it further than the global while the gateway was away), answer with our delta and sample count,
-and, once the gateway has aggregated, adopt the new global model (a second ``GatewayRound`` with zero
-epochs). Between rounds we hold the global model, so ``gossipfl model export`` ships what the gateway
-has.
+A gateway dials us with a ``GatewayRound``: the global model as a delta against the previous global we hold
+(per-gateway references with error feedback, exactly as in gossip), a deadline and a number of local epochs.
+We train those epochs from the global model (or from our own model, if gossip has taken it further than the
+global while the gateway was away), answer with our delta and sample count, and, once the gateway has
+aggregated, adopt the new global model (the round's result: a ``GatewayRound`` with zero epochs). Between
+rounds we hold the global model, so ``gossipfl model export`` ships what the gateway has.
 
-Which gateway: the live one with the lowest node id (several gateways elect none of themselves;
-every client makes the same choice from what it sees). A gateway counts as live while it has been in
-touch, or announced, within ``fedavg.fallback_seconds``. In mode ``auto`` a node with no live gateway
-learns by gossip from the model it has; one round from a gateway brings it back. A node never adopts a
-global model younger than its own, so falling back and returning never loses what it learned.
+Which gateway: the live one with the lowest node id (several gateways elect none of themselves; every client
+makes the same choice from what it sees). A gateway counts as live while it has been in touch, or announced,
+within ``fedavg.fallback_seconds``. In mode ``auto`` a node with no live gateway learns by gossip from the
+model it has; one round from a gateway brings it back. A node never adopts a global model younger than its
+own, so falling back and returning never loses what it learned.
 
-The uplink delta is coded with error feedback too: what the lossy codec drops from one update is
-added to the next (the residual), so ``int8`` or ``topk`` uplinks do not bias the average.
+The uplink delta is coded with error feedback too: what the lossy codec drops from one update is added to
+the next (the residual), so ``int8`` or ``topk`` uplinks do not bias the average.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import trio
 
+from gossipfl.config import NodeConfig
+from gossipfl.errors import RefusedByUs
+from gossipfl.metrics import Counters
 from gossipfl.protocol import messages
-from gossipfl.protocol.codec import decode_delta, encode_delta
-from gossipfl.protocol.references import GossipState, NeedFull, Refused
+from gossipfl.protocol.codec import CodecConfig
+from gossipfl.protocol.feedback import Reference
+from gossipfl.protocol.peers import PeerTable
+from gossipfl.protocol.references import GossipState
 
-from .connection import MessageStream, PeerRefused, expect
+from .learner import Learner
+from .link import Link
 from .logs import fields
-
-if TYPE_CHECKING:
-    from .node import Node
+from .transfer import receive_model, refusal_code
 
 log = logging.getLogger("gossipfld.follower")
 
@@ -43,113 +45,106 @@ MAX_GATEWAYS = 4  # references kept for this many gateways
 
 
 class Follower:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, config: NodeConfig, learner: Learner, peers: PeerTable, counters: Counters,
+                 codec: CodecConfig) -> None:
+        self.config = config
+        self.learner = learner
+        self.peers = peers
+        self.counters = counters
+        self.codec = codec
+        count = learner.model.num_params
         # The global model is the gateway's, not a peer's opinion: no outlier test against our own model.
-        self.references = GossipState(node.model.num_params, node.codec, MAX_GATEWAYS, outlier_factor=math.inf)
-        self.residual: np.ndarray | None = None
+        self.references = GossipState(count, codec, MAX_GATEWAYS, outlier_factor=math.inf)
+        self.residual = np.zeros(count, np.float32)  # what the uplink codec has not delivered yet
         self.gateway: bytes | None = None  # the gateway whose round we took last
         self.last_round = 0
         self.rounds = 0
 
-    # ---------------------------------------------------------------- which gateway
+    # ------------------------------------------------------------------ which gateway
 
     def live_gateways(self, now: float) -> list[bytes]:
-        window = self.node.config.fedavg.fallback_seconds
-        return sorted(p.node_id for p in self.node.peers
-                      if p.role == "gateway" and len(p.node_id) == 32 and not self.node.peers.is_blocked(p.node_id)
+        window = self.config.fedavg.fallback_seconds
+        return sorted(p.key for p in self.peers
+                      if p.role == "gateway" and p.proven_id is not None and not self.peers.is_blocked(p.key)
                       and p.stats.last_seen is not None and now - p.stats.last_seen < window)
 
     def following(self, now: float) -> bool:
         """Whether rounds, not gossip, drive learning now."""
-        mode = self.node.config.node.mode
-        if self.node.config.node.role == "gateway" or mode == "gossip":
+        mode = self.config.node.mode
+        if self.config.node.role == "gateway" or mode == "gossip":
             return False
         return mode == "fedavg" or bool(self.live_gateways(now))
 
+    def status(self) -> dict[str, object]:
+        now = trio.current_time()
+        live = self.live_gateways(now)
+        return {"following": live[0].hex() if live and self.following(now) else None,
+                "learning_by": "rounds" if self.following(now) else "gossip",
+                "rounds": self.rounds, "last_round": self.last_round}
+
     def _check_gateway(self, gateway_id: bytes) -> None:
-        mode = self.node.config.node.mode
-        if self.node.config.node.role == "gateway":
-            raise PeerRefused("role", "a gateway does not follow another gateway")
+        mode = self.config.node.mode
+        if self.config.node.role == "gateway":
+            raise RefusedByUs("role", "a gateway does not follow another gateway")
         if mode == "gossip":
-            raise PeerRefused("mode", "this node is in gossip mode and follows no gateway")
-        if self.node.paused:
-            raise PeerRefused("paused", "this node is paused by its operator")
+            raise RefusedByUs("mode", "this node is in gossip mode and follows no gateway")
         live = self.live_gateways(trio.current_time())
         if live and live[0] != gateway_id:
-            raise PeerRefused("not-following", f"this node follows gateway {live[0].hex()[:12]}")
+            raise RefusedByUs("not-following", f"this node follows gateway {live[0].hex()[:12]}")
 
-    # ---------------------------------------------------------------- one round
+    # ------------------------------------------------------------------ one round
 
-    async def session(self, conn: MessageStream, gateway_id: bytes, first: messages.GatewayRound) -> None:
-        """Serve one round on an inbound connection from a gateway."""
+    async def session(self, link: Link, gateway_id: bytes, first: messages.Message) -> None:
+        """Serve one round on an inbound connection from a gateway (the listener's handler for GatewayRound)."""
+        assert isinstance(first, messages.GatewayRound)
         try:
             self._check_gateway(gateway_id)
-        except PeerRefused as exc:
-            await conn.send(messages.Error(messages.ErrorCode.REFUSED, str(exc)[:200]))
+            global_params, message = await self._receive_global(link, gateway_id, first)
+        except RefusedByUs as exc:
+            await link.refuse(refusal_code(exc), exc)
             raise
-        node = self.node
-        message = first
-        global_params, global_seq = await self._receive_global(conn, gateway_id, message)
         if message.epochs == 0:  # a bare adoption (the gateway's result of a round we did not train in)
-            await self._adopt(conn, gateway_id, message, global_params)
+            await self._adopt(link, gateway_id, message, global_params)
             return
-        if self.residual is None or self.gateway != gateway_id:
-            self.residual = np.zeros(node.model.num_params, np.float32)  # a new gateway holds none of it
+        if self.gateway != gateway_id:
+            self.residual[:] = 0  # a new gateway holds none of what the last one was still owed
         self.gateway = gateway_id
-        start, base_age = (global_params, message.age) if message.age >= node.age else (None, node.age)
+        our_age = self.learner.age
+        start, base_age = (global_params, message.age) if message.age >= our_age else (None, our_age)
         with trio.fail_after(message.deadline):
-            trained, samples = await node.train_from(start, message.epochs)
-        reference = global_params
-        delta = trained - reference
-        corrected = delta + self.residual
-        payload = await trio.to_thread.run_sync(encode_delta, corrected, node.codec)
-        sent = await trio.to_thread.run_sync(decode_delta, payload, node.model.num_params)
-        self.residual = corrected - sent
-        await conn.send(messages.GatewayUpdate(message.round, global_seq, samples, base_age + samples, payload))
-        node.counters.add("fedavg.updates_sent")
+            trained, samples = await self.learner.train_from(start, message.epochs)
+        payload = await trio.to_thread.run_sync(self._code_update, trained - global_params)
+        await link.send(messages.GatewayUpdate(message.round, message.new_seq, samples, base_age + samples, payload))
+        self.counters.add("fedavg.updates_sent")
         self.last_round, self.rounds = message.round, self.rounds + 1
         # The gateway aggregates once its quorum answered or the deadline passed; then sends the result.
-        result = expect(await conn.receive(timeout=message.deadline + node.config.limits.read_timeout),
-                        messages.GatewayRound)
+        result = await link.next(timeout=message.deadline + self.config.limits.read_timeout)
+        if result is None:
+            return  # the round ended without us (a late update) or without any update
         assert isinstance(result, messages.GatewayRound)
-        if result.epochs != 0 or result.round != message.round:
-            raise PeerRefused("protocol", "expected the round's result (zero epochs, same round)")
-        new_global, _ = await self._receive_global(conn, gateway_id, result)
-        await self._adopt(conn, gateway_id, result, new_global)
+        new_global, result = await self._receive_global(link, gateway_id, result)
+        await self._adopt(link, gateway_id, result, new_global)
 
-    async def _receive_global(self, conn: MessageStream, gateway_id: bytes,
-                              message: messages.GatewayRound) -> tuple[np.ndarray, int]:
-        """Decode the global model, asking for it whole if our base is missing; returns it and its seq."""
-        node = self.node
-        while True:
-            try:
-                received = await trio.to_thread.run_sync(self.references.receive, gateway_id, message.base_seq,
-                                                         message.new_seq, message.payload, node.model.params)
-                break
-            except NeedFull as exc:
-                node.counters.add("need_full_sent")
-                await conn.send(messages.NeedFull(exc.base_seq))
-                retry = expect(await conn.receive(), messages.GatewayRound)
-                assert isinstance(retry, messages.GatewayRound)
-                if retry.round != message.round or retry.epochs != message.epochs:
-                    raise PeerRefused("protocol", "the gateway changed the round while resending it") from None
-                message = retry
-            except Refused as exc:
-                raise PeerRefused(exc.reason, str(exc)) from None
+    def _code_update(self, delta: np.ndarray) -> bytes:
+        """Code ``delta`` plus what earlier updates still owe, keeping what this one cannot carry."""
+        corrected = delta + self.residual
+        uplink = Reference(corrected.size)
+        payload = uplink.encode_towards(corrected, self.codec)
+        np.subtract(corrected, uplink.values, out=self.residual)
+        return payload
+
+    async def _receive_global(self, link: Link, gateway_id: bytes,
+                              message: messages.GatewayRound) -> tuple[np.ndarray, messages.GatewayRound]:
+        """Decode the global model (whole, if our base is missing); returns it and the message that carried it."""
+        local, _ = await self.learner.snapshot()
+        received, message = await receive_model(link, self.references, gateway_id, message, local, self.counters)
         self.references.commit_receive(received)
-        node.peers.succeeded(gateway_id, trio.current_time())
-        return received.model.copy(), message.new_seq
+        self.peers.succeeded(gateway_id, trio.current_time())
+        assert isinstance(message, messages.GatewayRound)
+        return received.model.copy(), message
 
-    async def _adopt(self, conn: MessageStream, gateway_id: bytes, message: messages.GatewayRound,
-                     global_params: np.ndarray) -> None:
-        node = self.node
-        async with node.lock:
-            if message.age >= node.age:
-                node.model.set_params(global_params)
-                node.age = message.age
-                node.counters.add("fedavg.adopted")
-            else:  # our own model learned more (gossip while the gateway was away): keep it
-                node.counters.add("fedavg.kept_newer")
-        await conn.send(messages.Ack(message.new_seq))
-        log.debug("round adopted", extra=fields(gateway=gateway_id.hex()[:12], round=message.round, age=node.age))
+    async def _adopt(self, link: Link, gateway_id: bytes, message: messages.GatewayRound, params: np.ndarray) -> None:
+        await self.learner.adopt(params, message.age)
+        await link.send(messages.Ack(message.new_seq))
+        log.debug("round adopted", extra=fields(gateway=gateway_id.hex()[:12], round=message.round,
+                                                age=self.learner.age))

@@ -1,6 +1,6 @@
 """Structured log lines on stderr, where journald picks them up.
 
-Text lines read like ``level=info logger=gossipfld.node msg="merged" peer=3fa2.. age=1200``; with
+Text lines read like ``level=info logger=gossipfld.gossip msg="merged" peer=3fa2.. age=1200``; with
 ``--log-format json`` each line is one JSON object with the same fields. Extra fields come from the
 ``extra={"fields": {...}}`` argument of a logging call. No timestamps in text mode when running under
 systemd (journald stamps lines itself); JSON lines always carry one.

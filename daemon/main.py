@@ -19,8 +19,8 @@ from gossipfl.cli.tls import load_identity
 from gossipfl.config import LOG_FORMATS, check_named_files, load_config
 from gossipfl.errors import GossipflError
 
+from .app import App
 from .logs import fields, setup_logging
-from .node import Node
 
 log = logging.getLogger("gossipfld")
 EXIT_CONFIG = 2
@@ -38,14 +38,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(args.log_format or config.log.format, args.log_level or config.log.level)
         check_named_files(config)
         identity = load_identity(config.tls.cert, config.tls.key, config.tls.ca)
-        node = Node(config, identity)
+        app = App(config, identity)
     except GossipflError as exc:
         log.error("cannot start", extra=fields(error=str(exc)))
         return EXIT_CONFIG
     failed = False
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            trio.run(node.run)
+            trio.run(app.run)
     except* GossipflError as group:  # e.g. the control socket or the port is taken: still an operator's fix
         for exc in group.exceptions:
             log.error("cannot start", extra=fields(error=str(exc)))

@@ -11,7 +11,19 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
+
+
+@dataclass
+class Counters:
+    """A node's counters, ``family.detail`` named; every part of the daemon adds to the one instance."""
+
+    values: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, amount: float = 1) -> None:
+        self.values[name] = self.values.get(name, 0) + amount
+
 
 # counter family -> (metric name, label name)
 _LABELLED = {

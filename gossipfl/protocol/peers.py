@@ -25,7 +25,11 @@ class PeerStats:
 
 @dataclass
 class Peer:
-    node_id: bytes
+    """A peer as the table knows it. ``key`` is its node id, except for a static address not yet dialled,
+    whose identity nobody has proven: it is keyed by its address and has no ``proven_id`` until a dial
+    shows which node answers there (``PeerTable.resolved``)."""
+
+    key: bytes
     host: str
     port: int
     source: str  # "mdns", "static" or "inbound"
@@ -35,6 +39,13 @@ class Peer:
     next_try: float = 0.0
     evicted: bool = False
     stats: PeerStats = field(default_factory=PeerStats)
+    unproven: bool = False  # a static address, keyed by that address until dialled
+
+    @property
+    def proven_id(self) -> bytes | None:
+        """The node id a certificate gave (or mDNS announced, to be proven at the dial); None for a static
+        address not yet dialled."""
+        return None if self.unproven else self.key
 
     @property
     def address(self) -> str:
@@ -58,6 +69,19 @@ class PeerTable:
 
     def get(self, node_id: bytes) -> Peer | None:
         return self._peers.get(node_id)
+
+    def add_static(self, host: str, port: int, now: float) -> Peer:
+        """A configured address; the node behind it is known once a dial proves it."""
+        key = f"static:{host}:{port}".encode()
+        peer = self._peers.get(key) or Peer(key, host, port, "static", unproven=True)
+        self._peers[key] = peer
+        peer.next_try = now
+        return peer
+
+    def resolved(self, static: Peer, node_id: bytes, role: str, now: float) -> Peer:
+        """A dial to a static address proved which node listens there: know it by that id from now on."""
+        self._peers.pop(static.key, None)
+        return self.seen(node_id, static.host, static.port, "static", now, role)
 
     def seen(self, node_id: bytes, host: str, port: int, source: str, now: float, role: str = "node",
              fingerprint: bytes | None = None) -> Peer:
@@ -102,7 +126,7 @@ class PeerTable:
 
     def live(self) -> list[Peer]:
         return [p for p in self._peers.values()
-                if not p.evicted and p.node_id not in self.blocked and p.source != "inbound"]
+                if not p.evicted and p.key not in self.blocked and p.source != "inbound"]
 
     def choose(self, now: float, rng: random.Random, role: str | None = None,
                exclude: Collection[bytes] = ()) -> Peer | None:
@@ -111,8 +135,8 @@ class PeerTable:
         ``exclude``: peers an exchange is already under way with (a slow one must not be picked twice).
         """
         due = [p for p in self._peers.values()
-               if p.next_try <= now and p.node_id not in self.blocked and p.source != "inbound"
-               and (role is None or p.role == role) and p.node_id not in exclude]
+               if p.next_try <= now and p.key not in self.blocked and p.source != "inbound"
+               and (role is None or p.role == role) and p.key not in exclude]
         if not due:
             return None
         # An evicted peer is due only once its longest backoff has passed: retry it then, before any live

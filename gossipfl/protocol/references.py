@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gossipfl.errors import CodecError
+from gossipfl.errors import CodecError, RefusedByUs
 from gossipfl.learning.merge import update_norm_is_outlier
 from gossipfl.protocol.codec import CodecConfig
 from gossipfl.protocol.feedback import Reference
@@ -79,14 +79,6 @@ class NeedFull(Exception):
     def __init__(self, base_seq: int, held_seq: int | None) -> None:
         self.base_seq, self.held_seq = base_seq, held_seq
         super().__init__(f"no reference at sequence {base_seq} (holding {held_seq})")
-
-
-class Refused(Exception):
-    """The update is well-formed but not accepted; ``reason`` is a metric label."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
-        super().__init__(f"{reason}: {detail}")
 
 
 class _LRU(OrderedDict[bytes, Reference]):
@@ -144,9 +136,10 @@ class GossipState:
     # ---------------------------------------------------------------- receiving
 
     def receive(self, peer: bytes, base_seq: int, new_seq: int, payload: bytes, local: np.ndarray) -> Received:
-        """Decode a delta from ``peer``. Raises NeedFull, Refused, or CodecError (bad payload)."""
+        """Decode a delta from ``peer``. Raises NeedFull, or RefusedByUs: ``sequence``, ``codec`` (a payload
+        that is malformed, corrupt or not finite) or ``outlier``."""
         if new_seq == 0 or (base_seq != 0 and new_seq != base_seq + 1):
-            raise Refused("sequence", f"new sequence {new_seq} does not follow base {base_seq}")
+            raise RefusedByUs("sequence", f"new sequence {new_seq} does not follow base {base_seq}")
         held = self.incoming.get(peer)
         if base_seq == 0:
             reference = Reference(self.count, 0)
@@ -154,14 +147,17 @@ class GossipState:
             reference = held.copy()
         else:
             raise NeedFull(base_seq, None if held is None else held.seq)
-        reference.apply(payload, new_seq=new_seq)  # CodecError on anything malformed, NaN or Inf
+        try:
+            reference.apply(payload, new_seq=new_seq)  # CodecError on anything malformed, NaN or Inf
+        except CodecError as exc:
+            raise RefusedByUs("codec", str(exc)) from exc
         distance = float(np.linalg.norm(reference.values - local))
         if not np.isfinite(distance):
-            raise CodecError("decoded model is not finite")
+            raise RefusedByUs("codec", "decoded model is not finite")
         floor = OUTLIER_FLOOR * float(np.linalg.norm(local))
         if update_norm_is_outlier(distance, list(self.recent_distances), self.outlier_factor, floor=floor):
             median = max(float(np.median(self.recent_distances)), floor)  # what the rule compared against
-            raise Refused("outlier", f"model is {distance:.3g} away, recent median {median:.3g}")
+            raise RefusedByUs("outlier", f"model is {distance:.3g} away, recent median {median:.3g}")
         return Received(peer, reference, distance)
 
     def commit_receive(self, received: Received) -> None:

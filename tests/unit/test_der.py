@@ -161,7 +161,7 @@ def test_fuzz_mutated_certificates_only_raise_identity_error(real_ders, which, m
 
 
 def test_the_daemon_does_not_import_cryptography():
-    code = ("import sys, gossipfld.main, gossipfld.node, gossipfl.identity.node, gossipfl.cli.tls; "
+    code = ("import sys, gossipfld.main, gossipfld.app, gossipfl.identity.node, gossipfl.cli.tls; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'cryptography'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout

@@ -102,23 +102,23 @@ def test_peer_backoff_eviction_and_return():
     rng = random.Random(0)
     a = table.seen(b"a" * 32, "127.0.0.1", 1, "mdns", now=0.0)
     table.seen(b"b" * 32, "127.0.0.1", 2, "static", now=0.0)
-    assert {p.node_id for p in table.live()} == {b"a" * 32, b"b" * 32}
-    assert not table.failed(a.node_id, now=0.0)
+    assert {p.key for p in table.live()} == {b"a" * 32, b"b" * 32}
+    assert not table.failed(a.key, now=0.0)
     assert a.next_try == 2.0
-    assert not table.failed(a.node_id, now=2.0)
-    assert table.failed(a.node_id, now=6.0), "third failure in a row evicts"
+    assert not table.failed(a.key, now=2.0)
+    assert table.failed(a.key, now=6.0), "third failure in a row evicts"
     assert a.evicted and a.next_try == 6.0 + 8.0
-    assert [p.node_id for p in table.live()] == [b"b" * 32]
-    picks = {table.choose(7.0, rng).node_id for _ in range(50)}
+    assert [p.key for p in table.live()] == [b"b" * 32]
+    picks = {table.choose(7.0, rng).key for _ in range(50)}
     assert picks == {b"b" * 32}, "an evicted peer is not chosen before its retry time"
-    assert all(table.choose(20.0, rng).node_id == a.node_id for _ in range(20)), \
+    assert all(table.choose(20.0, rng).key == a.key for _ in range(20)), \
         "an evicted peer whose retry is due is tried before live ones, which are always due"
-    table.succeeded(a.node_id, now=21.0)
+    table.succeeded(a.key, now=21.0)
     assert not a.evicted and a.failures == 0
-    table.failed(a.node_id, 22.0)
-    table.seen(a.node_id, "127.0.0.1", 1, "mdns", now=23.0)
+    table.failed(a.key, 22.0)
+    table.seen(a.key, "127.0.0.1", 1, "mdns", now=23.0)
     assert a.failures == 0 and a.next_try == 23.0
-    table.seen(a.node_id, "10.1.1.1", 5555, "inbound", now=24.0)
+    table.seen(a.key, "10.1.1.1", 5555, "inbound", now=24.0)
     assert a.address == "127.0.0.1:1", "an inbound connection does not replace the listening address"
 
 
@@ -143,6 +143,17 @@ def test_choose_skips_peers_already_in_an_exchange():
     rng = random.Random(1)
     for name in (b"a", b"b", b"c"):
         table.seen(name * 32, "127.0.0.1", 1, "mdns", now=0.0)
-    picks = {table.choose(1.0, rng, exclude={b"a" * 32, b"b" * 32}).node_id for _ in range(30)}
+    picks = {table.choose(1.0, rng, exclude={b"a" * 32, b"b" * 32}).key for _ in range(30)}
     assert picks == {b"c" * 32}
     assert table.choose(1.0, rng, exclude={b"a" * 32, b"b" * 32, b"c" * 32}) is None
+
+
+def test_a_static_address_is_known_by_its_proven_id_once_dialled():
+    table = PeerTable(period=1.0)
+    static = table.add_static("10.0.0.7", 7878, now=0.0)
+    assert static.proven_id is None and static.source == "static"
+    assert table.choose(0.0, random.Random(0)) is static  # dialled like any other peer
+    assert table.live() == [static]
+    node = table.resolved(static, b"n" * 32, "node", now=1.0)
+    assert node.proven_id == b"n" * 32 and (node.host, node.port, node.source) == ("10.0.0.7", 7878, "static")
+    assert table.get(static.key) is None and [p.key for p in table] == [b"n" * 32]

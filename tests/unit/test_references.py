@@ -7,9 +7,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from gossipfl.errors import CodecError
+from gossipfl.errors import CodecError, RefusedByUs
 from gossipfl.protocol.codec import CodecConfig
-from gossipfl.protocol.references import GossipState, NeedFull, Refused
+from gossipfl.protocol.references import GossipState, NeedFull
 
 A, B = b"a" * 32, b"b" * 32
 N = 4096
@@ -82,7 +82,7 @@ def test_outlier_is_refused_and_leaves_state_unchanged():
         send(a, b, x, local)
     before = b.incoming[A].values.copy()
     push = a.prepare_push(B, x * 100)
-    with pytest.raises(Refused) as refused:
+    with pytest.raises(RefusedByUs) as refused:
         b.receive(A, push.base_seq, push.new_seq, push.payload, local)
     assert refused.value.reason == "outlier"
     assert np.array_equal(b.incoming[A].values, before)
@@ -100,7 +100,7 @@ def test_agreement_does_not_turn_honest_updates_into_outliers():
     got = b.receive(A, *_push_args(a.prepare_push(B, step)), x)
     assert got.distance > 100 * float(np.median(b.recent_distances))
     poisoned = a.prepare_push(B, x * 100)
-    with pytest.raises(Refused, match="outlier"):
+    with pytest.raises(RefusedByUs, match="outlier"):
         b.receive(A, *_push_args(poisoned), x)
 
 
@@ -114,13 +114,13 @@ def test_corrupt_payload_and_bad_sequences():
     push = a.prepare_push(B, x)
     broken = bytearray(push.payload)
     broken[len(broken) // 2] ^= 0xFF
-    with pytest.raises(CodecError):
+    with pytest.raises(RefusedByUs, match="codec"):
         b.receive(A, 0, 1, bytes(broken), x)
-    with pytest.raises(Refused, match="sequence"):
+    with pytest.raises(RefusedByUs, match="sequence"):
         b.receive(A, 0, 0, push.payload, x)
     send(a, b, x, x)
     nxt = a.prepare_push(B, x * 1.1)
-    with pytest.raises(Refused, match="sequence"):
+    with pytest.raises(RefusedByUs, match="sequence"):
         b.receive(A, nxt.base_seq, nxt.new_seq + 1, nxt.payload, x)
     assert b.incoming[A].seq == nxt.base_seq, "a refused delta moves nothing"
 

@@ -1,0 +1,206 @@
+"""The learner: the one owner of the node's model, its age and its pause, with named operations.
+
+Training (in a worker thread), merges, a gateway's global model and the control socket all touch the same
+parameters. They do it only through this class, under its one lock, so a merge never lands in the middle
+of a training slice and nobody else writes ``model.params`` or ``age``. A slice is short, so a merge waits
+at most one slice; coding, decoding and training run in worker threads, so the event loop stays free.
+
+Operations: ``snapshot`` (a copy to send), ``merge`` (average a peer's model in by age), ``adopt`` (a
+gateway's global model, never one younger than ours), ``apply_update`` (a gateway's aggregate),
+``train_slice`` (free-running gossip learning), ``train_from`` (a round's local epochs, leaving the model
+as it was), ``evaluate``, ``predict``, ``export``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import trio
+
+from gossipfl.config import TrainingSection
+from gossipfl.errors import GossipflError
+from gossipfl.learning.data import LocalData
+from gossipfl.learning.merge import age_weighted_merge
+from gossipfl.learning.model import Model
+from gossipfl.learning.trainer import Metrics, Trainer
+from gossipfl.metrics import Counters
+
+from .logs import fields
+
+log = logging.getLogger("gossipfld.learner")
+
+EVAL_EVERY = 5.0  # seconds between validation runs
+
+
+@dataclass(frozen=True)
+class BeforeMerge:
+    """The model (when kept) and age as they were just before a merge: what the pusher's pull gets."""
+
+    params: np.ndarray | None
+    age: float
+    weight_remote: float
+
+
+class Learner:
+    def __init__(self, model: Model, trainer: Trainer, data: LocalData, settings: TrainingSection,
+                 counters: Counters, age: float = 0.0, paused: bool = False) -> None:
+        self.model = model
+        self.trainer = trainer
+        self.data = data
+        self.settings = settings
+        self.counters = counters
+        self._age = age
+        self._paused = paused
+        self.lock = trio.Lock()
+        self.validation: Metrics | None = None
+        self.train_loss: float | None = None
+        self.training_active = False
+        self.round_training = False
+        self._last_eval = -math.inf
+
+    @property
+    def age(self) -> float:
+        """Samples the model has learned from: the weight of its merges."""
+        return self._age
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def set_paused(self, paused: bool) -> None:
+        if paused != self._paused:
+            log.info("paused" if paused else "resumed")
+        self._paused = paused
+
+    # ------------------------------------------------------------------ the model, shared
+
+    async def snapshot(self) -> tuple[np.ndarray, float]:
+        """A copy of the parameters and the age that belongs to them."""
+        async with self.lock:
+            return self.model.params.copy(), self._age
+
+    async def export(self) -> tuple[Model, float]:
+        async with self.lock:
+            return self.model.copy(), self._age
+
+    async def merge(self, remote: np.ndarray, remote_age: float, *, keep_before: bool) -> BeforeMerge:
+        """Average a peer's model into ours by age; returns ours as it was (the params with ``keep_before``,
+        so merges that no pull can follow copy nothing)."""
+        async with self.lock:
+            before = self.model.params.copy() if keep_before else None
+            age = self._age
+            merged = age_weighted_merge(self.model.params, age, remote, remote_age)
+            self._age = merged.age
+        self.counters.add("merges")
+        return BeforeMerge(before, age, merged.weight_remote)
+
+    async def adopt(self, params: np.ndarray, age: float) -> bool:
+        """Take a gateway's global model, unless ours has learned more (gossip while it was away)."""
+        async with self.lock:
+            if age < self._age:
+                self.counters.add("fedavg.kept_newer")
+                return False
+            self.model.set_params(params)
+            self._age = age
+        self.counters.add("fedavg.adopted")
+        return True
+
+    async def apply_update(self, delta: np.ndarray, ages: list[float]) -> tuple[np.ndarray, float]:
+        """A gateway's aggregate: move by ``delta``; the age is the oldest of ours and the contributors'."""
+        async with self.lock:
+            self.model.params += delta
+            self._age = max([self._age, *ages])
+            return self.model.params.copy(), self._age
+
+    # ------------------------------------------------------------------ training
+
+    def _pause_after(self, busy: float) -> float:
+        """Sleep after ``busy`` seconds of training, so training takes ``duty_cycle`` of the wall time."""
+        duty = self.settings.duty_cycle
+        return max(busy * (1 - duty) / duty, 0.001)
+
+    async def _slice(self, steps: int) -> int:
+        """One slice in a worker thread; the caller holds the lock. Returns the samples seen."""
+        train = self.data.train
+        loss, samples = await trio.to_thread.run_sync(self.trainer.train_steps, train.x, train.y, steps)
+        self.train_loss = loss
+        self.counters.add("train_steps", steps)
+        self.counters.add("train_samples", samples)
+        return samples
+
+    async def run(self, learns_by_gossip: Callable[[], bool]) -> None:
+        """Free-running local training while gossip drives learning; rounds train through ``train_from``."""
+        t = self.settings
+        while True:
+            if trio.current_time() - self._last_eval > EVAL_EVERY:
+                await self.evaluate()
+            if not t.enabled or self._paused or len(self.data.train) == 0 or not learns_by_gossip():
+                self.training_active = self.round_training
+                await trio.sleep(0.5)
+                continue
+            self.training_active = True
+            start = trio.current_time()
+            async with self.lock:
+                self._age += await self._slice(t.slice_steps)
+            await trio.sleep(self._pause_after(trio.current_time() - start))
+
+    async def train_from(self, start: np.ndarray | None, epochs: int) -> tuple[np.ndarray, int]:
+        """``epochs`` of local training from ``start`` (None: from our own model), for a FedAvg round.
+
+        Returns the trained parameters and the samples seen, and leaves the model as it was: a client keeps
+        the global model between rounds, a gateway its aggregate. The lock is held for the whole run, pauses
+        included, so no merge lands in the middle of a round's training."""
+        t, train = self.settings, self.data.train
+        if not t.enabled or len(train) == 0:
+            async with self.lock:
+                return (self.model.params.copy() if start is None else start.copy()), 0
+        steps = math.ceil(len(train) / t.batch_size) * epochs
+        samples = 0
+        async with self.lock:
+            saved = self.model.params.copy()
+            self.round_training = True
+            try:
+                if start is not None:
+                    self.model.set_params(start)
+                self.trainer.reset_optimizer()
+                done = 0
+                while done < steps:
+                    began = trio.current_time()
+                    count = min(t.slice_steps, steps - done)
+                    samples += await self._slice(count)
+                    done += count
+                    await trio.sleep(self._pause_after(trio.current_time() - began))
+                trained = self.model.params.copy()
+            finally:
+                self.model.set_params(saved)
+                self.round_training = False
+        return trained, samples
+
+    async def evaluate(self) -> Metrics | None:
+        self._last_eval = trio.current_time()
+        validation = self.data.validation
+        if len(validation) == 0:
+            return None
+        async with self.lock:
+            self.validation = await trio.to_thread.run_sync(self.trainer.evaluate, validation.x, validation.y)
+        return self.validation
+
+    async def predict(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        async with self.lock:
+            return await trio.to_thread.run_sync(self.trainer.predict, x), self._age
+
+    async def watch_data(self, rescan_seconds: float) -> None:
+        """Pick up new data files as they appear; an unreadable directory is a warning, never fatal."""
+        while True:
+            await trio.sleep(rescan_seconds)
+            try:
+                loaded = await trio.to_thread.run_sync(self.data.refresh)
+            except GossipflError as exc:
+                log.warning("data directory unreadable", extra=fields(error=str(exc)))
+                continue
+            if loaded:
+                log.info("new data", extra=fields(files=len(loaded), samples=len(self.data.train)))

@@ -1,0 +1,119 @@
+"""The peer listener: accept, meet (TLS, identity, Hellos, admission), then hand the connection to whoever
+registered for its first message.
+
+Gossip registers for ``ModelDelta`` and the follower for ``GatewayRound``; the listener imports neither
+(Syncthing's protocol/model split), so each can be read and tested on its own. A handler owns its link until
+it returns, and bounds its own time (a round's local epochs take longer than a push).
+
+Bounds: at most ``limits.max_connections`` connections at once, at most half of them from one address (so a
+host flooding the port cannot starve honest peers), and a deadline on meeting and on the first message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from gossipfl.config import LimitsSection
+from gossipfl.errors import ConfigError, LinkBroken, RefusedByUs
+from gossipfl.metrics import Counters
+from gossipfl.protocol import framing, messages
+from gossipfl.protocol.peers import PeerTable
+
+from .link import EXCHANGE_FAILURES, Link, failure_reason
+from .logs import fields
+from .peering import Admission, meet, server_link
+from .reporting import account, refusal, short
+
+log = logging.getLogger("gossipfld.listener")
+
+Handler = Callable[[Link, bytes, messages.Message], Awaitable[None]]
+
+
+class Listener:
+    def __init__(self, admission: Admission, peers: PeerTable, counters: Counters, limits: LimitsSection,
+                 wire_limits: framing.Limits) -> None:
+        self.admission = admission
+        self.peers = peers
+        self.counters = counters
+        self.limits = limits
+        self.wire_limits = wire_limits
+        self.handlers: dict[type[messages.Message], Handler] = {}
+        self.open_connections = 0
+        self.open_by_host: dict[str, int] = {}
+
+    def handle(self, kind: type[messages.Message], handler: Handler) -> None:
+        """Connections whose first message after the Hellos is a ``kind`` go to ``handler``."""
+        self.handlers[kind] = handler
+
+    async def serve(self, address: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+                    ) -> None:
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=address)
+        except OSError as exc:
+            raise ConfigError(f"listen: cannot listen on {address}:{port}: {exc.strerror}") from None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._admit, listeners)
+            task_status.started(listeners[0].socket.getsockname()[1])
+
+    def _remote(self, tcp: trio.SocketStream) -> str:
+        try:
+            return str(tcp.socket.getpeername()[0])
+        except OSError:  # reset before we got to it
+            return ""
+
+    async def _admit(self, tcp: trio.SocketStream) -> None:
+        limit = self.limits.max_connections
+        remote = self._remote(tcp)
+        if not remote or self.open_connections >= limit or self.open_by_host.get(remote, 0) >= (limit + 1) // 2:
+            self.counters.add("refused.overloaded")
+            await tcp.aclose()
+            return
+        await self.serve_connection(tcp, remote)
+
+    async def serve_connection(self, tcp: trio.abc.Stream, remote: str) -> None:
+        """One accepted connection from ``remote``, to its end; never raises for what the peer did."""
+        self.open_connections += 1
+        self.open_by_host[remote] = self.open_by_host.get(remote, 0) + 1
+        try:
+            await self._handle(tcp, remote)
+        finally:
+            self.open_connections -= 1
+            self.open_by_host[remote] -= 1
+            if not self.open_by_host[remote]:
+                del self.open_by_host[remote]
+
+    async def _handle(self, tcp: trio.abc.Stream, remote: str) -> None:
+        link = server_link(tcp, self.admission, self.wire_limits, self.limits.read_timeout)
+        peer_id = b""
+        try:
+            with trio.fail_after(self.limits.read_timeout * 3):
+                met = await meet(link, self.admission, self.limits.connect_timeout)
+                peer_id = met.peer_id
+                peer = self.peers.seen(peer_id, remote, 0, "inbound", trio.current_time())
+                peer.role = met.hello.role  # an inbound gateway must be known as one, to be followed
+                first = await link.next()
+            if first is None:
+                return
+            handler = self.handlers.get(type(first))
+            if handler is None:  # the table allows it, but this node serves no such exchange
+                refused = RefusedByUs("unsupported", f"this node serves no {type(first).__name__}")
+                await link.refuse(messages.ErrorCode.REFUSED, refused)
+                raise refused
+            await handler(link, peer_id, first)
+        except (LinkBroken, trio.BrokenResourceError, OSError) as exc:
+            # The link broke under an exchange we were willing to finish: not a refusal of the peer.
+            self.counters.add("dropped.link")
+            log.info("inbound connection dropped", extra=fields(peer=short(peer_id) if peer_id else "?",
+                                                               error=str(exc)))
+        except EXCHANGE_FAILURES as exc:
+            reason = failure_reason(exc)
+            refusal(self.counters, self.peers, peer_id, reason)
+            log.info("inbound connection refused", extra=fields(peer=short(peer_id) if peer_id else "?",
+                                                               reason=reason, error=str(exc)))
+        finally:
+            if peer_id:
+                account(self.counters, self.peers, peer_id, link.traffic)
+            await link.aclose()

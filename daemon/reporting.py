@@ -1,0 +1,135 @@
+"""What the node tells its operator: the status, the peers, Prometheus metrics, systemd's STATUS= line,
+and the event loop's lag; plus the two bookkeeping calls every exchange ends with (``account``,
+``refusal``), so that counters are named in one place.
+
+It reads the other parts and changes none of them: the learner's model, the peer table, the counters,
+and whatever the app adds as sections (the gateway's rounds, the follower's gateway, the control socket's
+own counters).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import trio
+
+from gossipfl.config import NodeConfig
+from gossipfl.identity.ids import format_node_id
+from gossipfl.metrics import Counters, render
+from gossipfl.protocol.peers import PeerTable
+
+from .learner import Learner
+from .link import Traffic
+from .notify import SystemdNotifier
+
+log = logging.getLogger("gossipfld.reporting")
+
+STATUS_EVERY = 10.0  # seconds between STATUS= lines to systemd
+LAG_PROBE = 0.05
+
+
+def short(node_id: bytes) -> str:
+    """A node id as logs show it: 12 hex digits (or a static address not yet dialled, as text)."""
+    return node_id.hex()[:12] if len(node_id) == 32 else node_id.decode(errors="replace")
+
+
+def account(counters: Counters, peers: PeerTable, key: bytes, traffic: Traffic) -> None:
+    """Count an exchange's bytes for the node and, when the table knows the peer, for that peer."""
+    counters.add("bytes_out", traffic.bytes_out)
+    counters.add("bytes_in", traffic.bytes_in)
+    peer = peers.get(key)
+    if peer is not None:
+        peer.stats.exchanges += 1
+        peer.stats.bytes_out += traffic.bytes_out
+        peer.stats.bytes_in += traffic.bytes_in
+
+
+def refusal(counters: Counters, peers: PeerTable, key: bytes, reason: str) -> None:
+    """Count a refusal for the node as a whole and, when we know who it was, for that peer."""
+    counters.add(f"refused.{reason}")
+    peer = peers.get(key) if key else None
+    if peer is not None:
+        peer.stats.refusals[reason] = peer.stats.refusals.get(reason, 0) + 1
+
+
+class Reporter:
+    def __init__(self, config: NodeConfig, node_id: bytes, learner: Learner, peers: PeerTable,
+                 counters: Counters, notifier: SystemdNotifier) -> None:
+        self.config = config
+        self.node_id = node_id
+        self.learner = learner
+        self.peers = peers
+        self.counters = counters
+        self.notifier = notifier
+        self.started_at = time.time()
+        self.max_lag = 0.0
+        self.port: int | None = None
+        # Named sections of the status that other parts own: "fedavg", and counters of the control socket.
+        self.sections: dict[str, Callable[[], Any]] = {}
+        self.extra_counters: list[Callable[[], dict[str, float]]] = []
+
+    def summary(self) -> str:
+        """The one line ``systemctl status`` shows."""
+        v = self.learner.validation
+        quality = f"accuracy {v.accuracy:.3f}" if v and v.accuracy is not None else "not evaluated yet"
+        state = "paused" if self.learner.paused else "learning"
+        return f"{state}; {len(self.peers.live())} peers; age {self.learner.age:.0f}; {quality}"
+
+    def status(self) -> dict[str, Any]:
+        learner, m = self.learner, self.learner.model
+        v = learner.validation
+        counters = dict(self.counters.values)
+        for extra in self.extra_counters:
+            counters.update(extra())
+        return {
+            "node_id": format_node_id(self.node_id), "name": self.config.node.name, "role": self.config.node.role,
+            "mode": self.config.node.mode, "fingerprint": m.fingerprint_hex, "age": learner.age,
+            "model": {"params": m.num_params, "features": m.features_per_sample, "outputs": m.num_outputs,
+                      "task": m.task},
+            "port": self.port, "uptime": time.time() - self.started_at, "paused": learner.paused,
+            "training": learner.training_active, "train_samples": len(learner.data.train),
+            "validation": v.as_dict() if v else None, "train_loss": learner.train_loss,
+            "peers": len(self.peers.live()), "blocked": sorted(format_node_id(b) for b in self.peers.blocked),
+            "max_loop_lag": self.max_lag, "param_norm": float(np.linalg.norm(m.params)),
+            "counters": counters,
+            **{name: section() for name, section in self.sections.items()},
+        }
+
+    def metrics_text(self) -> str:
+        return render(self.status())
+
+    def peers_report(self) -> list[dict[str, Any]]:
+        now = trio.current_time()
+        report = []
+        for peer in self.peers:
+            if peer.proven_id is None:
+                continue  # a static address not yet dialled: no identity to show
+            stats = peer.stats
+            report.append({
+                "node_id": format_node_id(peer.proven_id), "address": peer.address if peer.port else peer.host,
+                "source": peer.source, "role": peer.role,
+                "state": "blocked" if self.peers.is_blocked(peer.key) else "evicted" if peer.evicted
+                else "inbound-only" if peer.source == "inbound" else "live",
+                "last_seen_ago": None if stats.last_seen is None else round(now - stats.last_seen, 3),
+                "failures": peer.failures, "exchanges": stats.exchanges, "bytes_in": stats.bytes_in,
+                "bytes_out": stats.bytes_out, "refusals": dict(stats.refusals),
+            })
+        return report
+
+    async def run(self) -> None:
+        """STATUS= lines for systemd, and the loop-lag probe: a blocked loop shows here."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._lag_monitor)
+            while True:
+                await trio.sleep(STATUS_EVERY)
+                self.notifier.status(self.summary())
+
+    async def _lag_monitor(self) -> None:
+        while True:
+            start = trio.current_time()
+            await trio.sleep(LAG_PROBE)
+            self.max_lag = max(self.max_lag, trio.current_time() - start - LAG_PROBE)

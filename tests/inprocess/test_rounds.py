@@ -1,0 +1,95 @@
+"""Gateway rounds in one process: a real gateway app and a real client app, and a hand-driven late client.
+
+The late client is the daemon's own peering code with the test choosing when to answer: it holds its
+update until the gateway has closed the round, which no timing of a real client can promise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+
+from gossipfl.protocol.codec import encode_delta
+from gossipfl.protocol.messages import GatewayRound, GatewayUpdate
+from gossipfld.peering import meet, server_link
+
+from .memnet import MemoryNet
+
+
+def _know(gateway_app, client_app) -> None:
+    listen = client_app.config.listen
+    gateway_app.peers.seen(client_app.node_id, listen.address, listen.port, "mdns", trio.current_time())
+
+
+def test_a_round_leaves_the_client_holding_the_global_model(make_apps):
+    g, c = make_apps(2, gateways=1, mode="fedavg", fedavg={"deadline": 30.0})
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            net = MemoryNet(nursery)
+            net.add(g), net.add(c)
+            await trio.to_thread.run_sync(c.learner.data.refresh)
+            _know(g, c)
+            before = g.learner.model.params.copy()
+            for number in (1, 2):
+                report = await g.gateway.one_round(g.peers.live(), nursery)
+                assert report is not None and report.round == number and report.answered == 1
+                while c.counters.values.get("fedavg.adopted", 0) < number:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert np.abs(g.learner.model.params - before).max() > 1e-3  # the client's training moved the model
+        # int8 downlink with error feedback: the client holds the global model to the codec's precision.
+        np.testing.assert_allclose(c.learner.model.params, g.learner.model.params, atol=0.02)
+        assert c.learner.age == g.learner.age > 0
+        assert g.counters.values["fedavg.updates_received"] == 2 and c.counters.values["fedavg.updates_sent"] == 2
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("late_updates", ["drop", "discount"])
+def test_an_answer_after_the_round_closed_is_dropped_or_folded_into_the_next(make_apps, late_updates):
+    """Two clients, a quorum of one: the prompt client closes the round, and the late one answers after."""
+    g, prompt, late = make_apps(3, gateways=1, mode="fedavg",
+                                fedavg={"deadline": 30.0, "quorum": 0.5, "late_updates": late_updates})
+    ends: list[object] = []
+    step = np.full(g.learner.model.num_params, 0.01, np.float32)
+
+    async def late_client(stream: trio.abc.Stream, remote: str) -> None:
+        link = server_link(stream, late.admission, g.dialer.limits, 10.0)
+        await meet(link, late.admission, 10.0)
+        opening = await link.receive(GatewayRound)
+        assert isinstance(opening, GatewayRound) and opening.epochs == 1
+        while g.counters.values.get("fedavg.rounds", 0) < 1:  # the round closed with the prompt client's answer
+            await trio.sleep(0.01)
+        await link.send(GatewayUpdate(opening.round, opening.new_seq, 50, opening.age + 50, encode_delta(step)))
+        ends.append(await link.next())  # the gateway ends the exchange: no result for a late update
+        await link.aclose()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            net = MemoryNet(nursery)
+            net.add(g), net.add(prompt)
+            listen = late.config.listen
+            net.serve[listen.address, listen.port] = late_client
+            await trio.to_thread.run_sync(prompt.learner.data.refresh)
+            _know(g, prompt), _know(g, late)
+            first = await g.gateway.one_round(g.peers.live(), nursery)
+            assert first is not None and first.answered == 1 and first.selected == 2
+            while not ends:
+                await trio.sleep(0.01)
+            after_first = g.learner.model.params.copy()
+            second = await g.gateway.one_round([], nursery)  # a round with nobody new: only the buffer
+            nursery.cancel_scope.cancel()
+        assert ends == [None]
+        if late_updates == "drop":
+            assert g.counters.values["fedavg.late_dropped"] == 1
+            assert second is None  # nothing to aggregate: the late update is gone
+            np.testing.assert_array_equal(g.learner.model.params, after_first)
+        else:
+            assert g.counters.values["fedavg.late_buffered"] == 1
+            assert second is not None and second.late_applied == 1 and second.participants == 1
+            moved = g.learner.model.params - after_first
+            assert np.all(moved > 0) and np.all(moved <= 0.01 + 1e-3)  # the step, discounted for staleness
+
+    trio.run(main)
