@@ -33,7 +33,7 @@ from gossipfl.protocol.codec import CodecConfig
 from gossipfl.protocol.peers import PeerTable
 from gossipfl.protocol.references import GossipState
 
-from .commands import command_table
+from .commands import Commands
 from .control import ControlServer
 from .discovery import Discovery
 from .follower import Follower
@@ -160,8 +160,8 @@ class App:
         self.reporter.port = await nursery.start(self.listener.serve, listen.address, listen.port)
         nursery.start_soon(self._signals, signals, nursery.cancel_scope)
         if ctl.enabled:
-            commands = command_table(self.node_id, self.learner, self.reporter, self.peers, self.references,
-                                     self.checkpoint)
+            commands = Commands(self.node_id, self.learner, self.reporter, self.peers, self.references,
+                                self.checkpoint).table()
             self.control = ControlServer(ctl.socket, commands, group=ctl.group,
                                          max_request_bytes=ctl.max_request_bytes,
                                          max_connections=ctl.max_connections, timeout=ctl.timeout)

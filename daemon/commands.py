@@ -56,60 +56,69 @@ def _rows_arg(args: dict[str, Any], features: int) -> np.ndarray:
     return np.asarray(rows, dtype=np.float32)
 
 
-def command_table(node_id: bytes, learner: Learner, reporter: Reporter, peers: PeerTable, references: GossipState,
-                  checkpoint: Callable[[], Awaitable[None]]) -> dict[str, Handler]:
-    """The handler of every command in ``gossipfl.control.COMMANDS``, over the parts they read and change."""
+class Commands:
+    """One method per command of ``gossipfl.control.COMMANDS`` (its name with ``_`` for ``.``): the names are
+    written once, in the library, where the CLI reads them too."""
 
-    async def status(args: dict[str, Any]) -> Any:
-        return reporter.status()
+    def __init__(self, node_id: bytes, learner: Learner, reporter: Reporter, peers: PeerTable,
+                 references: GossipState, checkpoint: Callable[[], Awaitable[None]]) -> None:
+        self.node_id = node_id
+        self.learner = learner
+        self.reporter = reporter
+        self.peer_table = peers
+        self.references = references
+        self.checkpoint = checkpoint
 
-    async def peers_(args: dict[str, Any]) -> Any:
-        return reporter.peers_report()
+    def table(self) -> dict[str, Handler]:
+        return {name: getattr(self, name.replace(".", "_")) for name in control.COMMANDS}
 
-    async def metrics(args: dict[str, Any]) -> Any:
-        return reporter.metrics_text()
+    async def status(self, args: dict[str, Any]) -> Any:
+        return self.reporter.status()
 
-    async def export(args: dict[str, Any]) -> Any:
-        snapshot, age = await learner.export()
+    async def peers(self, args: dict[str, Any]) -> Any:
+        return self.reporter.peers_report()
+
+    async def metrics(self, args: dict[str, Any]) -> Any:
+        return self.reporter.metrics_text()
+
+    async def model_export(self, args: dict[str, Any]) -> Any:
+        snapshot, age = await self.learner.export()
         data = await trio.to_thread.run_sync(snapshot.to_bytes)
         return {"fingerprint": snapshot.fingerprint_hex, "age": age, "onnx": base64.b64encode(data).decode()}
 
-    async def predict(args: dict[str, Any]) -> Any:
-        model = learner.model
+    async def predict(self, args: dict[str, Any]) -> Any:
+        model = self.learner.model
         x = _rows_arg(args, model.features_per_sample)
-        out, age = await learner.predict(x)
+        out, age = await self.learner.predict(x)
         rows = out.reshape(len(x), -1)
         result: dict[str, Any] = {"outputs": rows.tolist(), "age": age}
         if model.task == "classification":
             result["labels"] = np.argmax(rows, axis=1).tolist()
         return result
 
-    async def pause(args: dict[str, Any]) -> Any:
-        learner.set_paused(True)
-        await checkpoint()  # an operator's pause must survive a restart
+    async def pause(self, args: dict[str, Any]) -> Any:
+        self.learner.set_paused(True)
+        await self.checkpoint()  # an operator's pause must survive a restart
         return {"paused": True}
 
-    async def resume(args: dict[str, Any]) -> Any:
-        learner.set_paused(False)
-        await checkpoint()
+    async def resume(self, args: dict[str, Any]) -> Any:
+        self.learner.set_paused(False)
+        await self.checkpoint()
         return {"paused": False}
 
-    async def block(args: dict[str, Any]) -> Any:
+    async def peer_block(self, args: dict[str, Any]) -> Any:
         peer_id = _node_id_arg(args)
-        if peer_id == node_id:
+        if peer_id == self.node_id:
             raise _bad("a node cannot block itself")
-        peers.blocked.add(peer_id)
-        references.forget(peer_id)
-        await checkpoint()
-        return {"blocked": sorted(format_node_id(b) for b in peers.blocked)}
+        self.peer_table.blocked.add(peer_id)
+        self.references.forget(peer_id)
+        await self.checkpoint()
+        return {"blocked": sorted(format_node_id(b) for b in self.peer_table.blocked)}
 
-    async def unblock(args: dict[str, Any]) -> Any:
+    async def peer_unblock(self, args: dict[str, Any]) -> Any:
         peer_id = _node_id_arg(args)
-        if peer_id not in peers.blocked:
+        if peer_id not in self.peer_table.blocked:
             raise ControlError(f"{format_node_id(peer_id)} is not blocked", control.FAILED)
-        peers.blocked.discard(peer_id)
-        await checkpoint()
-        return {"blocked": sorted(format_node_id(b) for b in peers.blocked)}
-
-    return {"status": status, "peers": peers_, "metrics": metrics, "model.export": export, "predict": predict,
-            "pause": pause, "resume": resume, "peer.block": block, "peer.unblock": unblock}
+        self.peer_table.blocked.discard(peer_id)
+        await self.checkpoint()
+        return {"blocked": sorted(format_node_id(b) for b in self.peer_table.blocked)}

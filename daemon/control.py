@@ -99,16 +99,8 @@ class ControlServer:
             listener = trio.SocketListener(sock)
             log.info("control socket ready", extra=fields(path=str(self.path)))
             async with trio.open_nursery() as nursery:
+                await nursery.start(trio.serve_listeners, self._handle, [listener])
                 task_status.started()
-                async with listener:
-                    while True:
-                        try:
-                            stream = await listener.accept()
-                        except OSError as exc:
-                            log.warning("control accept failed", extra=fields(error=str(exc)))
-                            await trio.sleep(0.1)
-                            continue
-                        nursery.start_soon(self._handle, stream)
         finally:
             with trio.CancelScope(shield=True):
                 self._unlink_own_socket()

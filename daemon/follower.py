@@ -37,6 +37,7 @@ from gossipfl.protocol.references import GossipState
 from .learner import Learner
 from .link import Link
 from .logs import fields
+from .reporting import short
 from .transfer import receive_model, refusal_code
 
 log = logging.getLogger("gossipfld.follower")
@@ -90,7 +91,7 @@ class Follower:
             raise RefusedByUs("mode", "this node is in gossip mode and follows no gateway")
         live = self.live_gateways(trio.current_time())
         if live and live[0] != gateway_id:
-            raise RefusedByUs("not-following", f"this node follows gateway {live[0].hex()[:12]}")
+            raise RefusedByUs("not-following", f"this node follows gateway {short(live[0])}")
 
     # ------------------------------------------------------------------ one round
 
@@ -146,5 +147,5 @@ class Follower:
     async def _adopt(self, link: Link, gateway_id: bytes, message: messages.GatewayRound, params: np.ndarray) -> None:
         await self.learner.adopt(params, message.age)
         await link.send(messages.Ack(message.new_seq))
-        log.debug("round adopted", extra=fields(gateway=gateway_id.hex()[:12], round=message.round,
+        log.debug("round adopted", extra=fields(gateway=short(gateway_id), round=message.round,
                                                 age=self.learner.age))

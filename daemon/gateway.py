@@ -1,3 +1,22 @@
+"""The gateway role: server-assisted FedAvg rounds over the same identity, codec and wire protocol.
+
+A round: the gateway picks ``fedavg.fraction`` of its live clients, dials each, and sends the global
+model as a delta against what that client holds (per-client references with error feedback, as in
+gossip). Clients train ``fedavg.epochs`` locally and answer with their delta and sample count. When
+``fedavg.quorum`` of them answered, or ``fedavg.deadline`` passed, the gateway aggregates with the
+configured rule (``gossipfl.learning.aggregate``: mean, FedAvgM, trimmed mean, median, with optional norm
+clipping) and sends the new global model back to every client that took part, so a round ends with
+all of them holding it.
+
+Stragglers: each client's session outlives its round. With ``late_updates = "drop"`` an update that
+arrives after the aggregation is discarded; with ``"discount"`` it is kept and folded into the next
+aggregation, scaled by ``1/sqrt(1 + staleness)`` (FedBuff), up to ``max_staleness`` rounds old.
+
+A gateway that has training data takes part in its own rounds as one more client. Gateways gossip
+their global models among themselves (gossip's loop, restricted to gateways), so two sites
+with a gateway each converge too.
+"""
+
 from __future__ import annotations
 
 import logging
@@ -214,7 +233,7 @@ class Gateway:
             reason = failure_reason(exc)
             self.counters.add(f"fedavg.client_failed.{reason}")
             self.peers.failed(peer.key, trio.current_time())  # back off: not asked again for a while
-            log.info("client left the round", extra=fields(peer=peer.key.hex()[:12], round=rnd.number,
+            log.info("client left the round", extra=fields(peer=peer.label, round=rnd.number,
                                                            reason=reason, error=str(exc)[:200]))
         finally:
             rnd.withdraw(peer.key)

@@ -102,9 +102,9 @@ class Gossip:
                 refusal(self.counters, self.peers, peer.key, reason)
             if self.peers.failed(peer.key, trio.current_time()):
                 self.counters.add("evictions")
-                log.info("peer evicted", extra=fields(peer=short(peer.key), error=str(exc) or reason))
+                log.info("peer evicted", extra=fields(peer=peer.label, error=str(exc) or reason))
             else:
-                log.debug("push failed", extra=fields(peer=short(peer.key), error=str(exc) or reason))
+                log.debug("push failed", extra=fields(peer=peer.label, error=str(exc) or reason))
             return False
 
     async def _exchange(self, peer: Peer) -> None:

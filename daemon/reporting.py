@@ -33,8 +33,8 @@ LAG_PROBE = 0.05
 
 
 def short(node_id: bytes) -> str:
-    """A node id as logs show it: 12 hex digits (or a static address not yet dialled, as text)."""
-    return node_id.hex()[:12] if len(node_id) == 32 else node_id.decode(errors="replace")
+    """A node id as logs show it: its first 12 hex digits."""
+    return node_id.hex()[:12]
 
 
 def account(counters: Counters, peers: PeerTable, key: bytes, traffic: Traffic) -> None:

@@ -45,6 +45,35 @@ class RemoteProtocolError(ProtocolError):
     """The peer broke the conversation: a message the exchange does not allow at this point (h11's name)."""
 
 
+class BadMessage(ProtocolError, ValueError):
+    """A header that does not parse, or a field out of range. Also raised when a message is built with bad
+    fields locally (hence ValueError too): an invalid message cannot be sent or received."""
+
+
+class FrameTooLarge(RemoteProtocolError):
+    """A length field exceeds the configured limits; refused before the bytes are read."""
+
+
+class UnsupportedVersion(RemoteProtocolError):
+    """The peer speaks a framing version this build does not."""
+
+
+class UnknownMessageType(RemoteProtocolError):
+    """The type byte names no message of this protocol version."""
+
+
+class BadPayload(RemoteProtocolError):
+    """The payload of a delta-carrying message is not an acceptable codec payload."""
+
+
+class TruncatedFrame(RemoteProtocolError):
+    """The stream ended in the middle of a frame."""
+
+
+class BufferFull(RemoteProtocolError):
+    """More bytes were fed than the decoder may hold; the caller must drain messages between feeds."""
+
+
 class LocalProtocolError(ProtocolError):
     """We tried to send a message the exchange does not allow at this point: a bug in this node, not the peer."""
 

@@ -1,8 +1,8 @@
 """A tampered gossipfld for tests: a real daemon whose FedAvg updates are scaled by a factor.
 
 This is what an attacker with a valid certificate would run: the same binary with one line changed.
-The uplink residual stays honest (decoding divides the factor back out), so the attack is a clean
-"every update times SCALE" rather than a runaway error-feedback loop.
+The uplink residual stays honest (the update is coded as usual, then what it decodes to is scaled), so the
+attack is a clean "every update times SCALE" rather than a runaway error-feedback loop.
 
     python tests/byzantine_gossipfld.py SCALE --config node.toml
 """
@@ -13,20 +13,19 @@ import sys
 
 import numpy as np
 
-from gossipfld import follower, main
+from gossipfl.protocol.codec import decode_delta, encode_delta
+from gossipfld import main
+from gossipfld.follower import Follower
 
 
 def run(scale: float, argv: list[str]) -> int:
-    encode, decode = follower.encode_delta, follower.decode_delta
+    honest = Follower._code_update
 
-    def scaled_encode(delta: np.ndarray, config: object) -> bytes:
-        return encode(delta * np.float32(scale), config)
+    def scaled(self: Follower, delta: np.ndarray) -> bytes:
+        sent = decode_delta(honest(self, delta), delta.size)
+        return encode_delta(sent * np.float32(scale), self.codec)
 
-    def honest_decode(payload: bytes, count: int) -> np.ndarray:
-        return decode(payload, count) / np.float32(scale)
-
-    follower.encode_delta = scaled_encode  # type: ignore[assignment]
-    follower.decode_delta = honest_decode  # type: ignore[assignment]
+    Follower._code_update = scaled  # type: ignore[method-assign]
     return main.main(argv)
 
 

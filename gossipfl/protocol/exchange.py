@@ -129,6 +129,20 @@ CLEAN_ENDS: Final = frozenset({P.READY, P.ACKED, P.UPDATED, P.DONE, P.CLOSED})
 _RESENDS: Final = {P.PUSH_FULL_SENT, P.PULL_FULL_SENT, P.ROUND_FULL_SENT, P.RESULT_FULL_SENT}
 
 
+def table_markdown() -> str:
+    """The transition table as docs/protocol.md prints it (a test keeps the two the same)."""
+    rows = ["| phase | who sends | message | next phase |", "| --- | --- | --- | --- |"]
+    for (phase, who, kind), following in TRANSITIONS.items():
+        after = following.value
+        if kind is messages.GatewayRound and phase is Phase.READY:
+            after += " (epochs 0: result-sent)"
+        rows.append(f"| {phase.value} | {who.value} | {kind.__name__} | {after} |")
+    rows.append("| any but done, closed | either | Error | closed |")
+    ends = ", ".join(p.value for p in Phase if p in CLEAN_ENDS)
+    rows += ["", f"The stream may end cleanly in: {ends}. Anywhere else its end is a broken link."]
+    return "\n".join(rows)
+
+
 class _NeedData:
     def __repr__(self) -> str:
         return "NEED_DATA"

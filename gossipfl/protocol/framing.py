@@ -32,9 +32,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final, NoReturn
 
-from gossipfl.errors import CodecError, ProtocolError
+from gossipfl.errors import (
+    BadMessage,
+    BadPayload,
+    BufferFull,
+    CodecError,
+    FrameTooLarge,
+    ProtocolError,
+    TruncatedFrame,
+    UnknownMessageType,
+    UnsupportedVersion,
+)
 from gossipfl.protocol import codec
-from gossipfl.protocol.messages import MAX_HEADER, MESSAGE_TYPES, MIN_HEADER, PROTOCOL_VERSION, BadMessage, Message
+from gossipfl.protocol.messages import MAX_HEADER, MESSAGE_TYPES, MIN_HEADER, PROTOCOL_VERSION, Message
 
 __all__ = [
     "MAGIC",
@@ -53,33 +63,6 @@ __all__ = [
 MAGIC: Final = b"GF"
 _PREFIX: Final = struct.Struct("<2sBBIQ")
 PREFIX_SIZE: Final = _PREFIX.size  # 16
-
-
-# ------------------------------------------------------------------------------------------------ errors
-
-
-class FrameTooLarge(ProtocolError):
-    """A length field exceeds the configured limits; refused before the bytes are read."""
-
-
-class UnsupportedVersion(ProtocolError):
-    """The peer speaks a framing version this build does not."""
-
-
-class UnknownMessageType(ProtocolError):
-    """The type byte names no message of this protocol version."""
-
-
-class BadPayload(ProtocolError):
-    """The payload of a delta-carrying message is not an acceptable codec payload."""
-
-
-class TruncatedFrame(ProtocolError):
-    """The stream ended in the middle of a frame."""
-
-
-class BufferFull(ProtocolError):
-    """More bytes were fed than the decoder may hold; the caller must drain messages between feeds."""
 
 
 def encode(message: Message) -> bytes:

@@ -26,7 +26,7 @@ import struct
 from dataclasses import dataclass
 from typing import ClassVar, Final, Self
 
-from gossipfl.errors import ProtocolError
+from gossipfl.errors import BadMessage
 
 __all__ = [
     "MESSAGE_TYPES",
@@ -56,14 +56,6 @@ MAX_CAPABILITIES: Final = 32
 MAX_ERROR_TEXT: Final = 1024  # bytes of UTF-8
 _CAPABILITY_RE: Final = re.compile(r"[a-z0-9][a-z0-9._+-]{0,31}")
 _ROLES: Final = ("node", "gateway")
-
-
-# ------------------------------------------------------------------------------------------------ errors
-
-
-class BadMessage(ProtocolError, ValueError):
-    """A header that does not parse, or a field out of range. Also raised when a message is built
-    with bad fields locally (hence ValueError too): an invalid message cannot be sent or received."""
 
 
 class ErrorCode(enum.IntEnum):

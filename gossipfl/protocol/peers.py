@@ -48,6 +48,11 @@ class Peer:
         return None if self.unproven else self.key
 
     @property
+    def label(self) -> str:
+        """How logs name the peer: its id's first 12 hex digits, or its address until a dial proves who it is."""
+        return self.address if self.unproven else self.key.hex()[:12]
+
+    @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 

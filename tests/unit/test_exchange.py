@@ -7,11 +7,12 @@ table), every message out of place is refused on both sides, and the link is cut
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from gossipfl.errors import LocalProtocolError, RemoteProtocolError
+from gossipfl.errors import LocalProtocolError, RemoteProtocolError, TruncatedFrame
 from gossipfl.protocol import framing
 from gossipfl.protocol.codec import encode_delta
 from gossipfl.protocol.exchange import (
@@ -23,6 +24,7 @@ from gossipfl.protocol.exchange import (
     Conversation,
     Party,
     Phase,
+    table_markdown,
 )
 from gossipfl.protocol.messages import (
     PROTOCOL_VERSION,
@@ -197,7 +199,7 @@ def test_a_cut_inside_a_frame_is_a_truncated_frame(name):
         receiver.receive_data(data[: len(data) // 2])
         assert receiver.next_event() is NEED_DATA
         receiver.receive_data(b"")
-        with pytest.raises(framing.TruncatedFrame):
+        with pytest.raises(TruncatedFrame):
             receiver.next_event()
 
 
@@ -270,3 +272,8 @@ def test_what_the_peer_may_send_next_is_named():
     assert sorted(pair.side[D].expected()) == ["Ack", "NeedFull"]
     assert pair.side[L].expected() == []
     assert pair.side[D].peer_pulls and pair.side[L].their_hello == hello(1)
+
+
+def test_the_protocol_document_prints_this_table():
+    doc = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text()
+    assert table_markdown() in doc

@@ -11,25 +11,27 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gossipfl.errors import ProtocolError
+from gossipfl.errors import (
+    BadMessage,
+    BadPayload,
+    BufferFull,
+    FrameTooLarge,
+    ProtocolError,
+    TruncatedFrame,
+    UnknownMessageType,
+    UnsupportedVersion,
+)
 from gossipfl.protocol import codec
 from gossipfl.protocol.codec import CodecConfig, encode_delta
 from gossipfl.protocol.framing import (
     PREFIX_SIZE,
-    BadPayload,
-    BufferFull,
     FrameDecoder,
-    FrameTooLarge,
     Limits,
-    TruncatedFrame,
-    UnknownMessageType,
-    UnsupportedVersion,
     encode,
 )
 from gossipfl.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
-    BadMessage,
     Error,
     ErrorCode,
     GatewayRound,
