@@ -8,7 +8,6 @@ tested, on its own.
 from __future__ import annotations
 
 import base64
-import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,6 +25,7 @@ from .learner import Learner
 from .reporting import Reporter
 
 MAX_PREDICT_ROWS = 100_000
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # a model's inputs are float32: larger is infinity
 
 
 def _bad(message: str) -> ControlError:
@@ -51,8 +51,8 @@ def _rows_arg(args: dict[str, Any], features: int) -> np.ndarray:
     for i, row in enumerate(rows):
         if not isinstance(row, list) or len(row) != features:
             raise _bad(f"row {i}: must be a list of {features} numbers (the model's features per sample)")
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in row):
-            raise _bad(f"row {i}: every value must be a finite number")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and abs(v) <= FLOAT32_MAX for v in row):
+            raise _bad(f"row {i}: every value must be a finite number within float32's range")
     return np.asarray(rows, dtype=np.float32)
 
 

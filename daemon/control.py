@@ -86,8 +86,19 @@ class ControlServer:
         self.max_connections = max_connections
         self.timeout = timeout
         self.open = 0
+        self.open_by_uid: dict[int, int] = {}
         self.served = 0
         self.refused: dict[str, int] = {}
+
+    def _room_for(self, caller: Caller) -> bool:
+        """Whether ``caller`` gets a slot: readers share all but one (kept for root and the daemon's own user,
+        so a group member holding idle connections never locks the operator out), and one reader uid may hold
+        at most half of theirs."""
+        if caller.may_change:
+            return self.open <= self.max_connections
+        readers = self.open - sum(n for uid, n in self.open_by_uid.items() if uid == 0 or uid == os.geteuid())
+        per_uid = max(1, (self.max_connections - 1) // 2)
+        return readers <= self.max_connections - 1 and self.open_by_uid.get(caller.uid, 0) <= per_uid
 
     def counters(self) -> dict[str, float]:
         """Requests answered and refused, as ``control.*`` counters of the node's status."""
@@ -174,29 +185,39 @@ class ControlServer:
         self.refused[code] = self.refused.get(code, 0) + 1
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        self.open += 1
         try:
-            reply = await self._answer(stream)
+            caller = self._caller(stream)
+        except OSError as exc:  # gone before we asked the kernel who it was
+            log.debug("control client went away", extra=fields(error=str(exc)))
+            await stream.aclose()
+            return
+        uid = caller.uid if caller is not None else -1
+        self.open += 1
+        self.open_by_uid[uid] = self.open_by_uid.get(uid, 0) + 1
+        try:
+            reply = await self._answer(stream, caller)
             with trio.move_on_after(self.timeout):
                 await stream.send_all(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("control client went away", extra=fields(error=str(exc)))
         finally:
             self.open -= 1
+            self.open_by_uid[uid] -= 1
+            if not self.open_by_uid[uid]:
+                del self.open_by_uid[uid]
             with trio.move_on_after(0.5):
                 await stream.aclose()
 
-    async def _answer(self, stream: trio.SocketStream) -> bytes:
-        if self.open > self.max_connections:
-            self._refuse(control.BUSY)
-            return control.encode_error(control.BUSY, f"over {self.max_connections} control connections; "
-                                                      "try again")
-        caller = self._caller(stream)
+    async def _answer(self, stream: trio.SocketStream, caller: Caller | None) -> bytes:
         if caller is None:
             self._refuse(control.FORBIDDEN)
             log.warning("control request refused", extra=fields(reason="not in the socket's group"))
             return control.encode_error(control.FORBIDDEN, "only root, the daemon's user and members of the "
                                                            "socket's group may use this socket")
+        if not self._room_for(caller):
+            self._refuse(control.BUSY)
+            return control.encode_error(control.BUSY, f"over {self.max_connections} control connections; "
+                                                      "try again")
         try:
             with trio.move_on_after(self.timeout) as scope:
                 line = await self._read_line(stream)
@@ -217,6 +238,11 @@ class ControlServer:
         except GossipflError as exc:
             self._refuse(control.FAILED)
             return control.encode_error(control.FAILED, str(exc))
+        except Exception as exc:  # a handler's bug or an input it did not foresee: never the daemon's end
+            self._refuse(control.BAD_REQUEST)
+            log.exception("control request failed", extra=fields(error=str(exc)[:200]))
+            return control.encode_error(control.BAD_REQUEST, f"the request could not be served: "
+                                                             f"{type(exc).__name__}: {str(exc)[:200]}")
         self.served += 1
         if request.changes_state:
             log.info("control command", extra=fields(command=request.command, uid=caller.uid, pid=caller.pid))

@@ -12,6 +12,7 @@ client (``gossipfl.cli.client``, blocking on purpose: the CLI is a short-lived s
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,12 +66,53 @@ class Request:
         return COMMANDS[self.command]
 
 
+MAX_DEPTH = 8  # nesting of arrays and objects in a request; a predict request needs 3
+MAX_NUMBER_CHARS = 40  # digits of one JSON number: more is no sensor reading, and big ints cost quadratic time
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise ValueError(f"a number of {len(text)} digits (at most {MAX_NUMBER_CHARS})")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text) if len(text) <= MAX_NUMBER_CHARS else math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]}... is not a finite float")
+    return value
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _depth(obj: Any) -> int:
+    """How deeply arrays and objects nest, without recursion (a hostile request must not be able to
+    exhaust the stack of the process that parses it)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth <= MAX_DEPTH:
+                stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def parse_request(line: bytes) -> Request:
-    """A request line, checked: ``ControlError`` with a code that the reply will carry."""
+    """A request line, checked: ``ControlError`` with a code that the reply will carry. Hostile input (deep
+    nesting, huge numbers, NaN) is refused before it can cost more than one pass over its bytes."""
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_refuse_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ControlError(f"request is not valid JSON: {exc}", BAD_REQUEST) from None
+    except RecursionError:  # json recurses once per level, and stops cleanly at the interpreter's limit
+        raise ControlError(f"request nests deeper than {MAX_DEPTH} levels", BAD_REQUEST) from None
+    except ValueError as exc:
+        raise ControlError(f"request refused: {exc}", BAD_REQUEST) from None
+    if _depth(obj) > MAX_DEPTH:
+        raise ControlError(f"request nests deeper than {MAX_DEPTH} levels", BAD_REQUEST)
     if not isinstance(obj, dict):
         raise ControlError("request must be a JSON object", BAD_REQUEST)
     if obj.get("v") != PROTOCOL:

@@ -278,6 +278,66 @@ def test_malformed_requests_get_clear_errors(daemons):
     assert daemons.json("status")["counters"]["control.bad_request"] >= 3
 
 
+def test_hostile_requests_get_bad_request_and_never_end_the_daemon(daemons):
+    """Each of these ended the daemon (exit 1, a crash loop under systemd) before the parser was bounded."""
+    pid = daemons.cluster.procs[daemons.specs[0].name].pid
+    row = ",".join(["1"] * daemons.json("status")["model"]["features"])
+    hostile = [
+        b"[" * 200_000 + b"\n",  # nesting: json recursed until the interpreter gave up
+        b'{"v":1,"command":"status","args":{"n":' + b"9" * 5000 + b"}}\n",  # a 5,000-digit integer
+        b'{"v":1,"command":"predict","args":{"rows":[[' + b"1" * 400 + b"," + row.encode()[2:] + b"]]}}\n",
+        b'{"v":1,"command":"predict","args":{"rows":[[1e39,' + row.encode()[2:] + b"]]}}\n",  # float32 inf
+        b'{"v":1,"command":"status","args":{"n":NaN}}\n',
+        b'{"v":1,"command":"peer.block","args":{"id":' + b"[" * 50 + b"]" * 50 + b"}}\n",
+    ]
+    for payload in hostile:
+        reply = _raw(daemons.socket, payload)
+        assert reply["ok"] is False and reply["error"]["code"] == "bad_request", (payload[:60], reply)
+    assert daemons.cluster.procs[daemons.specs[0].name].poll() is None
+    status = daemons.json("status")
+    assert daemons.cluster.procs[daemons.specs[0].name].pid == pid
+    assert status["counters"]["control.bad_request"] >= len(hostile)
+
+
+@needs_root
+def test_a_group_member_holding_every_slot_cannot_lock_the_operator_out(daemons):
+    """A reader may fill the reader slots with idle connections; root's slot stays free (it got busy before)."""
+    def busy() -> int:
+        return _raw(daemons.socket, b'{"v":1,"command":"status"}\n')["result"]["counters"].get("control.busy", 0)
+
+    before = busy()
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a group member that opens every connection it can and says nothing
+        code = 99
+        try:
+            os.setgroups([])
+            os.setgid(SOCKET_GROUP)
+            os.setuid(READER_UID)
+            held = []
+            for _ in range(MAX_CONNECTIONS):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(str(daemons.socket))
+                held.append(sock)
+            os.write(ready_w, b"x")
+            os.read(done_r, 1)
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        # One reader uid holds at most half the reader slots: the rest of its connections are turned away.
+        wait_for(lambda: busy() >= before + MAX_CONNECTIONS - 1, TIMEOUT, "the reader's extra connections refused")
+        reply = _raw(daemons.socket, b'{"v":1,"command":"status"}\n')
+        assert reply["ok"] is True, reply
+    finally:
+        os.write(done_w, b"x")
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, done_r, done_w):
+            os.close(fd)
+
+
 def test_silent_clients_time_out_and_the_daemon_keeps_serving(daemons):
     silent = []
     try:
