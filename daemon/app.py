@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from gossipfl.config import NodeConfig, parse_host_port
-from gossipfl.errors import IdentityError
+from gossipfl.errors import ConfigError, IdentityError
 from gossipfl.identity.ids import format_node_id, parse_allowlist, parse_node_id
 from gossipfl.identity.node import NodeIdentity
 from gossipfl.learning.data import DataSpec, LocalData
@@ -93,6 +93,10 @@ class App:
         self.admission = Admission.for_node(identity, model.fingerprint, config.node.role, g.scheme, g.push_pull,
                                             self.peers, allowlist, lambda: self.learner.paused)
         wire_limits = framing.Limits.for_model(model.num_params)
+        if wire_limits.max_frame_size > config.limits.max_frame_bytes:
+            raise ConfigError(f"limits.max_frame_bytes: {config.limits.max_frame_bytes} bytes cannot carry this "
+                              f"model of {model.num_params} parameters whole (up to {wire_limits.max_frame_size} "
+                              "bytes); raise it, or train a smaller model")
         lim = config.limits
         self.dialer = Dialer(self.admission, wire_limits, lim.connect_timeout, lim.read_timeout)
         self.listener = Listener(self.admission, self.peers, self.counters, lim, wire_limits)

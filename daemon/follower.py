@@ -114,6 +114,10 @@ class Follower:
         start, base_age = (global_params, message.age) if message.age >= our_age else (None, our_age)
         with trio.fail_after(message.deadline):
             trained, samples = await self.learner.train_from(start, message.epochs)
+        if not samples:  # no data, or training that diverged: nothing worth a place in the average
+            refused = RefusedByUs("no-update", "this node has no update for the round (no data, or it diverged)")
+            await link.refuse(messages.ErrorCode.REFUSED, refused)
+            raise refused
         payload = await trio.to_thread.run_sync(self._code_update, trained - global_params)
         await link.send(messages.GatewayUpdate(message.round, message.new_seq, samples, base_age + samples, payload))
         self.counters.add("fedavg.updates_sent")

@@ -61,6 +61,9 @@ class Learner:
         self.training_active = False
         self.round_training = False
         self._last_eval = -math.inf
+        # The last state known to be finite (loaded at start, refreshed at every checkpoint): where a model
+        # that training or a merge turned to NaN or infinity rolls back to, instead of being kept or saved.
+        self._good: tuple[np.ndarray, float] = (model.params.copy(), age)
 
     @property
     def age(self) -> float:
@@ -77,6 +80,23 @@ class Learner:
         self._paused = paused
 
     # ------------------------------------------------------------------ the model, shared
+
+    def _keep_finite(self, what: str) -> None:
+        """After ``what`` changed the model (the caller holds the lock): a model that is no longer finite is
+        never kept, shared or saved; it goes back to the last good state, and the log says why."""
+        if np.isfinite(self.model.params).all():
+            return
+        params, age = self._good
+        self.model.set_params(params)
+        self._age = age
+        self.trainer.reset_optimizer()  # its momentum holds the same infinities
+        self.counters.add("rollbacks")
+        log.error("the model stopped being finite; rolled back to the last good state (a learning rate too "
+                  "high for the data's scale?)", extra=fields(after=what, age=age))
+
+    def mark_good(self, params: np.ndarray, age: float) -> None:
+        """A finite state just checkpointed: the one to roll back to."""
+        self._good = (params, age)
 
     async def snapshot(self) -> tuple[np.ndarray, float]:
         """A copy of the parameters and the age that belongs to them."""
@@ -95,6 +115,7 @@ class Learner:
             age = self._age
             merged = age_weighted_merge(self.model.params, age, remote, remote_age)
             self._age = merged.age
+            self._keep_finite("a merge")
         self.counters.add("merges")
         return BeforeMerge(before, age, merged.weight_remote)
 
@@ -114,6 +135,7 @@ class Learner:
         async with self.lock:
             self.model.params += delta
             self._age = max([self._age, *ages])
+            self._keep_finite("a round's aggregate")
             return self.model.params.copy(), self._age
 
     # ------------------------------------------------------------------ training
@@ -146,6 +168,7 @@ class Learner:
             start = trio.current_time()
             async with self.lock:
                 self._age += await self._slice(t.slice_steps)
+                self._keep_finite("training")
             await trio.sleep(self._pause_after(trio.current_time() - start))
 
     async def train_from(self, start: np.ndarray | None, epochs: int) -> tuple[np.ndarray, int]:
@@ -174,7 +197,12 @@ class Learner:
                     samples += await self._slice(count)
                     done += count
                     await trio.sleep(self._pause_after(trio.current_time() - began))
-                trained = self.model.params.copy()
+                if not np.isfinite(self.model.params).all():
+                    self.counters.add("rollbacks")
+                    log.error("a round's training stopped being finite; the update is not sent")
+                    trained, samples = saved.copy(), 0
+                else:
+                    trained = self.model.params.copy()
             finally:
                 self.model.set_params(saved)
                 self.round_training = False

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import trio
 
 from gossipfl.atomic import write_bytes_atomic
@@ -79,8 +80,13 @@ class Persistence:
                    counters: Counters) -> None:
         """Checkpoint the model with ``state()`` (read right after the model, with no await between, so the
         age saved is the model's), then the references."""
-        snapshot, _ = await learner.export()
+        snapshot, age = await learner.export()
         saved = state()
+        if not np.isfinite(snapshot.params).all():  # the learner rolls such a model back; never save one
+            counters.add("checkpoints_refused.nonfinite")
+            log.error("checkpoint skipped: the model is not finite")
+            return
+        learner.mark_good(snapshot.params, age)  # the learner keeps models finite: this is one to come back to
         await trio.to_thread.run_sync(save_checkpoint, self.checkpoint_path, snapshot, saved)
         if self.save_references:
             frozen, fingerprint = references.frozen(), snapshot.fingerprint

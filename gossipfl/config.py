@@ -298,6 +298,12 @@ def parse_host_port(text: str, key: str) -> tuple[str, int]:
     return host, port
 
 
+def _within(value: float, key: str, lo: float, hi: float, unit: str = "") -> None:
+    """A number in its sane range: a setting far outside it is a typo or an attack, never a choice (a period
+    of 1e-9 s burns a core; a learning rate of 1e30 turns the model to NaN)."""
+    _check(lo <= value <= hi, key, f"must be {lo:g} to {hi:g}{unit}, got {value:g}")
+
+
 def _check_ip(text: str, key: str) -> None:
     try:
         ipaddress.ip_address(text)
@@ -319,55 +325,57 @@ def _validate(c: NodeConfig) -> None:
         _check(len(node_id) == 64 and all(ch in "0123456789abcdef" for ch in node_id.lower()),
                f"tls.allowlist[{i}]", f"must be a 64-character hex node id, got {node_id!r}")
     _check(0 <= c.data.validation_fraction < 1, "data.validation_fraction", "must be in [0, 1)")
-    _check(c.data.rescan_seconds > 0, "data.rescan_seconds", "must be > 0")
+    _within(c.data.rescan_seconds, "data.rescan_seconds", 0.1, 86400, " s")
     t = c.training
     _check(t.optimizer in ("sgd", "adam"), "training.optimizer", f"must be sgd or adam, got {t.optimizer!r}")
-    _check(t.lr > 0, "training.lr", f"must be > 0, got {t.lr}")
+    _within(t.lr, "training.lr", 1e-9, 10)
     _check(0 <= t.momentum < 1, "training.momentum", f"must be in [0, 1), got {t.momentum}")
     _check(1 <= t.batch_size <= 65536, "training.batch_size", f"must be 1 to 65536, got {t.batch_size}")
     _check(1 <= t.threads <= 64, "training.threads", f"must be 1 to 64, got {t.threads}")
     _check(0 < t.duty_cycle <= 1, "training.duty_cycle", f"must be in (0, 1], got {t.duty_cycle}")
     _check(1 <= t.slice_steps <= 10000, "training.slice_steps", f"must be 1 to 10000, got {t.slice_steps}")
     g = c.gossip
-    _check(g.period > 0, "gossip.period", f"must be > 0, got {g.period}")
+    _within(g.period, "gossip.period", 0.05, 3600, " s")
     _check(0 <= g.jitter < 1, "gossip.jitter", f"must be in [0, 1), got {g.jitter}")
     _check(g.scheme in SCHEMES, "gossip.scheme", f"must be one of {', '.join(SCHEMES)}, got {g.scheme!r}")
     _check(0 < g.topk_fraction <= 1, "gossip.topk_fraction", f"must be in (0, 1], got {g.topk_fraction}")
     _check(1 <= g.max_peers <= 1024, "gossip.max_peers", f"must be 1 to 1024, got {g.max_peers}")
-    _check(g.failures_to_evict >= 1, "gossip.failures_to_evict", "must be at least 1")
+    _within(g.failures_to_evict, "gossip.failures_to_evict", 1, 1000)
     _check(g.max_backoff >= g.period, "gossip.max_backoff", "must be at least gossip.period")
+    _within(g.max_backoff, "gossip.max_backoff", 0.05, 86400, " s")
     f = c.fedavg
     _check(0 < f.fraction <= 1, "fedavg.fraction", f"must be in (0, 1], got {f.fraction}")
     _check(1 <= f.min_clients <= 10000, "fedavg.min_clients", f"must be 1 to 10000, got {f.min_clients}")
     _check(0 < f.quorum <= 1, "fedavg.quorum", f"must be in (0, 1], got {f.quorum}")
-    _check(f.deadline > 0, "fedavg.deadline", f"must be > 0, got {f.deadline}")
+    _within(f.deadline, "fedavg.deadline", 0.1, 86400, " s")
     _check(1 <= f.epochs <= 1000, "fedavg.epochs", f"must be 1 to 1000, got {f.epochs}")
-    _check(f.round_pause >= 0, "fedavg.round_pause", "must be >= 0")
+    _within(f.round_pause, "fedavg.round_pause", 0, 86400, " s")
     _check(f.max_rounds >= 0, "fedavg.max_rounds", "must be >= 0 (0 = no limit)")
     _check(f.late_updates in ("drop", "discount"), "fedavg.late_updates",
            f"must be drop or discount, got {f.late_updates!r}")
     _check(0 <= f.max_staleness <= 100, "fedavg.max_staleness", "must be 0 to 100")
     _check(f.clip_norm >= 0, "fedavg.clip_norm", "must be >= 0 (0 = off)")
     _check(f.clip_factor >= 0, "fedavg.clip_factor", "must be >= 0 (0 = off)")
-    _check(f.fallback_seconds > 0, "fedavg.fallback_seconds", "must be > 0")
+    _within(f.fallback_seconds, "fedavg.fallback_seconds", 0.1, 86400, " s")
     aggregator_config(f)  # the aggregation keys, checked where they are used
     lim = c.limits
     _check(1024 <= lim.max_frame_bytes <= 2**31, "limits.max_frame_bytes", "must be 1 KiB to 2 GiB")
     _check(1 <= lim.max_connections <= 10000, "limits.max_connections", "must be 1 to 10000")
-    _check(lim.read_timeout > 0, "limits.read_timeout", "must be > 0")
-    _check(lim.connect_timeout > 0, "limits.connect_timeout", "must be > 0")
-    _check(lim.outlier_factor > 1, "limits.outlier_factor", "must be > 1")
+    _within(lim.read_timeout, "limits.read_timeout", 0.1, 3600, " s")
+    _within(lim.connect_timeout, "limits.connect_timeout", 0.1, 600, " s")
+    _check(1 < lim.outlier_factor <= 1e6, "limits.outlier_factor", f"must be above 1, at most 1e6, got "
+                                                                     f"{lim.outlier_factor:g}")
     ctl = c.control
     _check(len(os.fsencode(ctl.socket)) <= 107, "control.socket", "must be at most 107 bytes (a Unix socket path)")
     _check(1024 <= ctl.max_request_bytes <= 64 * 1024 * 1024, "control.max_request_bytes", "must be 1 KiB to 64 MiB")
     _check(1 <= ctl.max_connections <= 1024, "control.max_connections", "must be 1 to 1024")
-    _check(ctl.timeout > 0, "control.timeout", "must be > 0")
+    _within(ctl.timeout, "control.timeout", 0.1, 600, " s")
     if ctl.metrics_listen:
         host, _ = parse_host_port(ctl.metrics_listen, "control.metrics_listen")
         _check_ip(host, "control.metrics_listen")
         _check(ipaddress.ip_address(host).is_loopback, "control.metrics_listen",
                f"must be a loopback address (metrics name peers); got {host}")
-    _check(c.state.checkpoint_seconds > 0, "state.checkpoint_seconds", "must be > 0")
+    _within(c.state.checkpoint_seconds, "state.checkpoint_seconds", 0.01, 86400, " s")
     _check(c.log.format in LOG_FORMATS, "log.format", f"must be text or json, got {c.log.format!r}")
     _check(c.log.level in ("debug", "info", "warning", "error"), "log.level",
            f"must be debug, info, warning or error, got {c.log.level!r}")

@@ -28,7 +28,12 @@ def test_config_defaults_and_relative_paths(tmp_path):
 @pytest.mark.parametrize("table, message", [
     ({"gossip": {"perod": 1}}, "gossip.perod: unknown key"),
     ({"gossips": {}}, "gossips: unknown section"),
-    ({"gossip": {"period": -1}}, "gossip.period: must be > 0"),
+    ({"gossip": {"period": -1}}, "gossip.period: must be 0.05 to 3600 s, got -1"),
+    ({"gossip": {"period": 1e-9}}, "gossip.period: must be 0.05 to 3600 s, got 1e-09"),
+    ({"training": {"lr": 1e30}}, "training.lr: must be 1e-09 to 10, got 1e"),
+    ({"state": {"checkpoint_seconds": 1e-6}}, "state.checkpoint_seconds: must be 0.01 to 86400 s"),
+    ({"limits": {"read_timeout": 1e9}}, "limits.read_timeout: must be 0.1 to 3600 s"),
+    ({"limits": {"outlier_factor": 1.0}}, "limits.outlier_factor: must be above 1"),
     ({"gossip": {"period": "fast"}}, "gossip.period: must be a finite number"),
     ({"gossip": {"scheme": "zip"}}, "gossip.scheme: must be one of"),
     ({"listen": {"port": 70000}}, "listen.port: must be 0 to 65535"),

@@ -1,0 +1,43 @@
+"""What a node refuses to become: a model that is no longer finite, or one its frames cannot carry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+
+from gossipfl.errors import ConfigError
+from gossipfl.learning.checkpoint import load_checkpoint
+from gossipfl.learning.datasets import write_csv
+
+
+def test_a_diverging_model_rolls_back_to_its_last_good_state_and_is_never_saved(make_apps, small_digits):
+    (app,) = make_apps(1, training={"lr": 5.0})
+    x, y = small_digits
+    data = app.config.data.directory
+    for old in data.iterdir():
+        old.unlink()
+    write_csv(data / "raw-units.csv", x * np.float32(1e30), y)  # sensor readings nobody scaled
+    good = app.learner.model.params.copy()
+
+    async def main():
+        await trio.to_thread.run_sync(app.learner.data.refresh)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(app.learner.run, lambda: True)
+            with trio.fail_after(60):  # a few slices diverge; a node that never notices fails here
+                while not app.counters.values.get("rollbacks"):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert np.isfinite(app.learner.model.params).all()
+        await app.checkpoint()
+
+    trio.run(main)
+    np.testing.assert_array_equal(app.learner.model.params, good)  # the last good state: the one it started from
+    model, state = load_checkpoint(app.persistence.checkpoint_path, app.learner.model.fingerprint)
+    assert np.isfinite(model.params).all() and state["age"] == 0.0
+    assert state["counters"]["rollbacks"] >= 1
+
+
+def test_a_frame_limit_too_small_for_the_model_is_refused_at_start(make_apps):
+    with pytest.raises(ConfigError, match=r"limits.max_frame_bytes: 2048 bytes cannot carry this model"):
+        make_apps(1, extra={"limits": {"max_frame_bytes": 2048}})
