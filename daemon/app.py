@@ -71,9 +71,7 @@ class App:
         self.persistence = Persistence(config.node.state_dir, config.state.save_references)
         model, state = self.persistence.load_model(config.model.path)
         self.counters = Counters()
-        for key, value in state.get("counters", {}).items():
-            if isinstance(value, int | float):
-                self.counters.values[key] = value
+        self.counters.values.update(state.get("counters", {}))  # checked by load_checkpoint
         t, g = config.training, config.gossip
         trainer = Trainer(model, TrainConfig(optimizer=OptimizerConfig(t.optimizer, lr=t.lr, momentum=t.momentum),
                                              batch_size=t.batch_size, seed=t.seed, threads=t.threads))
@@ -81,9 +79,8 @@ class App:
             features=model.features_per_sample, task=model.task,
             classes=model.num_outputs if model.task == "classification" else None,
             label_column=config.data.label_column), config.data.validation_fraction)
-        age = state.get("age", 0.0)
-        self.learner = Learner(model, trainer, data, t, self.counters, float(age) if isinstance(age, int | float)
-                               else 0.0, paused=state.get("paused") is True)  # a pause survives restarts
+        self.learner = Learner(model, trainer, data, t, self.counters, float(state.get("age", 0.0)),
+                               paused=state.get("paused", False))  # an operator's pause survives restarts
         self.codec = CodecConfig(scheme=g.scheme, topk_fraction=g.topk_fraction, int8_block=256, nthreads=1)
         self.references = GossipState(model.num_params, self.codec, g.max_peers, config.limits.outlier_factor)
         self.persistence.restore_references(self.references, model.fingerprint)

@@ -120,7 +120,7 @@ class Gateway:
         self.settings = config.fedavg
         self.aggregator = aggregator_config(self.settings)
         self.references = GossipState(learner.model.num_params, codec, MAX_CLIENTS, outlier_factor=math.inf)
-        self.round = int(state.get("gateway_round", 0)) if isinstance(state.get("gateway_round"), int) else 0
+        self.round: int = state.get("gateway_round", 0)  # checked by load_checkpoint
         self.momentum: np.ndarray | None = None
         self.late: list[tuple[int, bytes, ClientUpdate, float]] = []
         self.history: deque[RoundReport] = deque(maxlen=50)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from gossipfl.atomic import write_bytes_atomic
+from gossipfl.atomic import read_state_bytes, write_bytes_atomic
 from gossipfl.errors import CodecError, ModelError
 from gossipfl.learning.checkpoint import load_checkpoint, save_checkpoint
 from gossipfl.learning.model import Model
@@ -46,10 +46,10 @@ class Persistence:
     def load_model(self, initial_path: Path) -> tuple[Model, dict[str, Any]]:
         """The model to start from, and the state saved with it (empty on a first start)."""
         initial = Model.load(initial_path)
-        if not self.checkpoint_path.exists():
-            return initial, {}
         try:
             model, state = load_checkpoint(self.checkpoint_path, initial.fingerprint)
+        except FileNotFoundError:
+            return initial, {}
         except ModelError as exc:
             raise ModelError(f"cannot resume: {exc}; move {self.checkpoint_path} away to start afresh") from exc
         log.info("resumed from checkpoint", extra=fields(age=state.get("age"), path=str(self.checkpoint_path)))
@@ -61,7 +61,7 @@ class Persistence:
             self.references_path.unlink(missing_ok=True)  # never resume from a file this run will not update
             return
         try:
-            data = self.references_path.read_bytes()
+            data = read_state_bytes(self.references_path, references.max_dump_bytes)
         except FileNotFoundError:
             return
         except OSError as exc:

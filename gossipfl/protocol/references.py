@@ -174,6 +174,12 @@ class GossipState:
         copy.incoming.update(self.incoming)
         return copy
 
+    @property
+    def max_dump_bytes(self) -> int:
+        """The largest ``dump`` these tables can make: what a reader may read of a references file."""
+        entries = self.outgoing.limit + self.incoming.limit
+        return _DUMP_HEADER.size + entries * (_DUMP_ENTRY.size + 4 * self.count) + _DIGEST
+
     def dump(self, fingerprint: bytes) -> bytes:
         """Every reference, least recently used first, for a restart to resume deltas without need-full.
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import trio
 
-from gossipfl.errors import ConfigError
-from gossipfl.learning.checkpoint import load_checkpoint
+from gossipfl.errors import ConfigError, ModelError
+from gossipfl.learning.checkpoint import load_checkpoint, save_checkpoint
 from gossipfl.learning.datasets import write_csv
+from gossipfld.app import App
 
 
 def test_a_diverging_model_rolls_back_to_its_last_good_state_and_is_never_saved(make_apps, small_digits):
@@ -41,3 +42,20 @@ def test_a_diverging_model_rolls_back_to_its_last_good_state_and_is_never_saved(
 def test_a_frame_limit_too_small_for_the_model_is_refused_at_start(make_apps):
     with pytest.raises(ConfigError, match=r"limits.max_frame_bytes: 2048 bytes cannot carry this model"):
         make_apps(1, extra={"limits": {"max_frame_bytes": 2048}})
+
+
+def test_hostile_state_files_cost_a_warning_or_a_one_line_refusal_never_a_crash(make_apps, tmp_path):
+    (app,) = make_apps(1)
+    state_dir = app.config.node.state_dir
+    trio.run(app.checkpoint)
+    references = state_dir / "references.bin"
+    references.unlink(missing_ok=True)
+    references.symlink_to("/dev/zero")  # this crashed the start: read_bytes() never ended
+    config, identity = app.config, app.identity
+    restarted = App(config, identity)  # resumes the checkpoint, passes over the references with a warning
+    assert len(restarted.references.incoming) == 0
+    checkpoint = state_dir / "checkpoint.onnx"
+    model, state = load_checkpoint(checkpoint, app.learner.model.fingerprint)
+    save_checkpoint(checkpoint, model, {**state, "age": "abc"})  # a state that gave a traceback
+    with pytest.raises(ModelError, match=r"cannot resume: .*'age' must be a number.*move .* away"):
+        App(config, identity)

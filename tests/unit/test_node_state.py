@@ -127,6 +127,49 @@ def test_peer_backoff_eviction_and_return():
     assert a.address == "127.0.0.1:1", "an inbound connection does not replace the listening address"
 
 
+def test_a_checkpoint_with_one_flipped_weight_byte_is_refused(tmp_path):
+    model = build(ArchSpec("mlp", 8, 3, hidden=(4,), seed=1))
+    path = tmp_path / "checkpoint.onnx"
+    save_checkpoint(path, model, {"age": 10.0})
+    data = bytearray(path.read_bytes())
+    weights = model.views[model.specs[0].name].tobytes()
+    at = bytes(data).index(weights) + len(weights) // 2
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="do not match the checkpoint's digest"):
+        load_checkpoint(path, model.fingerprint)
+
+
+@pytest.mark.parametrize(("state", "problem"), [
+    ({"age": "abc"}, "state 'age' must be a number"),
+    ({"age": 1e300}, "state 'age' must be a number of samples from 0 to 1e\\+18"),
+    ({"age": 1.0, "paused": "yes"}, "'paused' must be true or false"),
+    ({"age": 1.0, "counters": {"merges": "many"}}, "'counters' must map names to finite numbers"),
+    ({"age": 1.0, "blocked": [7]}, "'blocked' must be a list of node ids"),
+    ({"age": 1.0, "gateway_round": -1}, "'gateway_round' must be a whole number"),
+])
+def test_a_checkpoint_state_of_the_wrong_shape_is_a_typed_error(tmp_path, state, problem):
+    model = build(ArchSpec("mlp", 8, 3, hidden=(4,), seed=1))
+    save_checkpoint(tmp_path / "checkpoint.onnx", model, state)
+    with pytest.raises(ModelError, match=problem):
+        load_checkpoint(tmp_path / "checkpoint.onnx", model.fingerprint)
+
+
+def test_a_checkpoint_behind_a_link_or_not_a_file_is_refused(tmp_path):
+    model = build(ArchSpec("mlp", 8, 3, hidden=(4,), seed=1))
+    save_checkpoint(tmp_path / "real.onnx", model, {"age": 1.0})
+    (tmp_path / "checkpoint.onnx").symlink_to(tmp_path / "real.onnx")
+    with pytest.raises(ModelError, match="symbolic link"):
+        load_checkpoint(tmp_path / "checkpoint.onnx", model.fingerprint)
+    (tmp_path / "zero.onnx").symlink_to("/dev/zero")
+    with pytest.raises(ModelError, match="symbolic link"):
+        load_checkpoint(tmp_path / "zero.onnx", model.fingerprint)
+    with pytest.raises(ModelError, match="not a regular file"):
+        load_checkpoint("/dev/zero", model.fingerprint)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "none.onnx", model.fingerprint)
+
+
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     model = build(ArchSpec("mlp", 8, 3, hidden=(4,), seed=1))
     path = tmp_path / "checkpoint.onnx"
