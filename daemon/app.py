@@ -240,7 +240,10 @@ class App:
             self.counters.add("refused.fingerprint")
             log.info("ignoring peer with another model", extra=fields(peer=short(event.node_id)))
             return
-        self.peers.seen(event.node_id, event.addresses[0], event.port, "mdns", trio.current_time(), event.role,
-                        event.fingerprint)
+        if self.peers.seen(event.node_id, event.addresses[0], event.port, "mdns", trio.current_time(), event.role,
+                           event.fingerprint) is None:
+            self.counters.add("ignored.unverified")  # the table holds its share of adverts nobody has proven
+            log.debug("advert ignored: too many unverified peers", extra=fields(peer=short(event.node_id)))
+            return
         log.info("peer seen", extra=fields(peer=short(event.node_id), addr=event.addresses[0], port=event.port))
 

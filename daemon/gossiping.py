@@ -67,7 +67,7 @@ class Gossip:
 
     async def run(self) -> None:
         g, role = self.config.gossip, self.config.node.role
-        in_flight: set[bytes] = set()
+        in_flight: dict[bytes, Peer] = {}
         async with trio.open_nursery() as nursery:
             while True:
                 await trio.sleep(g.period * (1 + self.rng.uniform(-g.jitter, g.jitter)))
@@ -76,17 +76,20 @@ class Gossip:
                 if len(in_flight) >= PUSHES_IN_FLIGHT:
                     self.counters.add("pushes_skipped_busy")
                     continue
-                # Nodes gossip with nodes; gateways gossip their global models with other gateways.
-                peer = self.peers.choose(trio.current_time(), self.rng, role=role, exclude=in_flight)
+                # Nodes gossip with nodes; gateways gossip their global models with other gateways. A peer known
+                # only from an advert gets at most one exchange in flight: adverts are free to forge.
+                trying_unverified = any(not p.verified for p in in_flight.values())
+                peer = self.peers.choose(trio.current_time(), self.rng, role=role, exclude=in_flight,
+                                         verified_only=trying_unverified)
                 if peer is not None:
-                    in_flight.add(peer.key)
+                    in_flight[peer.key] = peer
                     nursery.start_soon(self._push_tracked, peer, in_flight)
 
-    async def _push_tracked(self, peer: Peer, in_flight: set[bytes]) -> None:
+    async def _push_tracked(self, peer: Peer, in_flight: dict[bytes, Peer]) -> None:
         try:
             await self.push_to(peer)
         finally:
-            in_flight.discard(peer.key)
+            in_flight.pop(peer.key, None)
 
     async def push_to(self, peer: Peer) -> bool:
         """One exchange with ``peer``; failures count against its liveness, never raise."""

@@ -93,6 +93,7 @@ class Listener:
                 met = await meet(link, self.admission, self.limits.connect_timeout)
                 peer_id = met.peer_id
                 peer = self.peers.seen(peer_id, remote, 0, "inbound", trio.current_time())
+                assert peer is not None  # a peer that proved itself is always taken
                 peer.role = met.hello.role  # an inbound gateway must be known as one, to be followed
                 first = await link.next()
             if first is None:

@@ -40,6 +40,7 @@ class Peer:
     evicted: bool = False
     stats: PeerStats = field(default_factory=PeerStats)
     unproven: bool = False  # a static address, keyed by that address until dialled
+    verified: bool = False  # an exchange with it succeeded, or it dialled us and passed TLS: not just an advert
 
     @property
     def proven_id(self) -> bytes | None:
@@ -58,10 +59,17 @@ class Peer:
 
 
 class PeerTable:
-    def __init__(self, period: float, failures_to_evict: int = 3, max_backoff: float = 30.0) -> None:
+    """Peers by key. Adverts are claims anyone on the LAN can make: a peer only announced (mDNS) and never
+    met is ``verified`` False, at most ``max_unverified`` of them are kept (an evicted one makes room for a
+    new one), and the gossip loop gives them at most one of its exchanges in flight, so adverts that point
+    into a black hole cannot hold every exchange until its timeout."""
+
+    def __init__(self, period: float, failures_to_evict: int = 3, max_backoff: float = 30.0,
+                 max_unverified: int = 32) -> None:
         self.period = period
         self.failures_to_evict = failures_to_evict
         self.max_backoff = max_backoff
+        self.max_unverified = max_unverified
         self._peers: dict[bytes, Peer] = {}
         # Blocked ids outlive the peers' entries: a blocked node that is announced again stays blocked.
         self.blocked: set[bytes] = set()
@@ -88,11 +96,24 @@ class PeerTable:
         self._peers.pop(static.key, None)
         return self.seen(node_id, static.host, static.port, "static", now, role)
 
+    def _room_for_unverified(self) -> bool:
+        unverified = [p for p in self._peers.values() if not p.verified and p.source == "mdns"]
+        if len(unverified) < self.max_unverified:
+            return True
+        evicted = [p for p in unverified if p.evicted]
+        if not evicted:
+            return False
+        self._peers.pop(min(evicted, key=lambda p: p.next_try).key)  # the one longest without an answer
+        return True
+
     def seen(self, node_id: bytes, host: str, port: int, source: str, now: float, role: str = "node",
-             fingerprint: bytes | None = None) -> Peer:
-        """A peer was announced or dialled us: (re)admit it and make it eligible at once."""
+             fingerprint: bytes | None = None) -> Peer | None:
+        """A peer was announced or dialled us: (re)admit it and make it eligible at once. None: an advert of a
+        new peer while the table already holds ``max_unverified`` unverified ones, none of them evicted."""
         peer = self._peers.get(node_id)
         if peer is None:
+            if source == "mdns" and not self._room_for_unverified():
+                return None
             peer = Peer(node_id, host, port, source, role, fingerprint)
             self._peers[node_id] = peer
         else:
@@ -103,6 +124,7 @@ class PeerTable:
             if fingerprint is not None:
                 peer.fingerprint = fingerprint
         peer.failures, peer.next_try, peer.evicted = 0, now, False
+        peer.verified = peer.verified or source in ("inbound", "static")  # TLS proved it, or the operator named it
         peer.stats.last_seen = now
         return peer
 
@@ -113,6 +135,7 @@ class PeerTable:
         peer = self._peers.get(node_id)
         if peer is not None:
             peer.failures, peer.next_try, peer.evicted = 0, now, False
+            peer.verified = True
             peer.stats.last_seen = now
 
     def failed(self, node_id: bytes, now: float) -> bool:
@@ -134,14 +157,15 @@ class PeerTable:
                 if not p.evicted and p.key not in self.blocked and p.source != "inbound"]
 
     def choose(self, now: float, rng: random.Random, role: str | None = None,
-               exclude: Collection[bytes] = ()) -> Peer | None:
+               exclude: Collection[bytes] = (), verified_only: bool = False) -> Peer | None:
         """A random peer that is due, preferring live ones; evicted ones only on their slow retry.
 
-        ``exclude``: peers an exchange is already under way with (a slow one must not be picked twice).
+        ``exclude``: peers an exchange is already under way with (a slow one must not be picked twice);
+        ``verified_only``: none that is only an advert (the caller already has one of those in flight).
         """
         due = [p for p in self._peers.values()
                if p.next_try <= now and p.key not in self.blocked and p.source != "inbound"
-               and (role is None or p.role == role) and p.key not in exclude]
+               and (role is None or p.role == role) and p.key not in exclude and (p.verified or not verified_only)]
         if not due:
             return None
         # An evicted peer is due only once its longest backoff has passed: retry it then, before any live

@@ -205,3 +205,19 @@ def test_a_static_address_is_known_by_its_proven_id_once_dialled():
     node = table.resolved(static, b"n" * 32, "node", now=1.0)
     assert node.proven_id == b"n" * 32 and (node.host, node.port, node.source) == ("10.0.0.7", 7878, "static")
     assert table.get(static.key) is None and [p.key for p in table] == [b"n" * 32]
+
+
+def test_adverts_nobody_proved_are_capped_and_kept_out_of_a_second_exchange():
+    table = PeerTable(period=1.0, failures_to_evict=1, max_unverified=3)
+    proven = table.seen(b"p" * 32, "127.0.0.1", 1, "mdns", now=0.0)
+    table.succeeded(proven.key, now=0.0)
+    fakes = [table.seen(bytes([i]) * 32, "127.0.0.1", 100 + i, "mdns", now=0.0) for i in range(5)]
+    assert [f is not None for f in fakes] == [True, True, True, False, False]  # the fourth advert finds no room
+    assert table.seen(b"i" * 32, "127.0.0.1", 2, "inbound", now=0.0) is not None  # TLS proved this one
+    rng = random.Random(0)
+    for _ in range(50):
+        chosen = table.choose(0.0, rng, verified_only=True)
+        assert chosen is not None and chosen.verified
+    assert table.failed(fakes[0].key, now=1.0)  # evicted: the first to go when a new advert needs room
+    late = table.seen(b"n" * 32, "127.0.0.1", 3, "mdns", now=2.0)
+    assert late is not None and table.get(fakes[0].key) is None
