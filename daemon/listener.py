@@ -5,8 +5,13 @@ Gossip registers for ``ModelDelta`` and the follower for ``GatewayRound``; the l
 (Syncthing's protocol/model split), so each can be read and tested on its own. A handler owns its link until
 it returns, and bounds its own time (a round's local epochs take longer than a push).
 
-Bounds: at most ``limits.max_connections`` connections at once, at most half of them from one address (so a
-host flooding the port cannot starve honest peers), and a deadline on meeting and on the first message.
+Bounds: two pools of connections. Addresses where a peer we have met lives share ``limits.max_connections``,
+at most half of them from one address (so a host flooding the port cannot starve the others); any other
+address is a stranger until it proves itself, and strangers share a small pool of their own (a quarter of
+that, at least 8), so idle connections from hosts without a certificate never take the slots of proven
+peers. (No per-address share among strangers: nodes started together on one address, as on loopback, meet
+each other first as strangers.) Meeting (TLS and Hellos) must end within ``limits.connect_timeout``, and the
+first message after it within the read timeout.
 """
 
 from __future__ import annotations
@@ -43,6 +48,17 @@ class Listener:
         self.handlers: dict[type[messages.Message], Handler] = {}
         self.open_connections = 0
         self.open_by_host: dict[str, int] = {}
+        self.strangers = 0  # connections from addresses of no peer we have met
+        self.strangers_by_host: dict[str, int] = {}
+
+    @property
+    def serving(self) -> int:
+        """Connections being served now, from peers and strangers."""
+        return self.open_connections + self.strangers
+
+    @property
+    def stranger_pool(self) -> int:
+        return max(8, self.limits.max_connections // 4)
 
     def handle(self, kind: type[messages.Message], handler: Handler) -> None:
         """Connections whose first message after the Hellos is a ``kind`` go to ``handler``."""
@@ -65,32 +81,41 @@ class Listener:
             return ""
 
     async def _admit(self, tcp: trio.SocketStream) -> None:
-        limit = self.limits.max_connections
-        remote = self._remote(tcp)
-        if not remote or self.open_connections >= limit or self.open_by_host.get(remote, 0) >= (limit + 1) // 2:
-            self.counters.add("refused.overloaded")
-            await tcp.aclose()
-            return
-        await self.serve_connection(tcp, remote)
+        await self.serve_connection(tcp, self._remote(tcp))
 
     async def serve_connection(self, tcp: trio.abc.Stream, remote: str) -> None:
         """One accepted connection from ``remote``, to its end; never raises for what the peer did."""
-        self.open_connections += 1
-        self.open_by_host[remote] = self.open_by_host.get(remote, 0) + 1
+        known = bool(remote) and self.peers.is_verified_host(remote)
+        count, by_host, pool = ((self.open_connections, self.open_by_host, self.limits.max_connections) if known
+                                else (self.strangers, self.strangers_by_host, self.stranger_pool))
+        if not remote or count >= pool or (known and by_host.get(remote, 0) >= (pool + 1) // 2):
+            self.counters.add("refused.overloaded")
+            await tcp.aclose()
+            return
+        self._count(known, remote, +1)
         try:
             await self._handle(tcp, remote)
         finally:
-            self.open_connections -= 1
-            self.open_by_host[remote] -= 1
-            if not self.open_by_host[remote]:
-                del self.open_by_host[remote]
+            self._count(known, remote, -1)
+
+    def _count(self, known: bool, remote: str, step: int) -> None:
+        if known:
+            self.open_connections += step
+            by_host = self.open_by_host
+        else:
+            self.strangers += step
+            by_host = self.strangers_by_host
+        by_host[remote] = by_host.get(remote, 0) + step
+        if not by_host[remote]:
+            del by_host[remote]
 
     async def _handle(self, tcp: trio.abc.Stream, remote: str) -> None:
         link = server_link(tcp, self.admission, self.wire_limits, self.limits.read_timeout)
         peer_id = b""
         try:
-            with trio.fail_after(self.limits.read_timeout * 3):
-                met = await meet(link, self.admission, self.limits.connect_timeout)
+            with trio.fail_after(self.limits.connect_timeout + self.limits.read_timeout):
+                with trio.fail_after(self.limits.connect_timeout):
+                    met = await meet(link, self.admission, self.limits.connect_timeout)
                 peer_id = met.peer_id
                 peer = self.peers.seen(peer_id, remote, 0, "inbound", trio.current_time())
                 assert peer is not None  # a peer that proved itself is always taken

@@ -149,6 +149,10 @@ class PeerTable:
         peer.evicted = peer.evicted or newly
         return newly
 
+    def is_verified_host(self, host: str) -> bool:
+        """Whether a peer we have met lives at ``host``: its connections are not a stranger's."""
+        return any(p.verified and p.host == host for p in self._peers.values())
+
     def is_blocked(self, node_id: bytes) -> bool:
         return node_id in self.blocked
 

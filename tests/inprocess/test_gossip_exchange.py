@@ -62,7 +62,7 @@ def test_push_pull_leaves_both_ends_with_the_same_average(make_apps):
 
 async def wait_quiet(app) -> None:
     """Until no inbound connection is being served."""
-    while app.listener.open_connections:
+    while app.listener.serving:
         await trio.sleep(0.01)
 
 
