@@ -27,6 +27,7 @@ from gossipfl.config import NodeConfig
 from gossipfl.errors import RefusedByPeer, RefusedByUs
 from gossipfl.metrics import Counters
 from gossipfl.protocol import messages
+from gossipfl.protocol.budget import PeerBudget
 from gossipfl.protocol.peers import Peer, PeerTable
 from gossipfl.protocol.references import GossipState
 
@@ -53,6 +54,10 @@ class Gossip:
         self.counters = counters
         self.learns_by_gossip = learns_by_gossip
         self.rng = random.Random()
+        period = config.gossip.period
+        # An honest peer pushes to us about once a period at most (less with more peers); twice that, in bursts
+        # of 4, is its budget. A whole model in answer to its pulls at most once every 10 periods.
+        self.budget = PeerBudget(rate=2 / period, burst=4, full_every=10 * period)
         # One lock per authenticated peer we ever exchanged with: bounded by the cluster's size. Never pruned
         # while running, since a task may hold a lock it has not acquired yet.
         self._sending: dict[bytes, trio.Lock] = {}
@@ -162,6 +167,10 @@ class Gossip:
             except RefusedByUs as exc:
                 await link.refuse(messages.ErrorCode.REFUSED, exc)
                 raise
+            if not self.budget.take_exchange(peer_id, trio.current_time()):
+                refused = RefusedByUs("rate", "more exchanges than an honest peer makes; try later")
+                await link.refuse(messages.ErrorCode.OVERLOADED, refused)
+                raise refused
             before = await self._take(link, peer_id, push, keep_before=self.config.gossip.push_pull)
             if before is None:
                 return
@@ -206,9 +215,20 @@ class Gossip:
         try:
             held = self.references.outgoing.get(peer_id)
             full = held is None or held.seq != request.base_seq
+            now = trio.current_time()
+            whole_allowed = self.budget.may_send_full(peer_id, now)
+            if full and not whole_allowed:
+                raise RefusedByUs("full-budget", "this peer had a whole model from us too recently")
             push, _ = await send_model(link, self.references, peer_id, before.params, self._wrap(before.age),
-                                       self.counters, full=full)
+                                       self.counters, full=full, resend_full=whole_allowed)
             self.references.commit_push(push)
+            if push.base_seq == 0:
+                self.budget.sent_full(peer_id, now)
+        except RefusedByUs as exc:  # the push stands; the pull is declined, as when we are busy sending
+            self.counters.add("pulls_declined_full")
+            log.info("pull declined", extra=fields(peer=short(peer_id), reason=exc.reason))
+            await link.refuse(messages.ErrorCode.OVERLOADED, exc)
+            return
         finally:
             lock.release()
         self.counters.add("pulls_answered")

@@ -31,15 +31,18 @@ ModelMessage = messages.ModelDelta | messages.GatewayRound
 async def send_model(link: Link, references: GossipState, peer_id: bytes, params: np.ndarray,
                      wrap: Callable[[Push], ModelMessage], counters: Counters, *, full: bool = False,
                      answers: tuple[type[messages.Message], ...] = (messages.Ack,),
-                     timeout: float | None = None) -> tuple[Push, messages.Message]:
+                     timeout: float | None = None, resend_full: bool = True) -> tuple[Push, messages.Message]:
     """Send ``params`` to ``peer_id`` and return the push (to commit) and the answer that is not NeedFull.
 
-    ``full``: the receiver told us it holds no usable base (a pull naming another base)."""
+    ``full``: the receiver told us it holds no usable base (a pull naming another base). ``resend_full``
+    False: a NeedFull is refused (``RefusedByUs``, reason ``full-budget``) instead of answered in full."""
     push = await trio.to_thread.run_sync(lambda: references.prepare_push(peer_id, params, full=full))
     await link.send(wrap(push))
     reply = await link.receive(messages.NeedFull, *answers, timeout=timeout)
     if isinstance(reply, messages.NeedFull):
         counters.add("need_full_received")
+        if not resend_full:
+            raise RefusedByUs("full-budget", "this peer had a whole model from us too recently")
         references.forget(peer_id)
         push = await trio.to_thread.run_sync(lambda: references.prepare_push(peer_id, params, full=True))
         await link.send(wrap(push))
