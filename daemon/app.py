@@ -13,6 +13,7 @@ and loop-lag reporting, the systemd watchdog. ``run`` returns on SIGTERM or SIGI
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from typing import Any
@@ -25,6 +26,7 @@ from gossipfl.identity.ids import format_node_id, parse_allowlist, parse_node_id
 from gossipfl.identity.node import NodeIdentity
 from gossipfl.learning.data import DataSpec, LocalData
 from gossipfl.learning.optim import OptimizerConfig
+from gossipfl.learning.robust import ClipSettings, MergeGuard
 from gossipfl.learning.trainer import TrainConfig, Trainer
 from gossipfl.metrics import Counters
 from gossipfl.protocol import framing, messages
@@ -79,10 +81,17 @@ class App:
             features=model.features_per_sample, task=model.task,
             classes=model.num_outputs if model.task == "classification" else None,
             label_column=config.data.label_column), config.data.validation_fraction)
+        guard = None
+        if g.merge == "clipped":
+            guard = MergeGuard(ClipSettings(max_share=g.max_share, radius_factor=g.clip_factor,
+                                            max_age_rate=g.max_age_rate))
+            guard.restore(state.get("merge_guard"))
         self.learner = Learner(model, trainer, data, t, self.counters, float(state.get("age", 0.0)),
-                               paused=state.get("paused", False))  # an operator's pause survives restarts
+                               paused=state.get("paused", False), guard=guard)  # a pause survives restarts
         self.codec = CodecConfig(scheme=g.scheme, topk_fraction=g.topk_fraction, int8_block=256, nthreads=1)
-        self.references = GossipState(model.num_params, self.codec, g.max_peers, config.limits.outlier_factor)
+        # The clipped rule merges a far model a bounded step instead of refusing it as an outlier.
+        outlier_factor = config.limits.outlier_factor if g.merge == "age" else math.inf
+        self.references = GossipState(model.num_params, self.codec, g.max_peers, outlier_factor)
         self.persistence.restore_references(self.references, model.fingerprint)
         self.peers = PeerTable(g.period, g.failures_to_evict, g.max_backoff)
         self.peers.blocked.update(_node_ids(state.get("blocked", [])))
@@ -131,7 +140,8 @@ class App:
                 "counters": dict(self.counters.values), "max_loop_lag": self.reporter.max_lag,
                 "saved_at": time.time(), "paused": self.learner.paused,
                 "blocked": sorted(format_node_id(b) for b in self.peers.blocked),
-                **({"gateway_round": self.gateway.round} if self.gateway is not None else {})}
+                **({"gateway_round": self.gateway.round} if self.gateway is not None else {}),
+                **({"merge_guard": self.learner.guard.state(trio.current_time())} if self.learner.guard else {})}
 
     async def checkpoint(self) -> None:
         await self.persistence.save(self.learner, self.references, self.state, self.counters)

@@ -194,7 +194,7 @@ class Gossip:
             await link.refuse(refusal_code(exc), exc)
             return None
         assert isinstance(delta, messages.ModelDelta)
-        before = await self.learner.merge(received.model, delta.age, keep_before=keep_before)
+        before = await self.learner.merge(peer_id, received.model, delta.age, keep_before=keep_before)
         self.references.commit_receive(received)
         self.peers.succeeded(peer_id, trio.current_time())
         log.debug("merged", extra=fields(peer=short(peer_id), weight=round(before.weight_remote, 3),

@@ -24,8 +24,9 @@ import trio
 from gossipfl.config import TrainingSection
 from gossipfl.errors import GossipflError
 from gossipfl.learning.data import LocalData
-from gossipfl.learning.merge import age_weighted_merge
+from gossipfl.learning.merge import age_weighted_merge, clipped_merge
 from gossipfl.learning.model import Model
+from gossipfl.learning.robust import MergeGuard
 from gossipfl.learning.trainer import Metrics, Trainer
 from gossipfl.metrics import Counters
 
@@ -47,7 +48,7 @@ class BeforeMerge:
 
 class Learner:
     def __init__(self, model: Model, trainer: Trainer, data: LocalData, settings: TrainingSection,
-                 counters: Counters, age: float = 0.0, paused: bool = False) -> None:
+                 counters: Counters, age: float = 0.0, paused: bool = False, guard: MergeGuard | None = None) -> None:
         self.model = model
         self.trainer = trainer
         self.data = data
@@ -56,6 +57,7 @@ class Learner:
         self._age = age
         self._paused = paused
         self.lock = trio.Lock()
+        self.guard = guard  # None: the plain age-weighted merge; else the clipped rule and what it remembers
         self.validation: Metrics | None = None
         self.train_loss: float | None = None
         self.training_active = False
@@ -107,13 +109,23 @@ class Learner:
         async with self.lock:
             return self.model.copy(), self._age
 
-    async def merge(self, remote: np.ndarray, remote_age: float, *, keep_before: bool) -> BeforeMerge:
-        """Average a peer's model into ours by age; returns ours as it was (the params with ``keep_before``,
-        so merges that no pull can follow copy nothing)."""
+    async def merge(self, peer: bytes, remote: np.ndarray, remote_age: float, *, keep_before: bool) -> BeforeMerge:
+        """Merge ``peer``'s model into ours (by age, or clipped: see ``gossipfl.learning.robust``); returns ours
+        as it was (the params with ``keep_before``, so merges that no pull can follow copy nothing)."""
         async with self.lock:
             before = self.model.params.copy() if keep_before else None
             age = self._age
-            merged = age_weighted_merge(self.model.params, age, remote, remote_age)
+            if self.guard is None:
+                merged = age_weighted_merge(self.model.params, age, remote, remote_age)
+            else:
+                clip = self.guard.settings
+                believed = self.guard.believed_age(peer, remote_age, age, trio.current_time())
+                radius = self.guard.radius(float(np.linalg.norm(self.model.params)))
+                merged = clipped_merge(self.model.params, age, remote, believed, max_share=clip.max_share,
+                                       radius=radius)
+                self.guard.record(merged, radius)
+                if merged.clipped:
+                    self.counters.add("merges_clipped")
             self._age = merged.age
             self._keep_finite("a merge")
         self.counters.add("merges")

@@ -24,6 +24,7 @@ from gossipfl.learning.aggregate import AggregatorConfig
 ROLES = ("node", "gateway")
 MODES = ("gossip", "fedavg", "auto")
 SCHEMES = ("float32", "float16", "int8", "topk")
+MERGES = ("age", "clipped")
 LOG_FORMATS = ("text", "json")
 MAX_CONFIG_BYTES = 1024 * 1024
 
@@ -95,6 +96,14 @@ class GossipSection:
     max_peers: int = 16  # peers we keep delta references for (least recently used go first)
     failures_to_evict: int = 3
     max_backoff: float = 30.0
+    # How a peer's model is merged: "age" (the age-weighted average; the outlier rule of limits.outlier_factor
+    # refuses far models) or "clipped" (the peer's claimed age believed only as far as it could have trained,
+    # its share capped at max_share, the step cut to clip_factor times the median of recent merges; far models
+    # are merged a bounded step, never refused). gossipfl/learning/robust.py says why.
+    merge: str = "age"
+    max_share: float = 0.5
+    clip_factor: float = 3.0
+    max_age_rate: float = 100000.0  # samples a second a peer may have trained since first seen
 
 
 @dataclass(frozen=True)
@@ -343,6 +352,10 @@ def _validate(c: NodeConfig) -> None:
     _within(g.failures_to_evict, "gossip.failures_to_evict", 1, 1000)
     _check(g.max_backoff >= g.period, "gossip.max_backoff", "must be at least gossip.period")
     _within(g.max_backoff, "gossip.max_backoff", 0.05, 86400, " s")
+    _check(g.merge in MERGES, "gossip.merge", f"must be one of {', '.join(MERGES)}, got {g.merge!r}")
+    _within(g.max_share, "gossip.max_share", 0.01, 1)
+    _within(g.clip_factor, "gossip.clip_factor", 1, 1000)
+    _within(g.max_age_rate, "gossip.max_age_rate", 1, 1e9, " samples/s")
     f = c.fedavg
     _check(0 < f.fraction <= 1, "fedavg.fraction", f"must be in (0, 1], got {f.fraction}")
     _check(1 <= f.min_clients <= 10000, "fedavg.min_clients", f"must be 1 to 10000, got {f.min_clients}")

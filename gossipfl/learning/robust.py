@@ -1,0 +1,97 @@
+"""What the clipped merge rule remembers between merges: the age each peer may claim, and the distances that
+set the clipping radius. Pure bookkeeping; time is passed in.
+
+A certified peer can still be compromised, and what it claims bounds nothing by itself. So:
+
+- its age (the weight of the age-weighted merge) is believed only up to what it could have trained since we
+  first saw it: at first sight no more than our own age, then ``max_age_rate`` samples a second on top. A
+  claim of 1e300 right after a restart once replaced a node's model;
+- the step towards its model is cut to a radius of ``radius_factor`` times the median distance of recent
+  merges (never below ``floor`` of our own model's norm, since agreeing nodes drive that median towards zero),
+  so a far-away model moves us a bounded step instead of being refused: an honest newcomer is merged, a
+  sign-flipped model cannot drag us away;
+- only merges that moved the model enter the history (pushes of age 0 once walked the outlier rule's median
+  upwards), and what enters is the clipped distance, so no peer widens the radius faster than the median of
+  everyone's merges allows. The history survives restarts (``state`` / ``restore``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gossipfl.learning.merge import MAX_AGE, Merged
+
+HISTORY = 32
+MAX_PEERS = 1024
+
+
+@dataclass(frozen=True)
+class ClipSettings:
+    max_share: float = 0.5  # the largest share one merge gives a peer's model
+    radius_factor: float = 3.0
+    max_age_rate: float = 1e5  # samples a second a peer may have trained since we first saw it
+    min_history: int = 5  # merges before a radius is set
+    floor: float = 0.05  # the radius is never below this share of our own model's norm
+
+
+class MergeGuard:
+    def __init__(self, settings: ClipSettings) -> None:
+        self.settings = settings
+        self.distances: deque[float] = deque(maxlen=HISTORY)
+        # peer -> (when first seen, or None for "at its first merge after a restart", the age it may claim then)
+        self._ages: OrderedDict[bytes, tuple[float | None, float]] = OrderedDict()
+
+    def believed_age(self, peer: bytes, claimed: float, local_age: float, now: float) -> float:
+        """The part of ``claimed`` we believe: no more than our own age at first sight, and then no more than
+        ``max_age_rate`` samples a second since."""
+        claimed = min(max(claimed, 0.0), MAX_AGE) if math.isfinite(claimed) else 0.0
+        first = self._ages.get(peer)
+        if first is None or first[0] is None:
+            first = self._ages[peer] = (now, min(claimed, local_age) if first is None else first[1])
+            while len(self._ages) > MAX_PEERS:
+                self._ages.popitem(last=False)
+        self._ages.move_to_end(peer)
+        seen_at, age_then = first
+        assert seen_at is not None
+        return min(claimed, age_then + self.settings.max_age_rate * max(now - seen_at, 0.0))
+
+    def radius(self, local_norm: float) -> float | None:
+        """How far one merge may reach, or None while there is too little history to say."""
+        if len(self.distances) < self.settings.min_history:
+            return None
+        return self.settings.radius_factor * max(float(np.median(self.distances)), self.settings.floor * local_norm)
+
+    def record(self, merged: Merged, radius: float | None) -> None:
+        if merged.moved > 0:
+            self.distances.append(merged.distance if radius is None else min(merged.distance, radius))
+
+    # ------------------------------------------------------------------ across restarts
+
+    def state(self, now: float) -> dict[str, Any]:
+        """For the checkpoint: the distances, and each peer's believable age as of ``now``."""
+        ages = {peer.hex(): self.believed_age(peer, MAX_AGE, MAX_AGE, now) for peer in list(self._ages)}
+        return {"distances": list(self.distances), "ages": ages}
+
+    def restore(self, state: Any) -> int:
+        """Take back what ``state`` saved (entries that do not parse are skipped); returns how many peers. A
+        restored peer's clock starts at its first merge after the restart."""
+        if not isinstance(state, dict):
+            return 0
+        distances = state.get("distances", [])
+        if isinstance(distances, list):
+            self.distances.extend(float(d) for d in distances[-HISTORY:]
+                                  if isinstance(d, int | float) and math.isfinite(d) and d >= 0)
+        ages = state.get("ages", {})
+        for key, age in (ages.items() if isinstance(ages, dict) else []):
+            try:
+                peer = bytes.fromhex(key)
+            except (TypeError, ValueError):
+                continue
+            if len(peer) == 32 and isinstance(age, int | float) and math.isfinite(age) and age >= 0:
+                self._ages[peer] = (None, min(float(age), MAX_AGE))
+        return len(self._ages)
