@@ -25,11 +25,14 @@ def small_digits():
 def make_apps(tmp_path: Path, small_digits) -> Callable[..., list[App]]:
     """``make_apps(n, **plan)``: n apps of one cluster, built from the files a fleet would have."""
 
+    made: list[Path] = []
+
     def make(nodes: int = 2, **plan: object) -> list[App]:
         options: dict = {"nodes": nodes, "mdns": False, "base_port": 17000, **plan}
         extra = options.setdefault("extra", {})
         extra.setdefault("control", {})["enabled"] = False
-        specs = prepare(tmp_path / "cluster", ClusterPlan(**options), *small_digits)
+        made.append(tmp_path / f"cluster{len(made)}")  # a test may make more than one cluster
+        specs = prepare(made[-1], ClusterPlan(**options), *small_digits)
         apps = []
         for spec in specs:
             config = load_config(spec.config)
