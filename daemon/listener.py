@@ -10,8 +10,8 @@ at most half of them from one address (so a host flooding the port cannot starve
 address is a stranger until it proves itself, and strangers share a small pool of their own (a quarter of
 that, at least 8), so idle connections from hosts without a certificate never take the slots of proven
 peers. (No per-address share among strangers: nodes started together on one address, as on loopback, meet
-each other first as strangers.) Meeting (TLS and Hellos) must end within ``limits.connect_timeout``, and the
-first message after it within the read timeout.
+each other first as strangers.) The TLS handshake must end within ``limits.connect_timeout``; the Hellos and
+the first message after them, within the read timeout each.
 """
 
 from __future__ import annotations
@@ -113,9 +113,9 @@ class Listener:
         link = server_link(tcp, self.admission, self.wire_limits, self.limits.read_timeout)
         peer_id = b""
         try:
-            with trio.fail_after(self.limits.connect_timeout + self.limits.read_timeout):
-                with trio.fail_after(self.limits.connect_timeout):
-                    met = await meet(link, self.admission, self.limits.connect_timeout)
+            # TLS within connect_timeout (inside meet): past it, the peer holds a cluster certificate.
+            with trio.fail_after(self.limits.connect_timeout + 2 * self.limits.read_timeout):
+                met = await meet(link, self.admission, self.limits.connect_timeout)
                 peer_id = met.peer_id
                 peer = self.peers.seen(peer_id, remote, 0, "inbound", trio.current_time())
                 assert peer is not None  # a peer that proved itself is always taken

@@ -84,9 +84,10 @@ class PeerTable:
         return self._peers.get(node_id)
 
     def add_static(self, host: str, port: int, now: float) -> Peer:
-        """A configured address; the node behind it is known once a dial proves it."""
+        """A configured address; the node behind it is known once a dial proves it. The operator named it, so
+        it is no mere advert: it counts as verified."""
         key = f"static:{host}:{port}".encode()
-        peer = self._peers.get(key) or Peer(key, host, port, "static", unproven=True)
+        peer = self._peers.get(key) or Peer(key, host, port, "static", unproven=True, verified=True)
         self._peers[key] = peer
         peer.next_try = now
         return peer

@@ -200,6 +200,7 @@ def test_a_static_address_is_known_by_its_proven_id_once_dialled():
     table = PeerTable(period=1.0)
     static = table.add_static("10.0.0.7", 7878, now=0.0)
     assert static.proven_id is None and static.source == "static"
+    assert static.verified  # the operator named it: it competes with proven peers, not with adverts
     assert table.choose(0.0, random.Random(0)) is static  # dialled like any other peer
     assert table.live() == [static]
     node = table.resolved(static, b"n" * 32, "node", now=1.0)
