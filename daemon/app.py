@@ -97,7 +97,8 @@ class App:
         self.peers.blocked.update(_node_ids(state.get("blocked", [])))
         allowlist = parse_allowlist(config.tls.allowlist) if config.tls.allowlist else None
         self.admission = Admission.for_node(identity, model.fingerprint, config.node.role, g.scheme, g.push_pull,
-                                            self.peers, allowlist, lambda: self.learner.paused)
+                                            self.peers, allowlist, lambda: self.learner.paused,
+                                            parse_allowlist(config.fedavg.gateways))
         wire_limits = framing.Limits.for_model(model.num_params)
         if wire_limits.max_frame_size > config.limits.max_frame_bytes:
             raise ConfigError(f"limits.max_frame_bytes: {config.limits.max_frame_bytes} bytes cannot carry this "
@@ -250,7 +251,8 @@ class App:
             self.counters.add("refused.fingerprint")
             log.info("ignoring peer with another model", extra=fields(peer=short(event.node_id)))
             return
-        if self.peers.seen(event.node_id, event.addresses[0], event.port, "mdns", trio.current_time(), event.role,
+        role = self.admission.role_of(event.node_id, event.role)  # an advert claims a role; the cluster grants it
+        if self.peers.seen(event.node_id, event.addresses[0], event.port, "mdns", trio.current_time(), role,
                            event.fingerprint) is None:
             self.counters.add("ignored.unverified")  # the table holds its share of adverts nobody has proven
             log.debug("advert ignored: too many unverified peers", extra=fields(peer=short(event.node_id)))

@@ -89,6 +89,9 @@ class Follower:
             raise RefusedByUs("role", "a gateway does not follow another gateway")
         if mode == "gossip":
             raise RefusedByUs("mode", "this node is in gossip mode and follows no gateway")
+        peer = self.peers.get(gateway_id)
+        if peer is None or peer.role != "gateway":  # the role the cluster granted (fedavg.gateways), not a claim
+            raise RefusedByUs("not-a-gateway", "this node follows only the gateways listed in fedavg.gateways")
         live = self.live_gateways(trio.current_time())
         if live and live[0] != gateway_id:
             raise RefusedByUs("not-following", f"this node follows gateway {short(live[0])}")

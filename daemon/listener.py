@@ -119,7 +119,7 @@ class Listener:
                 peer_id = met.peer_id
                 peer = self.peers.seen(peer_id, remote, 0, "inbound", trio.current_time())
                 assert peer is not None  # a peer that proved itself is always taken
-                peer.role = met.hello.role  # an inbound gateway must be known as one, to be followed
+                peer.role = self.admission.role_of(peer_id, met.hello.role)  # granted, never taken
                 first = await link.next()
             if first is None:
                 return

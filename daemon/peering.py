@@ -39,12 +39,18 @@ class Admission:
     peers: PeerTable
     allowlist: frozenset[bytes] | None
     is_paused: Callable[[], bool]
+    gateways: frozenset[bytes] = frozenset()  # the ids the cluster lets act as gateways (fedavg.gateways)
+
+    def role_of(self, peer_id: bytes, claimed: str) -> str:
+        """The role a peer has: "gateway" only when the cluster granted it, whatever it claims."""
+        return "gateway" if claimed == "gateway" and peer_id in self.gateways else "node"
 
     @classmethod
     def for_node(cls, identity: NodeIdentity, fingerprint: bytes, role: str, scheme: str, push_pull: bool,
-                 peers: PeerTable, allowlist: frozenset[bytes] | None, is_paused: Callable[[], bool]) -> Admission:
+                 peers: PeerTable, allowlist: frozenset[bytes] | None, is_paused: Callable[[], bool],
+                 gateways: frozenset[bytes] = frozenset()) -> Admission:
         caps = (scheme, PUSH_PULL) if push_pull else (scheme,)
-        return cls(identity, fingerprint, role, caps, peers, allowlist, is_paused)
+        return cls(identity, fingerprint, role, caps, peers, allowlist, is_paused, gateways)
 
     @property
     def hello(self) -> messages.Hello:
@@ -138,7 +144,8 @@ class Dialer:
             await link.aclose()
             raise
         if peer.proven_id is None:
-            self.admission.peers.resolved(peer, met.peer_id, met.hello.role, trio.current_time())
+            role = self.admission.role_of(met.peer_id, met.hello.role)
+            self.admission.peers.resolved(peer, met.peer_id, role, trio.current_time())
         return link, met
 
 

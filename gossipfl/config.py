@@ -129,6 +129,9 @@ class FedavgSection:
     server_momentum: float = 0.9
     # client side (mode auto)
     fallback_seconds: float = 30.0  # a gateway silent this long is gone: learn by gossip until it is back
+    # The node ids (hex) that may act as gateways: a role the cluster grants, never one a peer claims. A node
+    # follows, and a gateway gossips with, only these; empty: nobody is followed as a gateway.
+    gateways: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -370,6 +373,9 @@ def _validate(c: NodeConfig) -> None:
     _check(f.clip_norm >= 0, "fedavg.clip_norm", "must be >= 0 (0 = off)")
     _check(f.clip_factor >= 0, "fedavg.clip_factor", "must be >= 0 (0 = off)")
     _within(f.fallback_seconds, "fedavg.fallback_seconds", 0.1, 86400, " s")
+    for i, node_id in enumerate(f.gateways):
+        _check(len(node_id) == 64 and all(ch in "0123456789abcdef" for ch in node_id.lower()),
+               f"fedavg.gateways[{i}]", f"must be a 64-character hex node id, got {node_id!r}")
     aggregator_config(f)  # the aggregation keys, checked where they are used
     lim = c.limits
     _check(1024 <= lim.max_frame_bytes <= 2**31, "limits.max_frame_bytes", "must be 1 KiB to 2 GiB")

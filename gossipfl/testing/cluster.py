@@ -122,10 +122,12 @@ def prepare(root: Path, plan: ClusterPlan, x: np.ndarray, y: np.ndarray) -> list
     addresses = list(plan.addresses or ["127.0.0.1"] * plan.nodes)
     ports = [plan.base_port + i for i in range(plan.nodes)]
     specs = []
+    node_ids = [issue_node_cert(root / "ca", f"node{i}", root / f"node{i}" / "certs") for i in range(plan.nodes)]
+    granted = [node_ids[i].hex() for i in range(plan.gateways)]  # the cluster grants the gateway role
     for i in range(plan.nodes):
         name = f"node{i}"
         directory = root / name
-        node_id = issue_node_cert(root / "ca", name, directory / "certs")
+        node_id = node_ids[i]
         gateway = i < plan.gateways
         if gateway:
             (directory / "data").mkdir(parents=True, exist_ok=True)
@@ -143,7 +145,7 @@ def prepare(root: Path, plan: ClusterPlan, x: np.ndarray, y: np.ndarray) -> list
             "training": {"seed": plan.seed + i, **plan.training},
             "gossip": {"period": 0.5, **plan.gossip},
             "state": {"checkpoint_seconds": 5.0},
-            "fedavg": dict(plan.fedavg),
+            "fedavg": {"gateways": granted, **plan.fedavg},
             "control": {"socket": str(directory / CONTROL_SOCKET)},
         }
         for table, values in [*plan.extra.items(), *plan.per_node.get(i, {}).items()]:

@@ -93,3 +93,31 @@ def test_an_answer_after_the_round_closed_is_dropped_or_folded_into_the_next(mak
             assert np.all(moved > 0) and np.all(moved <= 0.01 + 1e-3)  # the step, discounted for staleness
 
     trio.run(main)
+
+
+def test_a_member_claiming_the_gateway_role_is_not_followed_and_a_granted_gateway_is(make_apps):
+    """Any certificate used to be followed once its Hello said role=gateway (0.95 -> 0.38 with a bad model)."""
+    gateway, victim, impostor = make_apps(3, gateways=1, mode="auto", fedavg={"deadline": 30.0},
+                                          per_node={2: {"node": {"role": "gateway", "mode": "gossip"}}})
+    assert impostor.gateway is not None and victim.admission.gateways == {gateway.node_id}
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            net = MemoryNet(nursery)
+            net.add(gateway), net.add(victim), net.add(impostor)
+            await trio.to_thread.run_sync(victim.learner.data.refresh)
+            before = victim.learner.model.params.copy()
+            _know(impostor, victim)
+            assert await impostor.gateway.one_round(impostor.peers.live(), nursery) is None
+            assert impostor.counters.values["fedavg.client_failed.peer-refused"] == 1
+            assert victim.counters.values["refused.not-a-gateway"] == 1
+            np.testing.assert_array_equal(victim.learner.model.params, before)
+            assert victim.peers.get(impostor.node_id).role == "node"  # its claim bought no role
+            _know(gateway, victim)
+            report = await gateway.gateway.one_round(gateway.peers.live(), nursery)
+            assert report is not None and report.answered == 1
+            while victim.counters.values.get("fedavg.adopted", 0) < 1:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
