@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 SUFFIXES = (".csv", ".npz")
 MAX_FILE_BYTES = 256 * 1024 * 1024
+LINE_CHARS_PER_FIELD = 64  # a float written at full precision needs about 25
+MIN_LINE_CHARS = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,8 @@ def _check_labels(y: np.ndarray, spec: DataSpec, where: str) -> np.ndarray:
 def read_csv(path: Path, spec: DataSpec, require_labels: bool = True) -> Table:
     """Parse one CSV file: a header row, a label column, every other column a float feature."""
     with path.open(newline="", encoding="utf-8", errors="strict") as handle:
-        reader = csv.reader(handle)
+        limit = max(MIN_LINE_CHARS, LINE_CHARS_PER_FIELD * (spec.features + 1))
+        reader = csv.reader(_bounded_lines(handle, path, limit))
         try:
             header = next(reader)
         except StopIteration:
@@ -124,6 +128,16 @@ def read_csv(path: Path, spec: DataSpec, require_labels: bool = True) -> Table:
     return Table(x, np.asarray(labels, dtype=np.int64 if spec.task == "classification" else np.float32))
 
 
+def _bounded_lines(handle: Iterable[str], path: Path, limit: int) -> Iterator[str]:
+    """The file's lines, each refused past ``limit`` characters before csv splits it: one 8 MB line of short
+    fields cost 319 MB as a list of strings."""
+    for number, line in enumerate(handle, start=1):
+        if len(line) > limit:
+            raise DataError(f"{path}:{number}: a line of {len(line)} characters, over the {limit} that "
+                            f"{limit // LINE_CHARS_PER_FIELD} fields can need")
+        yield line
+
+
 def _is_float(text: str) -> bool:
     try:
         float(text)
@@ -135,6 +149,7 @@ def _is_float(text: str) -> bool:
 def read_npz(path: Path, spec: DataSpec, require_labels: bool = True) -> Table:
     """Arrays ``x`` (samples, features...) and ``y`` (samples,), numeric, no pickled objects."""
     try:
+        _check_npz_shapes(path)
         with np.load(path, allow_pickle=False) as archive:
             if "x" not in archive.files:
                 raise DataError(f"{path}: no array named 'x' (found: {', '.join(archive.files) or 'none'})")
@@ -157,6 +172,27 @@ def read_npz(path: Path, spec: DataSpec, require_labels: bool = True) -> Table:
     if y.dtype.kind not in "fiub" or len(y) != len(x):
         raise DataError(f"{path}: 'y' must be numeric with {len(x)} entries, got {y.dtype} {y.shape}")
     return Table(x.astype(np.float32), _check_labels(y.astype(np.float64), spec, str(path)))
+
+
+def _check_npz_shapes(path: Path) -> None:
+    """Refuse an archive whose arrays claim more bytes than they hold, before numpy allocates them: a header
+    declaring shape (10**12, 64) killed the daemon at the next rescan, and at every start after."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.file_size > MAX_FILE_BYTES * 4:
+                raise DataError(f"{path}: member {info.filename} unpacks to {info.file_size} bytes, over the limit")
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+                elif version in ((2, 0), (3, 0)):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+                else:
+                    raise DataError(f"{path}: member {info.filename} has an unknown .npy version {version}")
+            declared = math.prod(shape) * dtype.itemsize
+            if declared > info.file_size:
+                raise DataError(f"{path}: member {info.filename} declares shape {shape} of {dtype} ({declared} "
+                                f"bytes) but holds {info.file_size}")
 
 
 def read_file(path: Path, spec: DataSpec, require_labels: bool = True) -> Table:

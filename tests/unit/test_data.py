@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -126,3 +127,31 @@ def test_dirichlet_shards_cover_every_row_once_and_are_skewed():
     assert sorted(joined.tolist()) == list(range(1000))
     top_share = [np.bincount(y[s], minlength=10).max() / len(s) for s in shards]
     assert max(top_share) > 0.2, "alpha 0.5 gives shards dominated by a few classes"
+
+
+def _npy_declaring(shape: tuple[int, ...]) -> bytes:
+    """A .npy member whose header declares ``shape`` of float32 and holds 64 bytes of data."""
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}"
+    header += " " * (63 - (10 + len(header)) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + bytes(64)
+
+
+def test_an_npz_declaring_a_huge_shape_is_refused_before_anything_is_allocated(tmp_path, caplog):
+    """Its header declared (10**12, 64): numpy tried to allocate 256 TB, and the daemon died at every rescan."""
+    x, y = rows(10, 3, 4)
+    write_csv(tmp_path / "good.csv", x, y)
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as archive:
+        archive.writestr("x.npy", _npy_declaring((10**12, 3)))
+        archive.writestr("y.npy", _npy_declaring((10**12,)))
+    data = LocalData(tmp_path, SPEC, validation_fraction=0.0)
+    with caplog.at_level(logging.WARNING):
+        data.refresh()
+    assert len(data.train) == 10 and tmp_path / "huge.npz" in data.skipped
+    assert "declares shape (1000000000000, 3)" in data.skipped[tmp_path / "huge.npz"]
+
+
+def test_a_csv_line_far_longer_than_its_fields_need_is_refused_before_it_is_split(tmp_path):
+    """One 8 MB line of short fields cost 319 MB as a list of strings."""
+    _csv(tmp_path / "long.csv", "f0,f1,f2,label\n1,2,3,0\n" + "1," * 4_000_000 + "0\n")
+    with pytest.raises(DataError, match=r"long\.csv:3: a line of 8000002 characters, over the 65536"):
+        load_directory(tmp_path, SPEC)
