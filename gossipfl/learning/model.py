@@ -70,6 +70,44 @@ def tensor_shape(value_info: onnx.ValueInfoProto) -> tuple[Dim, ...] | None:
     return tuple(dims)
 
 
+#: Operators that run a subgraph: gossipfl has no gradient rule for them, and a ``Loop`` of 10^12
+#: iterations hung offline ``predict``, so a model holding one is refused at load, before any session.
+CONTROL_FLOW = frozenset({"Loop", "Scan", "If", "SequenceMap"})
+
+
+def _tensors_of(attr: onnx.AttributeProto) -> list[onnx.TensorProto]:
+    tensors = list(attr.tensors)
+    if attr.HasField("t"):
+        tensors.append(attr.t)
+    if attr.HasField("sparse_tensor"):
+        tensors += [attr.sparse_tensor.values, attr.sparse_tensor.indices]
+    for sparse in attr.sparse_tensors:
+        tensors += [sparse.values, sparse.indices]
+    return tensors
+
+
+def _check_self_contained(graph: onnx.GraphProto) -> None:
+    """Refuse data outside the model file anywhere in the graph: a ``Constant`` node whose value lived in
+    "external data" at a relative path once made ``predict`` return the bytes of another file. onnxruntime
+    resolves such paths itself, so the only safe answer is to never hand it one."""
+    for init in graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL or init.external_data:
+            raise ModelError(f"initializer {init.name!r} uses external data; embed it in the model file")
+    for sparse in graph.sparse_initializer:
+        if TensorProto.EXTERNAL in (sparse.values.data_location, sparse.indices.data_location):
+            raise ModelError(f"sparse initializer {sparse.values.name!r} uses external data")
+    for node in graph.node:
+        where = f"operator {node.op_type} (node {node.name or (node.output[0] if node.output else '?')!r})"
+        if node.op_type in CONTROL_FLOW:
+            raise ModelError(f"{where}: control flow is not supported; gossipfl runs feed-forward graphs only")
+        for attr in node.attribute:
+            if attr.HasField("g") or attr.graphs:
+                raise ModelError(f"{where}: attribute {attr.name!r} holds a subgraph; gossipfl runs feed-forward "
+                                 "graphs only")
+            if any(t.data_location == TensorProto.EXTERNAL or t.external_data for t in _tensors_of(attr)):
+                raise ModelError(f"{where}: attribute {attr.name!r} uses external data; embed it in the model file")
+
+
 def _check_opset(proto: onnx.ModelProto) -> int:
     versions = {op.domain: op.version for op in proto.opset_import}
     opset = versions.get("", versions.get("ai.onnx"))
@@ -87,6 +125,7 @@ class Model:
     """A validated ONNX model with its parameters held in one float32 vector."""
 
     def __init__(self, proto: onnx.ModelProto, task: str | None = None) -> None:
+        _check_self_contained(proto.graph)  # before the checker, which would follow external paths itself
         try:
             onnx.checker.check_model(proto)
         except (onnx.checker.ValidationError, ValueError) as exc:
@@ -99,8 +138,6 @@ class Model:
         trainable: list[onnx.TensorProto] = []
         constants: list[onnx.TensorProto] = []
         for init in graph.initializer:
-            if init.data_location == TensorProto.EXTERNAL:
-                raise ModelError(f"initializer {init.name!r} uses external data; embed it in the model file")
             if init.data_type == TensorProto.FLOAT:
                 trainable.append(init)
             elif init.data_type in (TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16):
