@@ -20,7 +20,6 @@ the next (the residual), so ``int8`` or ``topk`` uplinks do not bias the average
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import trio
@@ -54,8 +53,10 @@ class Follower:
         self.counters = counters
         self.codec = codec
         count = learner.model.num_params
-        # The global model is the gateway's, not a peer's opinion: no outlier test against our own model.
-        self.references = GossipState(count, codec, MAX_GATEWAYS, outlier_factor=math.inf)
+        # A global model is checked like a gossip model: a granted gateway can still be a stolen device, and one
+        # that sent a sign-flipped "global model" was adopted unchecked (0.95 -> 0.38). The outlier rule
+        # refuses a model far beyond how far recent global models were from ours.
+        self.references = GossipState(count, codec, MAX_GATEWAYS, outlier_factor=config.limits.outlier_factor)
         self.residual = np.zeros(count, np.float32)  # what the uplink codec has not delivered yet
         self.gateway: bytes | None = None  # the gateway whose round we took last
         self.last_round = 0

@@ -24,7 +24,7 @@ import trio
 from gossipfl.config import TrainingSection
 from gossipfl.errors import GossipflError
 from gossipfl.learning.data import LocalData
-from gossipfl.learning.merge import age_weighted_merge, clipped_merge
+from gossipfl.learning.merge import MAX_AGE, age_weighted_merge, clipped_merge
 from gossipfl.learning.model import Model
 from gossipfl.learning.robust import MergeGuard
 from gossipfl.learning.trainer import Metrics, Trainer
@@ -118,12 +118,11 @@ class Learner:
             if self.guard is None:
                 merged = age_weighted_merge(self.model.params, age, remote, remote_age)
             else:
-                clip = self.guard.settings
                 believed = self.guard.believed_age(peer, remote_age, age, trio.current_time())
                 radius = self.guard.radius(float(np.linalg.norm(self.model.params)))
-                merged = clipped_merge(self.model.params, age, remote, believed, max_share=clip.max_share,
+                merged = clipped_merge(self.model.params, age, remote, believed, max_share=self.guard.share(peer),
                                        radius=radius)
-                self.guard.record(merged, radius)
+                self.guard.record(peer, merged, radius)
                 if merged.clipped:
                     self.counters.add("merges_clipped")
             self._age = merged.age
@@ -138,7 +137,7 @@ class Learner:
                 self.counters.add("fedavg.kept_newer")
                 return False
             self.model.set_params(params)
-            self._age = age
+            self._age = min(age, MAX_AGE)  # a gateway's claim, believed no further than any peer's
         self.counters.add("fedavg.adopted")
         return True
 

@@ -121,3 +121,29 @@ def test_a_member_claiming_the_gateway_role_is_not_followed_and_a_granted_gatewa
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_granted_gateway_that_sends_a_sign_flipped_global_model_is_refused_like_a_gossip_model(make_apps):
+    """The role is granted by config, yet the gateway may be a stolen device: its global model is still checked."""
+    g, c = make_apps(2, gateways=1, mode="fedavg", fedavg={"deadline": 30.0})
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            net = MemoryNet(nursery)
+            net.add(g), net.add(c)
+            await trio.to_thread.run_sync(c.learner.data.refresh)
+            _know(g, c)
+            for number in (1, 2, 3):  # honest rounds: how far a global model usually is
+                await g.gateway.one_round(g.peers.live(), nursery)
+                while c.counters.values.get("fedavg.adopted", 0) < number:
+                    await trio.sleep(0.01)
+            held = c.learner.model.params.copy()
+            g.learner.model.params[:] = -10 * g.learner.model.params
+            report = await g.gateway.one_round(g.peers.live(), nursery)
+            assert report is None  # no update came back: the client refused the round
+            nursery.cancel_scope.cancel()
+        assert c.counters.values.get("refused.outlier", 0) == 1
+        assert c.counters.values["fedavg.adopted"] == 3
+        np.testing.assert_array_equal(c.learner.model.params, held)
+
+    trio.run(main)

@@ -21,8 +21,8 @@ def merge(guard: MergeGuard, local: np.ndarray, local_age: float, peer: bytes, r
           now: float):
     believed = guard.believed_age(peer, remote_age, local_age, now)
     radius = guard.radius(float(np.linalg.norm(local)))
-    merged = clipped_merge(local, local_age, remote, believed, max_share=guard.settings.max_share, radius=radius)
-    guard.record(merged, radius)
+    merged = clipped_merge(local, local_age, remote, believed, max_share=guard.share(peer), radius=radius)
+    guard.record(peer, merged, radius)
     return merged
 
 
