@@ -102,3 +102,25 @@ def test_what_the_guard_remembers_survives_a_restart():
     assert again.believed_age(bytes([1]) * 32, 1e300, 0.0, now=5000.0) == 200.0  # 100 + 10 s at 10 a second
     assert again.believed_age(bytes([1]) * 32, 1e300, 0.0, now=5010.0) == 300.0
     assert again.restore({"distances": ["x", -1, float("nan")], "ages": {"zz": 1, "00" * 32: "old"}}) == 6
+
+
+def test_a_peer_clipped_at_every_merge_loses_its_share_and_an_honest_one_that_comes_close_earns_it_back():
+    nodes = honest_cluster()
+    local = nodes[0].copy()
+    guard = MergeGuard(ClipSettings())
+    for step in range(20):  # honest merges set the radius
+        merge(guard, local, 1000.0, bytes([step % 7 + 1]) * 32, nodes[step % 7 + 1], 1000.0, float(step))
+    start = local.copy()
+    radius = guard.radius(float(np.linalg.norm(local)))
+    moves = [merge(guard, local, 1000.0, EVIL, -start, 1000.0, 30.0 + i).moved for i in range(8)]
+    assert all(later < earlier for earlier, later in zip(moves, moves[1:], strict=False))  # each pull weaker
+    assert guard.share(EVIL) < 0.01 * guard.settings.max_share
+    # Eight sign-flip merges in all moved the model less than two merges at a full share would have.
+    assert np.linalg.norm(local - start) < 2 * 0.5 * radius
+    for i in range(20):  # the same peer, now sending honest models
+        merge(guard, local, 1000.0, EVIL, nodes[1], 1000.0, 40.0 + i)
+    assert guard.share(EVIL) == guard.settings.max_share
+    state = guard.state(now=60.0)
+    again = MergeGuard(ClipSettings())
+    again.restore({**state, "trust": {EVIL.hex(): 0.25}})
+    assert again.share(EVIL) == 0.25 * again.settings.max_share  # trust survives a restart
