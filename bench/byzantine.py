@@ -31,7 +31,7 @@ from attacker import ATTACKS
 from cluster import node_state
 
 from gossipfl.cli.argtypes import bounded_float, bounded_int, positive_float
-from gossipfl.config import MERGES
+from gossipfl.config import MERGES, GossipSection
 from gossipfl.learning.datasets import dirichlet_shards, load_digits, train_test_split
 from gossipfl.testing.cluster import Cluster, ClusterPlan, HeldOut, free_port_base, prepare, train_centrally
 
@@ -61,7 +61,7 @@ def run_one(args: argparse.Namespace, attack: str, defence: str, root: Path, x_t
             per_node[i] = {"node": {"role": "gateway", "mode": "gossip"}}
     plan = ClusterPlan(nodes=honest + args.attackers, split="dirichlet", alpha=args.alpha, mode="auto",
                        base_port=free_port_base(honest + args.attackers), per_node=per_node,
-                       gossip={"period": args.period, "merge": defence},
+                       gossip={"period": args.period, "merge": defence, "clip_factor": args.clip_factor},
                        training={"duty_cycle": args.duty_cycle, "lr": args.lr},
                        extra={"data": {"validation_fraction": 0.0}})
     specs = prepare(root, plan, x_train, y_train)
@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--period", type=bounded_float(0.05, 60), default=0.5)
     parser.add_argument("--duty-cycle", type=bounded_float(0.01, 1), default=0.2)
     parser.add_argument("--lr", type=positive_float, default=0.05)
+    parser.add_argument("--clip-factor", type=bounded_float(1, 1000), default=GossipSection.clip_factor,
+                        help="gossip.clip_factor for the clipped rule")
     args = parser.parse_args()
     attacks = [a for a in args.attacks.split(",") if a]
     defences = [d for d in args.defences.split(",") if d]

@@ -1,12 +1,13 @@
 """Clusters of real gossipfld processes on loopback learning digits, side by side, against central training.
 
     .venv/bin/python bench/cluster.py [--nodes 8] [--seconds 60] [--split dirichlet|iid] [--alpha 0.5]
-        [--modes gossip,push,clipped,fedavg] [--schemes int8,float32,topk] [--period 0.5] [--csv F] [--png F]
+        [--modes gossip,push,age,fedavg] [--schemes int8,float32,topk] [--period 0.5] [--csv F] [--png F]
 
 Each configuration (a mode and a codec scheme) runs as its own cluster, one after the other, from the
-same initial model and the same shards: ``gossip`` is N daemons gossiping push-pull (the default);
-``push`` the same with push-only exchanges; ``clipped`` push-pull with the clipped merge rule
-(``gossip.merge = "clipped"``, gossipfl/learning/robust.py) instead of the age-weighted one;
+same initial model and the same shards: ``gossip`` is N daemons gossiping push-pull with the default
+(clipped) merge rule; ``push`` the same with push-only exchanges; ``age`` push-pull with the plain
+age-weighted merge and the outlier rule (``gossip.merge = "age"``) instead of the clipped one
+(gossipfl/learning/robust.py);
 ``fedavg`` is the same N daemons following one extra gateway daemon (which holds no data). While a
 cluster runs, the script fetches every node's current model over its control socket (``model.export``) and scores
 it on a held-out quarter of digits that no node trains on. The baseline, measured in the same run, is the same
@@ -105,7 +106,7 @@ def run_config(args: argparse.Namespace, mode: str, scheme: str, root: Path, x_t
                y_test) -> Run:
     fedavg = mode == "fedavg"
     gossip = {"period": args.period, "scheme": scheme, "push_pull": mode != "push", "topk_fraction": args.topk_fraction,
-              "merge": "clipped" if mode == "clipped" else "age"}
+              **({"merge": "age"} if mode == "age" else {})}
     plan = ClusterPlan(nodes=args.nodes + (1 if fedavg else 0), gateways=1 if fedavg else 0,
                        mode="fedavg" if fedavg else "gossip", split=args.split, alpha=args.alpha,
                        base_port=free_port_base(args.nodes + 1), gossip=gossip,
@@ -184,8 +185,8 @@ def main() -> None:
     parser.add_argument("--split", choices=("dirichlet", "iid"), default="dirichlet")
     parser.add_argument("--alpha", type=positive_float, default=0.5)
     parser.add_argument("--modes", default="gossip",
-                        help="comma-separated: gossip (push-pull), push (push-only gossip), clipped (push-pull, "
-                             "the clipped merge), fedavg")
+                        help="comma-separated: gossip (push-pull), push (push-only gossip), age (push-pull, "
+                             "the age-weighted merge), fedavg")
     parser.add_argument("--mode", dest="modes", help="alias: --mode fedavg runs gossip and fedavg side by side")
     parser.add_argument("--schemes", default="int8", help="comma-separated: float32, float16, int8, topk")
     parser.add_argument("--topk-fraction", type=bounded_float(1e-4, 1), default=0.01,
@@ -201,7 +202,7 @@ def main() -> None:
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     schemes = [s for s in args.schemes.split(",") if s]
-    for name, given, known in (("mode", modes, ("gossip", "push", "clipped", "fedavg")),
+    for name, given, known in (("mode", modes, ("gossip", "push", "age", "fedavg")),
                                ("scheme", schemes, SCHEMES)):
         if not given or set(given) - set(known):
             parser.error(f"--{name}s: choose from {', '.join(known)}, got {','.join(given) or 'nothing'}")

@@ -96,13 +96,14 @@ class GossipSection:
     max_peers: int = 16  # peers we keep delta references for (least recently used go first)
     failures_to_evict: int = 3
     max_backoff: float = 30.0
-    # How a peer's model is merged: "age" (the age-weighted average; the outlier rule of limits.outlier_factor
-    # refuses far models) or "clipped" (the peer's claimed age believed only as far as it could have trained,
-    # its share capped at max_share, the step cut to clip_factor times the median of recent merges; far models
-    # are merged a bounded step, never refused). gossipfl/learning/robust.py says why.
-    merge: str = "age"
+    # How a peer's model is merged: "clipped" (the default: the peer's claimed age believed only as far as it
+    # could have trained, its share capped at max_share times its trust, the step cut to clip_factor times the
+    # median of recent merges; far models are merged a bounded step, never refused) or "age" (the plain
+    # age-weighted average; the outlier rule of limits.outlier_factor refuses far models). bench/byzantine.py
+    # measured both under attack; gossipfl/learning/robust.py and docs/daemon.md say why.
+    merge: str = "clipped"
     max_share: float = 0.5
-    clip_factor: float = 3.0
+    clip_factor: float = 1.5
     max_age_rate: float = 100000.0  # samples a second a peer may have trained since first seen
 
 

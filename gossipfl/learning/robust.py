@@ -47,7 +47,7 @@ class _PeerRecord:
 @dataclass(frozen=True)
 class ClipSettings:
     max_share: float = 0.5  # the largest share one merge gives a peer's model
-    radius_factor: float = 3.0
+    radius_factor: float = 1.5
     max_age_rate: float = 1e5  # samples a second a peer may have trained since we first saw it
     min_history: int = 5  # merges before a radius is set
     floor: float = 0.05  # the radius is never below this share of our own model's norm

@@ -35,7 +35,8 @@ def _expected_average(a_params, a_age, b_params, b_age):
 
 
 def test_push_pull_leaves_both_ends_with_the_same_average(make_apps):
-    a, b = make_apps(2, gossip={"scheme": "float32"})  # lossless, so the averages can be compared exactly
+    # lossless, so the averages can be compared exactly; the plain age rule, whose shares the test computes
+    a, b = make_apps(2, gossip={"scheme": "float32", "merge": "age"})
 
     async def main():
         async with trio.open_nursery() as nursery:
