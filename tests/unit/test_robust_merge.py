@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from gossipfl.learning.merge import MAX_AGE, age_share, age_weighted_merge, clipped_merge
@@ -113,7 +115,7 @@ def test_a_peer_clipped_at_every_merge_loses_its_share_and_an_honest_one_that_co
     start = local.copy()
     radius = guard.radius(float(np.linalg.norm(local)))
     moves = [merge(guard, local, 1000.0, EVIL, -start, 1000.0, 30.0 + i).moved for i in range(8)]
-    assert all(later < earlier for earlier, later in zip(moves, moves[1:], strict=False))  # each pull weaker
+    assert all(later < earlier for earlier, later in itertools.pairwise(moves))  # each pull weaker
     assert guard.share(EVIL) < 0.01 * guard.settings.max_share
     # Eight sign-flip merges in all moved the model less than two merges at a full share would have.
     assert np.linalg.norm(local - start) < 2 * 0.5 * radius
