@@ -77,10 +77,9 @@ class App:
         t, g = config.training, config.gossip
         trainer = Trainer(model, TrainConfig(optimizer=OptimizerConfig(t.optimizer, lr=t.lr, momentum=t.momentum),
                                              batch_size=t.batch_size, seed=t.seed, threads=t.threads))
-        data = LocalData(config.data.directory, DataSpec(
-            features=model.features_per_sample, task=model.task,
-            classes=model.num_outputs if model.task == "classification" else None,
-            label_column=config.data.label_column), config.data.validation_fraction)
+        data = LocalData(config.data.directory, DataSpec.of(model, config.data.label_column or None,
+                                                            config.data.delimiter or None),
+                         config.data.validation_fraction)
         guard = None
         if g.merge == "clipped":
             guard = MergeGuard(ClipSettings(max_share=g.max_share, radius_factor=g.clip_factor,

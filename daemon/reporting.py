@@ -9,6 +9,7 @@ own counters).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -89,7 +90,8 @@ class Reporter:
             "node_id": format_node_id(self.node_id), "name": self.config.node.name, "role": self.config.node.role,
             "mode": self.config.node.mode, "fingerprint": m.fingerprint_hex, "age": learner.age,
             "model": {"params": m.num_params, "features": m.features_per_sample, "outputs": m.num_outputs,
-                      "task": m.task},
+                      "task": m.task, "schema": json.loads(m.schema.to_json()) if m.schema else None},
+            "data": learner.data.report(),
             "port": self.port, "uptime": time.time() - self.started_at, "paused": learner.paused,
             "training": learner.training_active, "train_samples": len(learner.data.train),
             "validation": v.as_dict() if v else None, "train_loss": learner.train_loss,

@@ -20,6 +20,7 @@ from typing import Any
 
 from gossipfl.errors import ConfigError
 from gossipfl.learning.aggregate import AggregatorConfig
+from gossipfl.learning.schema import DELIMITERS
 
 ROLES = ("node", "gateway")
 MODES = ("gossip", "fedavg", "auto")
@@ -66,7 +67,8 @@ class ModelSection:
 @dataclass(frozen=True)
 class DataSection:
     directory: Path = Path("data")
-    label_column: str = "label"
+    label_column: str = ""  # "": the model's schema says (gossipfl model init --data), else "label"
+    delimiter: str = ""  # "": detected from each file's header (comma, semicolon or tab)
     validation_fraction: float = 0.2
     rescan_seconds: float = 30.0
 
@@ -338,6 +340,8 @@ def _validate(c: NodeConfig) -> None:
         _check(len(node_id) == 64 and all(ch in "0123456789abcdef" for ch in node_id.lower()),
                f"tls.allowlist[{i}]", f"must be a 64-character hex node id, got {node_id!r}")
     _check(0 <= c.data.validation_fraction < 1, "data.validation_fraction", "must be in [0, 1)")
+    _check(c.data.delimiter in ("", *DELIMITERS), "data.delimiter",
+           f"must be one of {', '.join(map(repr, DELIMITERS))} or \"\" (detect), got {c.data.delimiter!r}")
     _within(c.data.rescan_seconds, "data.rescan_seconds", 0.1, 86400, " s")
     t = c.training
     _check(t.optimizer in ("sgd", "adam"), "training.optimizer", f"must be sgd or adam, got {t.optimizer!r}")

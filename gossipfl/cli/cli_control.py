@@ -24,6 +24,7 @@ from gossipfl.control import socket_path
 from gossipfl.errors import ControlError, DataError, ModelError
 from gossipfl.learning.data import DataSpec, read_file
 from gossipfl.learning.model import Model
+from gossipfl.learning.schema import Schema
 
 REQUEST_BUDGET = 512 * 1024  # bytes of rows per predict request, well under the daemon's default limit
 
@@ -164,9 +165,11 @@ def predict_via_daemon(args: argparse.Namespace) -> tuple[str, np.ndarray, np.nd
     """(task, outputs, labels) for the rows of ``args.input`` through the daemon's current model."""
     ctl = client(args)
     info = ctl.call("status")["model"]
+    schema = Schema.from_json(json.dumps(info["schema"])) if info.get("schema") else None
     spec = DataSpec(features=info["features"], task=info["task"],
                     classes=info["outputs"] if info["task"] == "classification" else None,
-                    outputs=info["outputs"], label_column=args.label_column)
+                    outputs=info["outputs"], label_column=args.label_column or (schema.label if schema else "label"),
+                    schema=schema)
     table = read_file(Path(args.input), spec, require_labels=False)
     if len(table) == 0:
         raise DataError(f"{args.input}: no samples")

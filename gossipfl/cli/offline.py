@@ -28,10 +28,8 @@ from gossipfl.learning.trainer import Metrics, TrainConfig, Trainer, predict
 from gossipfl.learning.zoo import ARCHITECTURES, ArchSpec, build
 
 
-def _data_spec(model: Model, label_column: str) -> DataSpec:
-    return DataSpec(features=model.features_per_sample, task=model.task,
-                    classes=model.num_outputs if model.task == "classification" else None,
-                    outputs=model.num_outputs, label_column=label_column)
+def _data_spec(model: Model, label_column: str | None) -> DataSpec:
+    return DataSpec.of(model, label_column)
 
 
 def _metrics_line(m: Metrics) -> str:
@@ -230,7 +228,7 @@ def register_train_eval(sub: Any, parser_class: type[argparse.ArgumentParser]) -
     train.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
     train.add_argument("--momentum", type=float, default=0.9)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--label-column", default="label")
+    train.add_argument("--label-column", help="default: the model's schema, else 'label'")
     train.add_argument("--out", required=True)
     train.add_argument("--json", action="store_true")
     train.set_defaults(handler=cmd_train)
@@ -238,7 +236,7 @@ def register_train_eval(sub: Any, parser_class: type[argparse.ArgumentParser]) -
     ev = sub.add_parser("eval", help="evaluate a model on a local data directory")
     ev.add_argument("--model", required=True)
     ev.add_argument("--data", required=True)
-    ev.add_argument("--label-column", default="label")
+    ev.add_argument("--label-column", help="default: the model's schema, else 'label'")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(handler=cmd_eval)
 
@@ -249,7 +247,7 @@ def register_predict(sub: Any, parser_class: type[argparse.ArgumentParser]) -> N
                         parents=[connection_options(parser_class)])
     pr.add_argument("--model", help="an ONNX model file; without it, ask the running daemon")
     pr.add_argument("--input", required=True)
-    pr.add_argument("--label-column", default="label")
+    pr.add_argument("--label-column", help="default: the model's schema, else 'label'")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(handler=cmd_predict)
 

@@ -12,6 +12,7 @@ with the error (``strict=True``). ``.npz`` files are read with ``allow_pickle=Fa
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import logging
 import math
@@ -20,15 +21,19 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
 from gossipfl.errors import DataError
+from gossipfl.learning.model import Model
+from gossipfl.learning.schema import DELIMITERS, Schema
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = (".csv", ".npz")
+SUFFIXES = (".csv", ".csv.gz", ".npz")
 MAX_FILE_BYTES = 256 * 1024 * 1024
+MAX_TEXT_CHARS = MAX_FILE_BYTES  # what a file may unpack to
 LINE_CHARS_PER_FIELD = 64  # a float written at full precision needs about 25
 MIN_LINE_CHARS = 64 * 1024
 
@@ -42,14 +47,26 @@ class DataSpec:
     classes: int | None = None  # label range for classifiers
     outputs: int = 1  # target columns for regression (only 1 is read from CSV)
     label_column: str = "label"
+    schema: Schema | None = None  # columns by name and class names; without it, every column but the label
+    delimiter: str | None = None  # None: detected from the header (comma, semicolon or tab)
+
+    @classmethod
+    def of(cls, model: Model, label_column: str | None = None, delimiter: str | None = None) -> DataSpec:
+        """What ``model`` reads: its schema's columns when it carries one, else ``features`` columns."""
+        schema = model.schema
+        label = label_column or (schema.label if schema is not None else "label")
+        return cls(features=model.features_per_sample, task=model.task,
+                   classes=model.num_outputs if model.task == "classification" else None,
+                   outputs=model.num_outputs, label_column=label, schema=schema, delimiter=delimiter)
 
 
 @dataclass
 class Table:
-    """Features and labels of some rows, plus where each file's rows came from."""
+    """Features and labels of some rows, and the rows that were skipped, by reason."""
 
     x: np.ndarray
     y: np.ndarray
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -60,6 +77,7 @@ class _Loaded:
     stamp: tuple[int, int]
     train: Table
     validation: Table
+    skipped: dict[str, int]
 
 
 def _label_problem(value: float, spec: DataSpec) -> str | None:
@@ -81,60 +99,138 @@ def _check_labels(y: np.ndarray, spec: DataSpec, where: str) -> np.ndarray:
     return y.astype(np.int64 if spec.task == "classification" else np.float32)
 
 
+def sniff_delimiter(header: str) -> str:
+    """The delimiter of a header line: whichever of comma, semicolon and tab it holds most of (comma on a tie).
+    A semicolon-separated file once read as one column and reported a missing label column."""
+    counts = {d: header.count(d) for d in DELIMITERS}
+    return max(DELIMITERS, key=lambda d: (counts[d], d == ","))
+
+
+def _columns(path: Path, header: list[str], spec: DataSpec, require_labels: bool) -> tuple[list[int], int | None]:
+    """Indices of the feature columns, in the model's order, and of the label column (None: absent)."""
+    label_index = header.index(spec.label_column) if spec.label_column in header else None
+    if label_index is None and require_labels:
+        raise DataError(f"{path}:1: no label column {spec.label_column!r} in the header "
+                        f"(columns: {', '.join(header[:20])})")
+    if spec.schema is not None:
+        missing = [name for name in spec.schema.features if name not in header]
+        if missing:
+            raise DataError(f"{path}:1: no column {missing[0]!r}, a feature of the model's schema"
+                            + (f" ({len(missing)} missing)" if len(missing) > 1 else ""))
+        return [header.index(name) for name in spec.schema.features], label_index
+    feature_cols = [i for i in range(len(header)) if i != label_index]
+    if len(feature_cols) != spec.features:
+        raise DataError(f"{path}:1: {len(feature_cols)} feature columns, the model expects {spec.features}")
+    return feature_cols, label_index
+
+
+class _Rows:
+    """Parses rows against a spec, skipping and counting the bad ones: one empty cell or NaN once dropped a
+    whole file (744 -> 493 samples)."""
+
+    def __init__(self, spec: DataSpec, feature_cols: list[int], label_index: int | None, width: int) -> None:
+        self.spec, self.feature_cols, self.label_index, self.width = spec, feature_cols, label_index, width
+        self.classes = spec.schema.class_index() if spec.schema is not None and spec.schema.classes else None
+        self.x: list[list[float]] = []
+        self.y: list[float] = []
+        self.skipped: dict[str, int] = {}
+        self.first_problem: str | None = None
+
+    def skip(self, reason: str, line: int, detail: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if self.first_problem is None:
+            self.first_problem = f"line {line}: {detail}"
+
+    def add(self, row: list[str], line: int) -> None:
+        if len(row) != self.width:
+            return self.skip("fields", line, f"{len(row)} fields, the header has {self.width}")
+        values: list[float] = []
+        for i in self.feature_cols:
+            cell = row[i].strip()
+            if not cell:
+                return self.skip("empty", line, f"column {i + 1} is empty")
+            try:
+                value = float(cell)
+            except ValueError:
+                return self.skip("not_a_number", line, f"{cell[:40]!r} is not a number")
+            if not math.isfinite(value):
+                return self.skip("not_finite", line, f"{cell!r} is not finite")
+            values.append(value)
+        if self.label_index is not None:
+            label = self._label(row[self.label_index].strip())
+            if isinstance(label, str):
+                return self.skip("label", line, label)
+            self.y.append(label)
+        self.x.append(values)
+        return None
+
+    def _label(self, cell: str) -> float | str:
+        """The label's class index (or target), or why it is not usable."""
+        if self.classes is not None:
+            index = self.classes.get(cell)
+            return float(index) if index is not None else f"label {cell[:40]!r} is not one of the model's classes"
+        try:
+            value = float(cell)
+        except ValueError:
+            return f"label {cell[:40]!r} is not a number (a model made with --data names its classes)"
+        return _label_problem(value, self.spec) or value
+
+
+def _open_text(path: Path) -> TextIO:
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", newline="", encoding="utf-8", errors="strict")
+    return path.open(newline="", encoding="utf-8", errors="strict")
+
+
 def read_csv(path: Path, spec: DataSpec, require_labels: bool = True) -> Table:
-    """Parse one CSV file: a header row, a label column, every other column a float feature."""
-    with path.open(newline="", encoding="utf-8", errors="strict") as handle:
-        limit = max(MIN_LINE_CHARS, LINE_CHARS_PER_FIELD * (spec.features + 1))
-        reader = csv.reader(_bounded_lines(handle, path, limit))
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise DataError(f"{path}: empty file (a header row is required)") from None
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise DataError(f"{path}:1: {exc}") from exc
-        header = [h.strip() for h in header]
-        label_index = header.index(spec.label_column) if spec.label_column in header else None
-        if label_index is None and require_labels:
-            raise DataError(f"{path}:1: no label column {spec.label_column!r} in the header")
-        feature_cols = [i for i in range(len(header)) if i != label_index]
-        if len(feature_cols) != spec.features:
-            raise DataError(f"{path}:1: {len(feature_cols)} feature columns, the model expects {spec.features}")
-        rows: list[list[float]] = []
-        labels: list[float] = []
-        line = 1
-        try:
-            for line, row in enumerate(reader, start=2):
-                if not row or all(not c.strip() for c in row):
-                    continue
-                if len(row) != len(header):
-                    raise DataError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
-                try:
-                    values = [float(c) for c in row]
-                except ValueError:
-                    bad = next(c for c in row if not _is_float(c))
-                    raise DataError(f"{path}:{line}: {bad!r} is not a number") from None
-                for i in feature_cols:
-                    if not math.isfinite(values[i]):
-                        raise DataError(f"{path}:{line}: feature {header[i]!r} is {row[i].strip()}, not finite")
-                rows.append([values[i] for i in feature_cols])
-                if label_index is not None:
-                    problem = _label_problem(values[label_index], spec)
-                    if problem:
-                        raise DataError(f"{path}:{line}: {problem}")
-                    labels.append(values[label_index])
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise DataError(f"{path}:{line + 1}: {exc}") from exc
-    x = np.asarray(rows, dtype=np.float32).reshape(len(rows), spec.features)
-    return Table(x, np.asarray(labels, dtype=np.int64 if spec.task == "classification" else np.float32))
+    """Parse one CSV file (or ``.csv.gz``): a header row, then rows read by column name against the model's
+    schema (or every column but the label, in order, without one). Bad rows are skipped and counted in the
+    table's ``skipped``; a last line without its newline is a row still being written and is left for the
+    next read."""
+    limit = max(MIN_LINE_CHARS, LINE_CHARS_PER_FIELD * (spec.features + 1))
+    try:
+        with _open_text(path) as handle:
+            tail: list[str] = []
+            lines = _bounded_lines(handle, path, limit, tail)
+            header_line = next(lines, None)
+            if header_line is None:
+                raise DataError(f"{path}: empty file (a header row is required)")
+            delimiter = spec.delimiter or sniff_delimiter(header_line)
+            header = [h.strip() for h in next(csv.reader([header_line], delimiter=delimiter))]
+            feature_cols, label_index = _columns(path, header, spec, require_labels)
+            rows = _Rows(spec, feature_cols, label_index, len(header))
+            line = 1
+            for line, row in enumerate(csv.reader(lines, delimiter=delimiter), start=2):
+                if row and any(c.strip() for c in row):
+                    rows.add(row, line)
+    except (csv.Error, UnicodeDecodeError, gzip.BadGzipFile, EOFError, OSError) as exc:
+        raise DataError(f"{path}: {exc}") from exc
+    if tail:
+        rows.skipped["unterminated"] = 1
+    if rows.skipped:
+        log.info("%s: skipped rows %s; the first at %s", path, rows.skipped,
+                 rows.first_problem or "the last line, still being written (read again once it ends)")
+    x = np.asarray(rows.x, dtype=np.float32).reshape(len(rows.x), spec.features)
+    return Table(x, np.asarray(rows.y, dtype=np.int64 if spec.task == "classification" else np.float32),
+                 rows.skipped)
 
 
-def _bounded_lines(handle: Iterable[str], path: Path, limit: int) -> Iterator[str]:
-    """The file's lines, each refused past ``limit`` characters before csv splits it: one 8 MB line of short
-    fields cost 319 MB as a list of strings."""
+def _bounded_lines(handle: Iterable[str], path: Path, limit: int, tail: list[str]) -> Iterator[str]:
+    """The file's complete lines, each refused past ``limit`` characters before csv splits it (one 8 MB line
+    of short fields cost 319 MB as a list of strings), and all of them past ``MAX_TEXT_CHARS`` (a small
+    ``.csv.gz`` can unpack to gigabytes). A last line with no newline is not yielded but put in ``tail``: a
+    writer is still on it."""
+    total = 0
     for number, line in enumerate(handle, start=1):
         if len(line) > limit:
             raise DataError(f"{path}:{number}: a line of {len(line)} characters, over the {limit} that "
                             f"{limit // LINE_CHARS_PER_FIELD} fields can need")
+        total += len(line)
+        if total > MAX_TEXT_CHARS:
+            raise DataError(f"{path}: more than {MAX_TEXT_CHARS} characters of text, over the limit")
+        if not line.endswith(("\n", "\r")):
+            tail.append(line)
+            return
         yield line
 
 
@@ -202,7 +298,7 @@ def read_file(path: Path, spec: DataSpec, require_labels: bool = True) -> Table:
         raise DataError(f"{path}: cannot read: {exc.strerror}") from exc
     if size > MAX_FILE_BYTES:
         raise DataError(f"{path}: {size} bytes is over the limit of {MAX_FILE_BYTES}")
-    if path.suffix == ".csv":
+    if path.name.endswith((".csv", ".csv.gz")):
         return read_csv(path, spec, require_labels)
     if path.suffix == ".npz":
         return read_npz(path, spec, require_labels)
@@ -243,7 +339,7 @@ class LocalData:
     def refresh(self) -> list[Path]:
         """Read new and changed files, forget deleted ones; returns the files (re)loaded."""
         try:
-            entries = sorted(p for p in self.directory.iterdir() if p.suffix in SUFFIXES and p.is_file())
+            entries = sorted(p for p in self.directory.iterdir() if p.name.endswith(SUFFIXES) and p.is_file())
         except OSError as exc:
             raise DataError(f"data directory {self.directory}: {exc.strerror}") from exc
         loaded: list[Path] = []
@@ -272,7 +368,7 @@ class LocalData:
             self._skipped_stamps.pop(path, None)
             held = _held_out(path.name, len(table), self.validation_fraction)
             self._files[path] = _Loaded(stamp, Table(table.x[~held], table.y[~held]),
-                                        Table(table.x[held], table.y[held]))
+                                        Table(table.x[held], table.y[held]), table.skipped)
             loaded.append(path)
             changed = True
         if changed:
@@ -282,6 +378,23 @@ class LocalData:
         if not entries and self.strict:
             raise DataError(f"no {' or '.join(SUFFIXES)} files in data directory {self.directory}")
         return loaded
+
+    @property
+    def skipped_rows(self) -> dict[str, int]:
+        """Rows of the files in use that were skipped, by reason (``fields``, ``empty``, ``not_a_number``,
+        ``not_finite``, ``label``, ``unterminated``)."""
+        total: dict[str, int] = {}
+        for loaded in self._files.values():
+            for reason, count in loaded.skipped.items():
+                total[reason] = total.get(reason, 0) + count
+        return total
+
+    def report(self) -> dict[str, object]:
+        """For ``status``: the files in use, the rows used, the rows and the files skipped and why."""
+        return {"directory": str(self.directory), "files": len(self._files),
+                "rows": len(self.train) + len(self.validation), "train_rows": len(self.train),
+                "validation_rows": len(self.validation), "skipped_rows": self.skipped_rows,
+                "skipped_files": {p.name: why for p, why in sorted(self.skipped.items())}}
 
     @property
     def all(self) -> Table:

@@ -26,6 +26,7 @@ from onnx import TensorProto, numpy_helper
 
 from gossipfl.atomic import write_bytes_atomic
 from gossipfl.errors import ModelError
+from gossipfl.learning.schema import SCHEMA_KEY, Schema
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,35 @@ def _check_self_contained(graph: onnx.GraphProto) -> None:
                 raise ModelError(f"{where}: attribute {attr.name!r} uses external data; embed it in the model file")
 
 
+#: Elementwise operators that, applied to the data input and a constant, are feature scaling.
+SCALING_OPS = frozenset({"Sub", "Div", "Mul", "Add"})
+
+
+def _scaling_constants(graph: onnx.GraphProto) -> frozenset[str]:
+    """Initializers that scale the data input before the first layer: ``Sub``/``Div``/``Mul``/``Add`` nodes
+    on the input (or on such a node's output) with an initializer as the other operand. They are frozen,
+    constants of the model's structure rather than weights: trained, the scaler's mean and scale drifted like
+    weights, and averaged between nodes they would be meaningless. Being constants, they are part of the
+    fingerprint, so nodes that scale differently never exchange parameters."""
+    initializers = {i.name for i in graph.initializer}
+    chain = {i.name for i in graph.input if i.name not in initializers}
+    frozen: set[str] = set()
+    for node in graph.node:  # nodes are topologically sorted (the checker insists)
+        if node.op_type not in SCALING_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        a, b = node.input
+        if a in chain and b in initializers:
+            frozen.add(b)
+        elif b in chain and a in initializers and node.op_type != "Div":
+            frozen.add(a)
+        else:
+            continue
+        chain.add(node.output[0])
+    # A constant also used elsewhere (as a weight of a layer) is not only a scaler: leave it trainable.
+    elsewhere = {name for node in graph.node if node.op_type not in SCALING_OPS for name in node.input}
+    return frozenset(frozen - elsewhere)
+
+
 def _check_opset(proto: onnx.ModelProto) -> int:
     versions = {op.domain: op.version for op in proto.opset_import}
     opset = versions.get("", versions.get("ai.onnx"))
@@ -137,8 +167,11 @@ class Model:
 
         trainable: list[onnx.TensorProto] = []
         constants: list[onnx.TensorProto] = []
+        frozen = _scaling_constants(graph)
         for init in graph.initializer:
-            if init.data_type == TensorProto.FLOAT:
+            if init.name in frozen:
+                constants.append(init)
+            elif init.data_type == TensorProto.FLOAT:
                 trainable.append(init)
             elif init.data_type in (TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16):
                 raise ModelError(
@@ -189,6 +222,7 @@ class Model:
         #: The file's metadata_props (the task, and a checkpoint's state), as found at load.
         self.metadata: dict[str, str] = {p.key: p.value for p in proto.metadata_props}
         self.task = self._resolve_task(proto, task)
+        self.schema = self._read_schema()
         self.lifted = self._lift(proto, trainable)
         self.fingerprint: bytes = self._fingerprint()
 
@@ -287,6 +321,18 @@ class Model:
             raise ModelError(f"unknown task {chosen!r}; expected one of {', '.join(TASKS)}")
         return chosen
 
+    def _read_schema(self) -> Schema | None:
+        text = self.metadata.get(SCHEMA_KEY)
+        if text is None:
+            return None
+        schema = Schema.from_json(text)
+        if len(schema.features) != self.features_per_sample:
+            raise ModelError(f"schema names {len(schema.features)} features, the model's input takes "
+                             f"{self.features_per_sample}")
+        if self.task == "classification" and schema.classes is not None and len(schema.classes) != self.num_outputs:
+            raise ModelError(f"schema names {len(schema.classes)} classes, the model has {self.num_outputs} outputs")
+        return schema
+
     def _lift(self, proto: onnx.ModelProto, trainable: list[onnx.TensorProto]) -> onnx.ModelProto:
         lifted = onnx.ModelProto()
         lifted.CopyFrom(proto)
@@ -303,6 +349,9 @@ class Model:
         del lifted.metadata_props[:]
         entry = lifted.metadata_props.add()
         entry.key, entry.value = TASK_KEY, self.task
+        if self.schema is not None:
+            entry = lifted.metadata_props.add()
+            entry.key, entry.value = SCHEMA_KEY, self.schema.to_json()
         # The lowest IR version that carries these opsets, so older onnxruntime builds load the model.
         lifted.ir_version = max(IR_VERSION, onnx.helper.find_min_ir_version_for(list(lifted.opset_import)))
         return lifted
@@ -318,6 +367,8 @@ class Model:
         graph = self.lifted.graph
         put("opsets", sorted((o.domain, o.version) for o in self.lifted.opset_import))
         put("task", self.task)
+        if self.schema is not None:  # models that read their columns differently must not average
+            put("schema", self.schema.to_json())
         for vi in (*graph.input, *graph.output):
             put("io", vi.name, vi.type.tensor_type.elem_type, tensor_shape(vi))
         for node in graph.node:

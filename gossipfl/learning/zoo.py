@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gossipfl.errors import ModelError
 from gossipfl.learning.model import IR_VERSION, TASK_KEY, TASKS, Model
+from gossipfl.learning.schema import SCHEMA_KEY, Schema
 
 OPSET = 17
 ARCHITECTURES = ("logreg", "mlp", "cnn1d")
@@ -35,6 +36,10 @@ class ArchSpec:
     input_shape: tuple[int, int] | None = None  # (channels, length) for cnn1d
     task: str = "classification"
     seed: int = 0
+    schema: Schema | None = None  # the data's columns and class names, carried in the model's metadata
+    # Per-feature (mean, scale) fitted on the data: the model standardises its input itself, with constants
+    # that are frozen, never trained or averaged (gossipfl.learning.model._scaling_constants).
+    scaling: tuple[np.ndarray, np.ndarray] | None = None
 
     def validate(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -55,6 +60,12 @@ class ArchSpec:
                 )
             if length < 2:
                 raise ModelError("cnn1d needs an input length of at least 2")
+        if self.scaling is not None:
+            mean, scale = self.scaling
+            if mean.shape != (self.inputs,) or scale.shape != (self.inputs,):
+                raise ModelError(f"scaling needs {self.inputs} means and scales")
+            if not (np.isfinite(mean).all() and np.isfinite(scale).all() and (scale > 0).all()):
+                raise ModelError("scaling: means must be finite and scales finite and positive")
 
 
 class _GraphWriter:
@@ -81,6 +92,16 @@ class _GraphWriter:
         return self.node("Gemm", [x, w, b], f"{prefix}.out", transB=1)
 
 
+def _standardise(w: _GraphWriter, spec: ArchSpec, dims: tuple[int, ...]) -> str:
+    """(x - mean) / scale, as the graph's first two nodes, with the constants shaped like one sample."""
+    if spec.scaling is None:
+        return INPUT_NAME
+    mean, scale = (v.astype(np.float32).reshape(dims) for v in spec.scaling)
+    w.inits += [numpy_helper.from_array(mean, "scaler.mean"), numpy_helper.from_array(scale, "scaler.scale")]
+    centred = w.node("Sub", [INPUT_NAME, "scaler.mean"], "scaler.centred")
+    return w.node("Div", [centred, "scaler.scale"], "scaler.out")
+
+
 def build(spec: ArchSpec) -> Model:
     spec.validate()
     w = _GraphWriter(np.random.default_rng(spec.seed))
@@ -88,7 +109,7 @@ def build(spec: ArchSpec) -> Model:
     if spec.arch == "cnn1d":
         channels, length = spec.input_shape or (1, spec.inputs)
         input_dims: list[int | str] = ["batch", channels, length]
-        x = INPUT_NAME
+        x = _standardise(w, spec, (channels, length))
         sizes = list(spec.hidden) if spec.hidden else [8, 16]
         in_ch = channels
         for i, out_ch in enumerate(sizes):
@@ -106,7 +127,7 @@ def build(spec: ArchSpec) -> Model:
         x = w.linear("head", x, in_ch * length, outputs)
     else:
         input_dims = ["batch", spec.inputs]
-        x = INPUT_NAME
+        x = _standardise(w, spec, (spec.inputs,))
         width = spec.inputs
         hidden = list(spec.hidden) if spec.arch == "mlp" else []
         for i, size in enumerate(hidden):
@@ -125,5 +146,6 @@ def build(spec: ArchSpec) -> Model:
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="gossipfl")
     proto.ir_version = IR_VERSION
-    helper.set_model_props(proto, {TASK_KEY: spec.task})
+    helper.set_model_props(proto, {TASK_KEY: spec.task,
+                                   **({SCHEMA_KEY: spec.schema.to_json()} if spec.schema is not None else {})})
     return Model(proto)
