@@ -80,6 +80,21 @@ class Reporter:
         state = "paused" if self.learner.paused else "learning"
         return f"{state}; {len(self.peers.live())} peers; age {self.learner.age:.0f}; {quality}"
 
+    def problems(self) -> list[str]:
+        """What an operator should look at, in words: a node with no usable rows learns only what the fleet
+        teaches it, and a file or rows it cannot read are data lost."""
+        data = self.learner.data
+        found = []
+        if self.config.training.enabled and self.config.node.role != "gateway" and len(data.train) == 0:
+            found.append(f"no usable data in {data.directory}")
+        if data.skipped:
+            found.append(f"{len(data.skipped)} data files skipped ({next(iter(data.skipped.values()))})")
+        skipped = data.skipped_rows
+        bad = sum(n for reason, n in skipped.items() if reason != "unterminated")
+        if bad:
+            found.append(f"{bad} data rows skipped (" + ", ".join(f"{r} {n}" for r, n in sorted(skipped.items())) + ")")
+        return found
+
     def status(self) -> dict[str, Any]:
         learner, m = self.learner, self.learner.model
         v = learner.validation
@@ -94,7 +109,8 @@ class Reporter:
             "data": learner.data.report(),
             "port": self.port, "uptime": time.time() - self.started_at, "paused": learner.paused,
             "training": learner.training_active, "train_samples": len(learner.data.train),
-            "validation": v.as_dict() if v else None, "train_loss": learner.train_loss,
+            "validation": v.as_dict(m.schema.classes if m.schema else None) if v else None,
+            "train_loss": learner.train_loss, "problems": self.problems(),
             "peers": len(self.peers.live()), "blocked": sorted(format_node_id(b) for b in self.peers.blocked),
             "max_loop_lag": self.max_lag, "param_norm": float(np.linalg.norm(m.params)),
             "counters": counters,

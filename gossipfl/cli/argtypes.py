@@ -58,3 +58,11 @@ def bounded_float(low: float, high: float) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"expected {low:g} to {high:g}, got {text}")
         return value
     return parse
+
+
+def name_list(text: str) -> list[str]:
+    """Comma-separated column names: ``timestamp,site``."""
+    names = [part.strip() for part in text.split(",")]
+    if not text.strip() or any(not n for n in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names

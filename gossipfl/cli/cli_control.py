@@ -77,6 +77,18 @@ def _problems(counters: dict[str, Any]) -> str:
     return "; ".join(parts) or "none"
 
 
+def _data_text(d: dict[str, Any]) -> str:
+    if not d:
+        return "unknown"
+    skipped = d.get("skipped_rows") or {}
+    rows = f"{d.get('rows', 0)} rows from {d.get('files', 0)} files"
+    if skipped:
+        rows += "; rows skipped: " + ", ".join(f"{r} {n}" for r, n in sorted(skipped.items()))
+    if d.get("skipped_files"):
+        rows += f"; files skipped: {len(d['skipped_files'])}"
+    return rows
+
+
 def _status_text(s: dict[str, Any]) -> str:
     v = s.get("validation") or {}
     if v.get("accuracy") is not None:
@@ -87,6 +99,7 @@ def _status_text(s: dict[str, Any]) -> str:
         quality = "not evaluated yet"
     training = "paused" if s["paused"] else "running" if s["training"] else "idle (no data or disabled)"
     c = s.get("counters", {})
+    counted = [] if _problems(c) == "none" else [_problems(c)]
     return "\n".join([
         f"node        {s['node_id']}  ({s['name']})",
         f"role        {s['role']}, mode {s['mode']}",
@@ -97,7 +110,8 @@ def _status_text(s: dict[str, Any]) -> str:
         f"peers       {s['peers']} live, {len(s['blocked'])} blocked",
         f"exchanges   {c.get('exchanges_out', 0):.0f} out, {c.get('exchanges_in', 0):.0f} in; "
         f"{human_size(c.get('bytes_out', 0))} sent, {human_size(c.get('bytes_in', 0))} received",
-        f"problems    {_problems(c)}",
+        f"data        {_data_text(s.get('data') or {})}",
+        f"problems    {'; '.join([*s.get('problems', []), *counted]) or 'none'}",
         f"uptime      {_duration(s['uptime'])}",
     ])
 
@@ -161,8 +175,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                                            f"{s['bytes']} bytes")
 
 
-def predict_via_daemon(args: argparse.Namespace) -> tuple[str, np.ndarray, np.ndarray | None]:
-    """(task, outputs, labels) for the rows of ``args.input`` through the daemon's current model."""
+def predict_via_daemon(args: argparse.Namespace
+                       ) -> tuple[str, np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
+    """(task, outputs, labels, class names) for the rows of ``args.input`` through the daemon's current model."""
     ctl = client(args)
     info = ctl.call("status")["model"]
     schema = Schema.from_json(json.dumps(info["schema"])) if info.get("schema") else None
@@ -182,7 +197,8 @@ def predict_via_daemon(args: argparse.Namespace) -> tuple[str, np.ndarray, np.nd
         outputs.append(np.asarray(reply["outputs"], dtype=np.float32))
         labels.extend(reply.get("labels", []))
     out = np.concatenate(outputs)
-    return info["task"], out, np.asarray(labels) if info["task"] == "classification" else None
+    return (info["task"], out, np.asarray(labels) if info["task"] == "classification" else None,
+            schema.classes if schema is not None else None)
 
 
 def connection_options(parser_class: type[argparse.ArgumentParser]) -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from gossipfl.cli.argtypes import int_list, positive_float, positive_int
+from gossipfl.cli.argtypes import int_list, name_list, positive_float, positive_int
 from gossipfl.cli.certs import describe_certificate, init_ca, issue_node_cert
 from gossipfl.cli.cli_control import connection_options, predict_via_daemon
 from gossipfl.cli.service import CONFIG_PATH, UNIT_NAME, ServiceReport, install, uninstall
@@ -21,9 +21,10 @@ from gossipfl.config import check_named_files, load_config
 from gossipfl.errors import DataError, GossipflError
 from gossipfl.identity.ids import format_node_id
 from gossipfl.identity.node import CA_DAYS, CA_KEY, NODE_DAYS, node_id_from_cert_file
-from gossipfl.learning.data import DataSpec, load_directory, read_file
+from gossipfl.learning.data import DataSpec, LocalData, load_directory, read_file, survey_directory
 from gossipfl.learning.model import Model
 from gossipfl.learning.optim import OPTIMIZERS, OptimizerConfig
+from gossipfl.learning.quality import class_probabilities
 from gossipfl.learning.trainer import Metrics, TrainConfig, Trainer, predict
 from gossipfl.learning.zoo import ARCHITECTURES, ArchSpec, build
 
@@ -32,9 +33,24 @@ def _data_spec(model: Model, label_column: str | None) -> DataSpec:
     return DataSpec.of(model, label_column)
 
 
+def _classes(model: Model) -> tuple[str, ...] | None:
+    return model.schema.classes if model.schema is not None else None
+
+
 def _metrics_line(m: Metrics) -> str:
-    quality = f"accuracy {m.accuracy:.4f}" if m.accuracy is not None else f"rmse {m.rmse:.4f}"
-    return f"{quality}  loss {m.loss:.4f}  samples {m.count}"
+    if m.accuracy is None:
+        return f"rmse {m.rmse:.4f}  loss {m.loss:.4f}  samples {m.count}"
+    balanced = m.balanced_accuracy
+    return (f"accuracy {m.accuracy:.4f}  balanced accuracy {balanced if balanced is not None else float('nan'):.4f}  "
+            f"loss {m.loss:.4f}  samples {m.count}")
+
+
+def _note_skipped(data: LocalData) -> None:
+    """Rows the files held that were not used, on stderr, so a quiet loss of data is never quiet."""
+    skipped = data.skipped_rows
+    if skipped:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))
+        print(f"note: skipped {sum(skipped.values())} rows ({reasons})", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- commands
@@ -45,15 +61,37 @@ def cmd_model_init(args: argparse.Namespace) -> int:
     shape = tuple(args.input_shape) if args.input_shape else None
     if shape is not None and len(shape) != 2:
         raise DataError("--input-shape takes two numbers: channels,length")
-    classes = args.classes if args.classes is not None else (1 if args.task == "regression" else None)
-    if classes is None:
-        raise DataError("--classes is required for a classifier")
-    spec = ArchSpec(arch=args.arch, inputs=args.inputs, classes=classes, hidden=hidden,
-                    input_shape=shape, task=args.task, seed=args.seed)  # type: ignore[arg-type]
+    survey = None
+    if args.data is not None:  # the columns, classes and scaling come from the data
+        if args.inputs is not None or args.classes is not None:
+            raise DataError("--data reads the inputs and classes from the data: drop --inputs and --classes")
+        if args.features and args.exclude:
+            raise DataError("give --features or --exclude, not both")
+        survey = survey_directory(args.data, args.label_column or "label", args.task, args.features,
+                                  args.exclude or (), args.delimiter)
+        inputs = len(survey.schema.features)
+        classes = len(survey.schema.classes) if survey.schema.classes else 1
+    else:
+        if args.inputs is None:
+            raise DataError("--inputs is required without --data")
+        inputs = args.inputs
+        classes = args.classes if args.classes is not None else (1 if args.task == "regression" else None)
+        if classes is None:
+            raise DataError("--classes is required for a classifier (or give --data)")
+    spec = ArchSpec(arch=args.arch, inputs=inputs, classes=classes, hidden=hidden, input_shape=shape,
+                    task=args.task, seed=args.seed,  # type: ignore[arg-type]
+                    schema=survey.schema if survey else None,
+                    scaling=(survey.mean, survey.scale) if survey and not args.no_scaling else None)
     model = build(spec)
     Trainer(model)  # proves the new model trains before it is written
     model.save(args.out)
     print(f"wrote {args.out}: {model.describe()}")
+    if survey is not None:
+        names = survey.schema.classes
+        print(f"  features ({inputs}): {', '.join(survey.schema.features)}")
+        print(f"  label {survey.schema.label!r}" + (f", classes ({len(names)}): {', '.join(names)}" if names else ""))
+        print(f"  {'no scaling' if args.no_scaling else 'standardised with the mean and spread of'} "
+              f"{survey.rows} rows" + (f"; skipped rows: {survey.skipped}" if survey.skipped else ""))
     return 0
 
 
@@ -77,6 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     opt = OptimizerConfig(name=args.optimizer, lr=args.lr, momentum=args.momentum)
     trainer = Trainer(model, TrainConfig(optimizer=opt, batch_size=args.batch, seed=args.seed))
     data = load_directory(args.data, _data_spec(model, args.label_column))
+    _note_skipped(data)
     table = data.all
     losses = []
     for epoch in range(1, args.epochs + 1):
@@ -89,7 +128,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     model.save(args.out)
     metrics = trainer.evaluate(table.x, table.y)
     if args.json:
-        print(json.dumps({"epochs": args.epochs, "losses": losses, "train": metrics.as_dict(), "out": args.out}))
+        print(json.dumps({"epochs": args.epochs, "losses": losses, "train": metrics.as_dict(_classes(model)),
+                          "skipped_rows": data.skipped_rows, "out": args.out}))
     else:
         print(f"train {_metrics_line(metrics)}; wrote {args.out}")
     return 0
@@ -101,27 +141,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = load_directory(args.data, _data_spec(model, args.label_column))
     table = data.all
     metrics = trainer.evaluate(table.x, table.y)
-    print(json.dumps(metrics.as_dict()) if args.json else _metrics_line(metrics))
+    _note_skipped(data)
+    if args.json:
+        print(json.dumps({**metrics.as_dict(_classes(model)), "skipped_rows": data.skipped_rows}))
+    else:
+        print(_metrics_line(metrics))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Offline with --model; otherwise through the running daemon's current model."""
     if args.model is None:
-        task, out, _ = predict_via_daemon(args)
+        task, out, _, classes = predict_via_daemon(args)
     else:
         model = Model.load(args.model)
+        classes = _classes(model)
         table = read_file(Path(args.input), _data_spec(model, args.label_column), require_labels=False)
         if len(table) == 0:
             raise DataError(f"{args.input}: no samples")
         task, out = model.task, predict(model, table.x)
     if task == "classification":
         labels = np.argmax(out, axis=1)
+        names = classes or [str(i) for i in range(out.shape[1])]
         if args.json:
-            rows = zip(labels, out, strict=True)
-            print(json.dumps([{"label": int(lbl), "scores": row.tolist()} for lbl, row in rows]))
+            probabilities = class_probabilities(out)
+            print(json.dumps([
+                {"class": names[lbl], "label": int(lbl), "scores": row.tolist(),
+                 "probabilities": dict(zip(names, p.round(6).tolist(), strict=True))}
+                for lbl, row, p in zip(labels, out, probabilities, strict=True)]))
         else:
-            print("\n".join(str(int(lbl)) for lbl in labels))
+            print("\n".join(names[lbl] for lbl in labels))
     elif args.json:
         print(json.dumps([{"value": row.tolist()} for row in out]))
     else:
@@ -202,7 +251,14 @@ def register_model(sub: Any, parser_class: type[argparse.ArgumentParser]) -> Any
     model_sub = model.add_subparsers(dest="model_command", required=True, parser_class=parser_class)
     init = model_sub.add_parser("init", help="write a new model from the zoo")
     init.add_argument("--arch", choices=ARCHITECTURES, required=True)
-    init.add_argument("--inputs", type=positive_int, required=True, help="features per sample")
+    init.add_argument("--data", help="a directory of CSV files: read the features, the classes and the scaling "
+                                     "from it (docs/data.md)")
+    init.add_argument("--label-column", help="with --data: the label column (default 'label')")
+    init.add_argument("--features", type=name_list, help="with --data: the feature columns, in order")
+    init.add_argument("--exclude", type=name_list, help="with --data: columns that are not features (a timestamp)")
+    init.add_argument("--delimiter", choices=(",", ";", "\t"), help="with --data: default, detected")
+    init.add_argument("--no-scaling", action="store_true", help="with --data: no standardisation step in the model")
+    init.add_argument("--inputs", type=positive_int, help="features per sample (without --data)")
     init.add_argument("--classes", type=positive_int, help="classes (or outputs, for --task regression)")
     init.add_argument("--task", choices=("classification", "regression"), default="classification")
     init.add_argument("--hidden", type=int_list, help="layer widths (mlp) or channels (cnn1d), e.g. 128,64")

@@ -18,16 +18,16 @@ import logging
 import math
 import os
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 
-from gossipfl.errors import DataError
+from gossipfl.errors import DataError, ModelError
 from gossipfl.learning.model import Model
-from gossipfl.learning.schema import DELIMITERS, Schema
+from gossipfl.learning.schema import DELIMITERS, Schema, choose_features, class_names
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,8 @@ def sniff_delimiter(header: str) -> str:
 def _columns(path: Path, header: list[str], spec: DataSpec, require_labels: bool) -> tuple[list[int], int | None]:
     """Indices of the feature columns, in the model's order, and of the label column (None: absent)."""
     label_index = header.index(spec.label_column) if spec.label_column in header else None
+    if not require_labels and spec.schema is not None:
+        label_index = None  # rows to predict: a label column, even an empty one, is just another column
     if label_index is None and require_labels:
         raise DataError(f"{path}:1: no label column {spec.label_column!r} in the header "
                         f"(columns: {', '.join(header[:20])})")
@@ -128,11 +130,13 @@ class _Rows:
     """Parses rows against a spec, skipping and counting the bad ones: one empty cell or NaN once dropped a
     whole file (744 -> 493 samples)."""
 
-    def __init__(self, spec: DataSpec, feature_cols: list[int], label_index: int | None, width: int) -> None:
+    def __init__(self, spec: DataSpec, feature_cols: list[int], label_index: int | None, width: int,
+                 raw_labels: bool = False) -> None:
         self.spec, self.feature_cols, self.label_index, self.width = spec, feature_cols, label_index, width
+        self.raw_labels = raw_labels  # keep label cells as text (surveying data whose classes are not known yet)
         self.classes = spec.schema.class_index() if spec.schema is not None and spec.schema.classes else None
         self.x: list[list[float]] = []
-        self.y: list[float] = []
+        self.y: list[float | str] = []
         self.skipped: dict[str, int] = {}
         self.first_problem: str | None = None
 
@@ -157,10 +161,16 @@ class _Rows:
                 return self.skip("not_finite", line, f"{cell!r} is not finite")
             values.append(value)
         if self.label_index is not None:
-            label = self._label(row[self.label_index].strip())
-            if isinstance(label, str):
-                return self.skip("label", line, label)
-            self.y.append(label)
+            cell = row[self.label_index].strip()
+            if self.raw_labels:
+                if not cell:
+                    return self.skip("label", line, "the label is empty")
+                self.y.append(cell)
+            else:
+                label = self._label(cell)
+                if isinstance(label, str):
+                    return self.skip("label", line, label)
+                self.y.append(label)
         self.x.append(values)
         return None
 
@@ -182,7 +192,20 @@ def _open_text(path: Path) -> TextIO:
     return path.open(newline="", encoding="utf-8", errors="strict")
 
 
-def read_csv(path: Path, spec: DataSpec, require_labels: bool = True) -> Table:
+def _header(path: Path, delimiter: str | None) -> tuple[list[str], str]:
+    """A CSV file's column names and its delimiter."""
+    try:
+        with _open_text(path) as handle:
+            line = next(_bounded_lines(handle, path, MIN_LINE_CHARS * 16, []), None)
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, OSError) as exc:
+        raise DataError(f"{path}: {exc}") from exc
+    if line is None:
+        raise DataError(f"{path}: empty file (a header row is required)")
+    delimiter = delimiter or sniff_delimiter(line)
+    return [h.strip() for h in next(csv.reader([line], delimiter=delimiter))], delimiter
+
+
+def read_csv(path: Path, spec: DataSpec, require_labels: bool = True, raw_labels: bool = False) -> Table:
     """Parse one CSV file (or ``.csv.gz``): a header row, then rows read by column name against the model's
     schema (or every column but the label, in order, without one). Bad rows are skipped and counted in the
     table's ``skipped``; a last line without its newline is a row still being written and is left for the
@@ -198,7 +221,7 @@ def read_csv(path: Path, spec: DataSpec, require_labels: bool = True) -> Table:
             delimiter = spec.delimiter or sniff_delimiter(header_line)
             header = [h.strip() for h in next(csv.reader([header_line], delimiter=delimiter))]
             feature_cols, label_index = _columns(path, header, spec, require_labels)
-            rows = _Rows(spec, feature_cols, label_index, len(header))
+            rows = _Rows(spec, feature_cols, label_index, len(header), raw_labels)
             line = 1
             for line, row in enumerate(csv.reader(lines, delimiter=delimiter), start=2):
                 if row and any(c.strip() for c in row):
@@ -211,8 +234,8 @@ def read_csv(path: Path, spec: DataSpec, require_labels: bool = True) -> Table:
         log.info("%s: skipped rows %s; the first at %s", path, rows.skipped,
                  rows.first_problem or "the last line, still being written (read again once it ends)")
     x = np.asarray(rows.x, dtype=np.float32).reshape(len(rows.x), spec.features)
-    return Table(x, np.asarray(rows.y, dtype=np.int64 if spec.task == "classification" else np.float32),
-                 rows.skipped)
+    label_dtype = str if raw_labels else np.int64 if spec.task == "classification" else np.float32
+    return Table(x, np.asarray(rows.y, dtype=label_dtype), rows.skipped)
 
 
 def _bounded_lines(handle: Iterable[str], path: Path, limit: int, tail: list[str]) -> Iterator[str]:
@@ -406,5 +429,57 @@ def load_directory(directory: str | os.PathLike[str], spec: DataSpec, validation
     data = LocalData(Path(directory), spec, validation_fraction, strict=True)
     data.refresh()
     if len(data.train) + len(data.validation) == 0:
-        raise DataError(f"no samples in data directory {directory}")
+        skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(data.skipped_rows.items()))
+        raise DataError(f"no samples in data directory {directory}" + (f": every row skipped ({skipped})"
+                                                                        if skipped else ""))
     return data
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What ``gossipfl model init --data`` learns of a data directory: the schema and the scaling."""
+
+    schema: Schema
+    mean: np.ndarray
+    scale: np.ndarray
+    rows: int
+    skipped: dict[str, int]
+
+
+def survey_directory(directory: str | os.PathLike[str], label: str, task: str = "classification",
+                     include: Sequence[str] | None = None, exclude: Sequence[str] = (),
+                     delimiter: str | None = None) -> Survey:
+    """Read the CSV files of ``directory`` for their columns, their classes (label values as text, so
+    "normal"/"faulty" and "0".."9" alike) and each feature's mean and spread."""
+    root = Path(directory)
+    try:
+        files = sorted(p for p in root.iterdir() if p.name.endswith((".csv", ".csv.gz")) and p.is_file())
+    except OSError as exc:
+        raise DataError(f"data directory {root}: {exc.strerror}") from exc
+    if not files:
+        raise DataError(f"no .csv or .csv.gz files in {root} to read a schema from")
+    header, delimiter = _header(files[0], delimiter)
+    try:
+        features = choose_features(header, label, include, exclude)
+    except ModelError as exc:
+        raise DataError(f"{files[0]}: {exc}") from exc
+    spec = DataSpec(features=len(features), task=task, label_column=label, schema=Schema(features, label),
+                    delimiter=delimiter)
+    tables = [read_csv(p, spec, raw_labels=task == "classification") for p in files]
+    x = np.concatenate([t.x for t in tables])
+    if len(x) == 0:
+        raise DataError(f"no usable rows in {root}")
+    skipped: dict[str, int] = {}
+    for t in tables:
+        for reason, count in t.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    classes = None
+    if task == "classification":
+        classes = class_names([str(v) for t in tables for v in t.y.tolist()])
+        if len(classes) < 2:
+            raise DataError(f"the label column {label!r} holds one class ({classes[0]!r}); a classifier needs two")
+    mean = x.astype(np.float64).mean(axis=0)
+    scale = x.astype(np.float64).std(axis=0)
+    scale[~(scale > 1e-12)] = 1.0  # a constant column: centre it, do not divide by zero
+    return Survey(Schema(features, label, classes), mean.astype(np.float32), scale.astype(np.float32), len(x),
+                  skipped)

@@ -12,7 +12,9 @@ Runs are repeatable: the seed fixes the shuffling, and the session is single-thr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,6 +25,7 @@ from gossipfl.errors import ConfigError, DataError
 from gossipfl.learning.autodiff import LABELS, LOSS, build_gradient_graph
 from gossipfl.learning.model import Model
 from gossipfl.learning.optim import ADAM_EPS, LR, NEW_PREFIX, OptimizerConfig, adam_scalars, add_update_step, state_name
+from gossipfl.learning.quality import classification_report, confusion_matrix
 
 EVAL_BATCH = 1024
 
@@ -50,9 +53,19 @@ class Metrics:
     count: int
     accuracy: float | None = None
     rmse: float | None = None
+    # classifiers: rows of class i predicted as j
+    confusion: np.ndarray | None = field(default=None, compare=False, repr=False)
 
-    def as_dict(self) -> dict[str, float | int | None]:
-        return {"loss": self.loss, "count": self.count, "accuracy": self.accuracy, "rmse": self.rmse}
+    @property
+    def balanced_accuracy(self) -> float | None:
+        return None if self.confusion is None else classification_report(self.confusion)["balanced_accuracy"]
+
+    def as_dict(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+        base: dict[str, Any] = {"loss": self.loss, "count": self.count, "accuracy": self.accuracy, "rmse": self.rmse}
+        if self.confusion is not None:
+            report = classification_report(self.confusion, class_names)
+            base.update({k: report[k] for k in ("balanced_accuracy", "macro_f1", "per_class", "confusion")})
+        return base
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -211,7 +224,9 @@ class Trainer:
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> Metrics:
         if len(x) == 0:
             raise DataError("no samples to evaluate on")
-        total_loss, correct, squared = 0.0, 0, 0.0
+        total_loss, squared = 0.0, 0.0
+        classes = self.model.num_outputs
+        confusion = np.zeros((classes, classes), np.int64)
         feeds = {s.name: self.model.views[s.name] for s in self.model.specs}
         for start in range(0, len(x), EVAL_BATCH):
             xb = shape_inputs(self.model, x[start : start + EVAL_BATCH])
@@ -220,12 +235,12 @@ class Trainer:
                                        {**feeds, self.model.input_name: xb, LABELS: yb})
             total_loss += float(loss) * len(xb)
             if self.model.task == "classification":
-                correct += int(np.sum(np.argmax(out, axis=1) == yb))
+                confusion += confusion_matrix(yb, np.argmax(out, axis=1), classes)
             else:
                 squared += float(np.sum((out.reshape(len(xb), -1) - yb.reshape(len(xb), -1)) ** 2))
         n = len(x)
         if self.model.task == "classification":
-            return Metrics(loss=total_loss / n, count=n, accuracy=correct / n)
+            return Metrics(loss=total_loss / n, count=n, accuracy=float(np.trace(confusion)) / n, confusion=confusion)
         return Metrics(loss=total_loss / n, count=n, rmse=math.sqrt(squared / (n * self.model.num_outputs)))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
