@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -214,7 +215,19 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     ident = load_identity(config.tls.cert, config.tls.key, config.tls.ca)
     model = Model.load(config.model.path)
     Trainer(model)  # the model must be trainable
-    print(f"{args.file}: ok; node {format_node_id(ident.node_id)}, {model.describe()}")
+    # The data as the daemon will read it: a file the model's schema cannot read is refused here, before the
+    # daemon starts and idles with "0 local samples" visible only in its log.
+    data = LocalData(config.data.directory, DataSpec.of(model, config.data.label_column or None,
+                                                        config.data.delimiter or None), validation_fraction=0.0)
+    logging.getLogger("gossipfl.learning.data").setLevel(logging.ERROR)  # the refusal below says it once
+    data.refresh()
+    if data.skipped:
+        path, why = next(iter(sorted(data.skipped.items())))
+        more = f" (and {len(data.skipped) - 1} more files)" if len(data.skipped) > 1 else ""
+        raise DataError(f"data.directory: {why}{more}")
+    rows = f"{len(data.train)} rows" + (f", {sum(data.skipped_rows.values())} skipped {data.skipped_rows}"
+                                         if data.skipped_rows else "")
+    print(f"{args.file}: ok; node {format_node_id(ident.node_id)}, {model.describe()}; data {rows}")
     return 0
 
 

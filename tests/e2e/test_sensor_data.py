@@ -89,3 +89,38 @@ def test_a_data_file_missing_a_feature_column_is_one_line_naming_it(tmp_path):
     (data / "r.csv").write_text("timestamp,rpm,state\nx,1470,normal\n")
     proc = run_cli("eval", "--model", str(model), "--data", str(data), check=False)
     assert "no column 'temp', a feature of the model's schema" in one_line_error(proc)
+
+
+def test_the_daemon_on_sensor_data_counts_skipped_rows_and_config_check_names_a_missing_column(tmp_path):
+    from gossipfl.cli.client import ControlClient
+    from gossipfl.learning.datasets import load_digits
+    from gossipfl.testing.cluster import Cluster, ClusterPlan, free_port_base, prepare
+
+    from ..conftest import wait_for
+
+    dx, dy = load_digits()
+    spec = prepare(tmp_path / "node", ClusterPlan(nodes=1, base_port=free_port_base(), mdns=False), dx[:50], dy[:50])[0]
+    data = spec.directory / "data"
+    for old in data.iterdir():
+        old.unlink()
+    x, labels = _readings(400, 0)
+    _write(data / "readings.csv", x, labels, dirty=True)
+    model = tmp_path / "node" / "model.onnx"  # the path every node's config names
+    run_cli("model", "init", "--arch", "mlp", "--data", str(data), "--exclude", "timestamp", "--label-column",
+            "state", "--out", str(model))
+    assert "; data 400 rows, 4 skipped" in run_cli("config", "check", str(spec.config)).stdout
+
+    with Cluster([spec]) as cluster:
+        assert cluster.wait_for_log(spec, "node started", 60), cluster.log_lines(spec)
+        status = wait_for(lambda: ControlClient(spec.socket, timeout=10).call("status"), 30, "status")
+        assert status["data"]["rows"] == 400
+        assert status["data"]["skipped_rows"] == {"empty": 1, "not_finite": 1, "fields": 1, "unterminated": 1}
+        assert any("3 data rows skipped" in p for p in status["problems"]), status["problems"]
+        assert status["model"]["schema"]["classes"] == ["faulty", "normal"]
+        (data / "readings.csv").write_text("timestamp,rpm,state\nx,1470,normal\n")  # a sensor dropped out
+        text = run_cli("status", "--socket", str(spec.socket)).stdout
+        assert "data " in text
+        codes = cluster.stop_all()
+    assert codes == {spec.name: 0}
+    proc = run_cli("config", "check", str(spec.config), check=False)
+    assert "no column 'temp', a feature of the model's schema" in one_line_error(proc)
