@@ -222,7 +222,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     logging.getLogger("gossipfl.learning.data").setLevel(logging.ERROR)  # the refusal below says it once
     data.refresh()
     if data.skipped:
-        path, why = next(iter(sorted(data.skipped.items())))
+        why = next(iter(sorted(data.skipped.items())))[1]
         more = f" (and {len(data.skipped) - 1} more files)" if len(data.skipped) > 1 else ""
         raise DataError(f"data.directory: {why}{more}")
     rows = f"{len(data.train)} rows" + (f", {sum(data.skipped_rows.values())} skipped {data.skipped_rows}"
