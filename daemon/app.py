@@ -79,7 +79,7 @@ class App:
                                              batch_size=t.batch_size, seed=t.seed, threads=t.threads))
         data = LocalData(config.data.directory, DataSpec.of(model, config.data.label_column or None,
                                                             config.data.delimiter or None),
-                         config.data.validation_fraction)
+                         config.data.validation_fraction, max_rows=config.data.max_rows)
         guard = None
         if g.merge == "clipped":
             guard = MergeGuard(ClipSettings(max_share=g.max_share, radius_factor=g.clip_factor,

@@ -69,6 +69,7 @@ class DataSection:
     directory: Path = Path("data")
     label_column: str = ""  # "": the model's schema says (gossipfl model init --data), else "label"
     delimiter: str = ""  # "": detected from each file's header (comma, semicolon or tab)
+    max_rows: int = 1_000_000  # rows held in memory; past it the oldest files' rows are left out
     validation_fraction: float = 0.2
     rescan_seconds: float = 30.0
 
@@ -340,6 +341,7 @@ def _validate(c: NodeConfig) -> None:
         _check(len(node_id) == 64 and all(ch in "0123456789abcdef" for ch in node_id.lower()),
                f"tls.allowlist[{i}]", f"must be a 64-character hex node id, got {node_id!r}")
     _check(0 <= c.data.validation_fraction < 1, "data.validation_fraction", "must be in [0, 1)")
+    _within(c.data.max_rows, "data.max_rows", 1, 100_000_000, " rows")
     _check(c.data.delimiter in ("", *DELIMITERS), "data.delimiter",
            f"must be one of {', '.join(map(repr, DELIMITERS))} or \"\" (detect), got {c.data.delimiter!r}")
     _within(c.data.rescan_seconds, "data.rescan_seconds", 0.1, 86400, " s")

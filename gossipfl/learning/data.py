@@ -348,7 +348,9 @@ class LocalData:
     spec: DataSpec
     validation_fraction: float = 0.2
     strict: bool = False
+    max_rows: int = 0  # rows kept in memory, newest files first; 0: no cap
     skipped: dict[Path, str] = field(default_factory=dict)
+    rows_over_cap: int = 0  # rows of the oldest files left out to stay under max_rows
     _files: dict[Path, _Loaded] = field(default_factory=dict)
     _skipped_stamps: dict[Path, tuple[int, int]] = field(default_factory=dict)
 
@@ -395,12 +397,37 @@ class LocalData:
             loaded.append(path)
             changed = True
         if changed:
-            ordered = [self._files[p] for p in sorted(self._files)]
-            self.train = _concat([f.train for f in ordered], self.spec)
-            self.validation = _concat([f.validation for f in ordered], self.spec)
+            self._gather()
         if not entries and self.strict:
             raise DataError(f"no {' or '.join(SUFFIXES)} files in data directory {self.directory}")
         return loaded
+
+    def _gather(self) -> None:
+        """Join the files' rows, oldest file first; past ``max_rows`` the oldest rows are left out (a small
+        device's memory is the bound, and the newest readings are the ones that describe it now)."""
+        ordered = [self._files[p] for p in sorted(self._files, key=lambda p: (self._files[p].stamp, p))]
+        budget = self.max_rows or math.inf
+        trains: list[Table] = []
+        validations: list[Table] = []
+        self.rows_over_cap = 0
+        for loaded in reversed(ordered):
+            rows = len(loaded.train) + len(loaded.validation)
+            if rows <= budget:
+                trains.append(loaded.train)
+                validations.append(loaded.validation)
+                budget -= rows
+                continue
+            keep = int(budget)
+            share = keep / rows if rows else 0.0
+            n_train = round(len(loaded.train) * share)
+            n_val = max(keep - n_train, 0)
+            tail_train, tail_val = len(loaded.train) - n_train, max(len(loaded.validation) - n_val, 0)
+            trains.append(Table(loaded.train.x[tail_train:], loaded.train.y[tail_train:]))
+            validations.append(Table(loaded.validation.x[tail_val:], loaded.validation.y[tail_val:]))
+            self.rows_over_cap += rows - n_train - min(n_val, len(loaded.validation))
+            budget = 0
+        self.train = _concat(trains[::-1], self.spec)
+        self.validation = _concat(validations[::-1], self.spec)
 
     @property
     def skipped_rows(self) -> dict[str, int]:
@@ -417,6 +444,7 @@ class LocalData:
         return {"directory": str(self.directory), "files": len(self._files),
                 "rows": len(self.train) + len(self.validation), "train_rows": len(self.train),
                 "validation_rows": len(self.validation), "skipped_rows": self.skipped_rows,
+                "rows_over_cap": self.rows_over_cap,
                 "skipped_files": {p.name: why for p, why in sorted(self.skipped.items())}}
 
     @property

@@ -147,3 +147,29 @@ def test_a_granted_gateway_that_sends_a_sign_flipped_global_model_is_refused_lik
         np.testing.assert_array_equal(c.learner.model.params, held)
 
     trio.run(main)
+
+
+def test_a_client_with_no_usable_rows_still_takes_the_global_model(make_apps):
+    g, c = make_apps(2, gateways=1, mode="fedavg", fedavg={"deadline": 30.0})
+    for file in c.config.data.directory.iterdir():
+        file.unlink()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            net = MemoryNet(nursery)
+            net.add(g), net.add(c)
+            await trio.to_thread.run_sync(c.learner.data.refresh)
+            assert len(c.learner.data.train) == 0
+            _know(g, c)
+            g.learner.model.params[:] += 0.05  # a global model the fleet has moved
+            g.learner._age = 500.0
+            report = await g.gateway.one_round(g.peers.live(), nursery)
+            assert report is None  # no update came back
+            while c.counters.values.get("fedavg.adopted", 0) < 1:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        np.testing.assert_allclose(c.learner.model.params, g.learner.model.params, atol=0.02)
+        assert c.learner.age == 500.0
+        assert c.counters.values["refused.no-update"] == 1
+
+    trio.run(main)

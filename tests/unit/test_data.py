@@ -171,3 +171,15 @@ def test_a_csv_line_far_longer_than_its_fields_need_is_refused_before_it_is_spli
     _csv(tmp_path / "long.csv", "f0,f1,f2,label\n1,2,3,0\n" + "1," * 4_000_000 + "0\n")
     with pytest.raises(DataError, match=r"long\.csv:3: a line of 8000002 characters, over the 65536"):
         load_directory(tmp_path, SPEC)
+
+
+def test_past_max_rows_the_oldest_files_rows_are_left_out(tmp_path):
+    x, y = rows(30, 3, 4)
+    for i, name in enumerate(("old.csv", "mid.csv", "new.csv")):
+        write_csv(tmp_path / name, x[10 * i : 10 * i + 10], y[10 * i : 10 * i + 10])
+        os.utime(tmp_path / name, ns=(10**18 + i * 10**9, 10**18 + i * 10**9))
+    data = LocalData(tmp_path, SPEC, validation_fraction=0.0, max_rows=15)
+    data.refresh()
+    assert len(data.train) == 15 and data.rows_over_cap == 15
+    np.testing.assert_allclose(data.train.x, x[15:], atol=1e-4)  # the newest 15: half of mid, all of new
+    assert data.report()["rows_over_cap"] == 15
