@@ -17,6 +17,7 @@ import trio
 from gossipfl import control
 from gossipfl.errors import ControlError, IdentityError
 from gossipfl.identity.ids import format_node_id, parse_node_id
+from gossipfl.learning.quality import predicted_classes
 from gossipfl.protocol.peers import PeerTable
 from gossipfl.protocol.references import GossipState
 
@@ -93,7 +94,7 @@ class Commands:
         rows = out.reshape(len(x), -1)
         result: dict[str, Any] = {"outputs": rows.tolist(), "age": age}
         if model.task == "classification":
-            result["labels"] = np.argmax(rows, axis=1).tolist()
+            result["labels"] = predicted_classes(rows).tolist()
         return result
 
     async def pause(self, args: dict[str, Any]) -> Any:

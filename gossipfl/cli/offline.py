@@ -25,7 +25,7 @@ from gossipfl.identity.node import CA_DAYS, CA_KEY, NODE_DAYS, node_id_from_cert
 from gossipfl.learning.data import DataSpec, LocalData, load_directory, read_file, survey_directory
 from gossipfl.learning.model import Model
 from gossipfl.learning.optim import OPTIMIZERS, OptimizerConfig
-from gossipfl.learning.quality import class_probabilities
+from gossipfl.learning.quality import class_probabilities, predicted_classes
 from gossipfl.learning.trainer import Metrics, TrainConfig, Trainer, predict
 from gossipfl.learning.zoo import ARCHITECTURES, ArchSpec, build
 
@@ -162,8 +162,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise DataError(f"{args.input}: no samples")
         task, out = model.task, predict(model, table.x)
     if task == "classification":
-        labels = np.argmax(out, axis=1)
-        names = classes or [str(i) for i in range(out.shape[1])]
+        labels = predicted_classes(out)
+        names = classes or [str(i) for i in range(max(out.shape[1], 2))]
         if args.json:
             probabilities = class_probabilities(out)
             print(json.dumps([

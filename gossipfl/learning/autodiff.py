@@ -340,6 +340,16 @@ def _loss_logits(graph: onnx.GraphProto, output: str) -> str:
     return output
 
 
+def _sigmoid_input(graph: onnx.GraphProto, output: str) -> str:
+    """The logit a binary classifier's final Sigmoid reads (through any Identity)."""
+    producers = {o: n for n in graph.node for o in n.output}
+    node = producers.get(output)
+    while node is not None and node.op_type == "Identity":
+        node = producers.get(node.input[0])
+    assert node is not None and node.op_type == "Sigmoid"  # Model.binary promises it
+    return node.input[0]
+
+
 def build_gradient_graph(model: Model, dtype: int = TensorProto.FLOAT) -> GradientGraph:
     """Forward, loss and backward for ``model``, as one ONNX model.
 
@@ -367,7 +377,20 @@ def build_gradient_graph(model: Model, dtype: int = TensorProto.FLOAT) -> Gradie
     params = [s.name for s in model.specs]
 
     # ---- loss and its gradient with respect to the tensor the loss reads
-    if model.task == "classification":
+    if model.binary:
+        # One logit and a Sigmoid: binary cross-entropy on the logit, softplus(z) - y z, written stably;
+        # its gradient is (sigmoid(z) - y) / batch.
+        logit = _sigmoid_input(graph, output)
+        label_info = helper.make_tensor_value_info(labels, TensorProto.INT64, ["batch"])
+        target = b.op("Cast", [b.op("Unsqueeze", [labels, b.const([1], np.int64)])], to=dtype)
+        tail = b.op("Exp", [b.op("Neg", [b.op("Abs", [logit])])])
+        softplus = b.op("Add", [b.op("Relu", [logit]), b.op("Log", [b.op("Add", [b.const(1.0), tail])])])
+        batch = b.op("Cast", [b.op("Gather", [b.op("Shape", [logit]), b.const(0, np.int64)], axis=0)], to=dtype)
+        total = b.op("ReduceSum", [b.op("Sub", [softplus, b.op("Mul", [target, logit])])], keepdims=0)
+        b.nodes.append(helper.make_node("Div", [total, batch], [LOSS], name=LOSS))
+        seed_grad = b.op("Div", [b.op("Sub", [b.op("Sigmoid", [logit]), target]), batch])
+        seed_tensor = logit
+    elif model.task == "classification":
         logits = _loss_logits(graph, output)
         logits_shape = shapes.get(logits)
         if logits_shape is None or len(logits_shape) != 2 or not isinstance(logits_shape[1], int):

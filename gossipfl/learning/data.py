@@ -56,8 +56,8 @@ class DataSpec:
         schema = model.schema
         label = label_column or (schema.label if schema is not None else "label")
         return cls(features=model.features_per_sample, task=model.task,
-                   classes=model.num_outputs if model.task == "classification" else None,
-                   outputs=model.num_outputs, label_column=label, schema=schema, delimiter=delimiter)
+                   classes=model.num_classes, outputs=model.num_outputs, label_column=label, schema=schema,
+                   delimiter=delimiter)
 
 
 @dataclass

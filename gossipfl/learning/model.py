@@ -221,9 +221,11 @@ class Model:
 
         #: The file's metadata_props (the task, and a checkpoint's state), as found at load.
         self.metadata: dict[str, str] = {p.key: p.value for p in proto.metadata_props}
+        self._proto_graph = graph
         self.task = self._resolve_task(proto, task)
         self.schema = self._read_schema()
         self.lifted = self._lift(proto, trainable)
+        del self._proto_graph  # it holds the file's initializers: a second copy of every weight
         self.fingerprint: bytes = self._fingerprint()
 
     # ---------------------------------------------------------------- loading and saving
@@ -312,11 +314,38 @@ class Model:
 
     # ---------------------------------------------------------------- internals
 
+    @property
+    def ends_in_sigmoid(self) -> bool:
+        """The output is a ``Sigmoid`` (through any ``Identity``): one logit made a probability."""
+        graph, name = self._graph_for_output(), self.output_name
+        producers = {o: n for n in graph.node for o in n.output}
+        node = producers.get(name)
+        while node is not None and node.op_type == "Identity":
+            node = producers.get(node.input[0])
+        return node is not None and node.op_type == "Sigmoid"
+
+    def _graph_for_output(self) -> onnx.GraphProto:
+        return self.lifted.graph if hasattr(self, "lifted") else self._proto_graph
+
+    @property
+    def binary(self) -> bool:
+        """A classifier with one output column, a probability: two classes (the output is class 1's)."""
+        return self.task == "classification" and self.num_outputs == 1
+
+    @property
+    def num_classes(self) -> int | None:
+        if self.task != "classification":
+            return None
+        return 2 if self.binary else self.num_outputs
+
     def _resolve_task(self, proto: onnx.ModelProto, task: str | None) -> str:
         chosen = task or self.metadata.get(TASK_KEY)
         if chosen is None:
-            # A single output column is a regression head; several are class scores.
-            chosen = "classification" if self.num_outputs > 1 else "regression"
+            # Several output columns are class scores; one is a regression head, unless a Sigmoid makes it
+            # a binary classifier's probability (a PyTorch one-logit model once trained as a regression).
+            chosen = "classification" if self.num_outputs > 1 or self.ends_in_sigmoid else "regression"
+        if chosen == "classification" and self.num_outputs == 1 and not self.ends_in_sigmoid:
+            raise ModelError("a classifier with one output must end in Sigmoid (the probability of class 1)")
         if chosen not in TASKS:
             raise ModelError(f"unknown task {chosen!r}; expected one of {', '.join(TASKS)}")
         return chosen
@@ -329,8 +358,8 @@ class Model:
         if len(schema.features) != self.features_per_sample:
             raise ModelError(f"schema names {len(schema.features)} features, the model's input takes "
                              f"{self.features_per_sample}")
-        if self.task == "classification" and schema.classes is not None and len(schema.classes) != self.num_outputs:
-            raise ModelError(f"schema names {len(schema.classes)} classes, the model has {self.num_outputs} outputs")
+        if self.task == "classification" and schema.classes is not None and len(schema.classes) != self.num_classes:
+            raise ModelError(f"schema names {len(schema.classes)} classes, the model has {self.num_classes}")
         return schema
 
     def _lift(self, proto: onnx.ModelProto, trainable: list[onnx.TensorProto]) -> onnx.ModelProto:

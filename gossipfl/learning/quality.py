@@ -56,12 +56,23 @@ def classification_report(matrix: np.ndarray, names: Sequence[str] | None = None
     }
 
 
+def predicted_classes(scores: np.ndarray) -> np.ndarray:
+    """The class of each row: the top score, or for a one-column output (a binary classifier's probability
+    of class 1) whether it reaches one half."""
+    scores = np.asarray(scores)
+    if scores.ndim == 2 and scores.shape[1] == 1:
+        return (scores[:, 0] >= 0.5).astype(np.int64)
+    return np.argmax(scores, axis=1)
+
+
 def class_probabilities(scores: np.ndarray) -> np.ndarray:
     """A classifier's outputs as probabilities: kept when they already are (a model ending in ``Softmax``),
     exponentiated when they are log-probabilities (``LogSoftmax``), else the softmax of the logits."""
     scores = np.asarray(scores, np.float64)
     if len(scores) == 0:
         return scores
+    if scores.shape[1] == 1:  # a binary classifier's probability of class 1
+        return np.column_stack([1.0 - scores[:, 0], scores[:, 0]])
     if (scores >= 0).all() and np.allclose(scores.sum(axis=1), 1.0, atol=1e-4):
         return scores
     if (scores <= 0).all() and np.allclose(np.exp(scores).sum(axis=1), 1.0, atol=1e-4):

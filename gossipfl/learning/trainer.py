@@ -25,7 +25,7 @@ from gossipfl.errors import ConfigError, DataError
 from gossipfl.learning.autodiff import LABELS, LOSS, build_gradient_graph
 from gossipfl.learning.model import Model
 from gossipfl.learning.optim import ADAM_EPS, LR, NEW_PREFIX, OptimizerConfig, adam_scalars, add_update_step, state_name
-from gossipfl.learning.quality import classification_report, confusion_matrix
+from gossipfl.learning.quality import classification_report, confusion_matrix, predicted_classes
 
 EVAL_BATCH = 1024
 
@@ -225,7 +225,7 @@ class Trainer:
         if len(x) == 0:
             raise DataError("no samples to evaluate on")
         total_loss, squared = 0.0, 0.0
-        classes = self.model.num_outputs
+        classes = self.model.num_classes or 0
         confusion = np.zeros((classes, classes), np.int64)
         feeds = {s.name: self.model.views[s.name] for s in self.model.specs}
         for start in range(0, len(x), EVAL_BATCH):
@@ -235,7 +235,7 @@ class Trainer:
                                        {**feeds, self.model.input_name: xb, LABELS: yb})
             total_loss += float(loss) * len(xb)
             if self.model.task == "classification":
-                confusion += confusion_matrix(yb, np.argmax(out, axis=1), classes)
+                confusion += confusion_matrix(yb, predicted_classes(out), classes)
             else:
                 squared += float(np.sum((out.reshape(len(xb), -1) - yb.reshape(len(xb), -1)) ** 2))
         n = len(x)

@@ -29,6 +29,7 @@ from gossipfl.learning.checkpoint import load_checkpoint
 from gossipfl.learning.datasets import dirichlet_shards, iid_shards, write_csv
 from gossipfl.learning.model import Model
 from gossipfl.learning.optim import OptimizerConfig
+from gossipfl.learning.quality import predicted_classes
 from gossipfl.learning.trainer import Metrics, TrainConfig, Trainer, predict, prediction_session
 from gossipfl.learning.zoo import ArchSpec, build
 
@@ -253,7 +254,7 @@ class HeldOut:
         if params is not None:
             self.model.set_params(params)
         out = predict(self.model, self.x, self.session)
-        return float(np.mean(np.argmax(out, axis=1) == self.y))
+        return float(np.mean(predicted_classes(out) == self.y))
 
     def of_export(self, exported: dict[str, Any]) -> float:
         return self.accuracy(Model.from_bytes(base64.b64decode(exported["onnx"])).params)

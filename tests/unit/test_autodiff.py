@@ -212,3 +212,67 @@ def test_classifier_needs_2d_logits():
     model.task = "classification"
     with pytest.raises(ModelError, match="batch, classes"):
         build_gradient_graph(model)
+
+
+def _binary_model() -> Model:
+    """One logit and a Sigmoid, as torch.nn.Linear(5, 1) + torch.sigmoid exports: a binary classifier."""
+    nodes = [n("Gemm", ["x", "w", "b"], "h", transB=1), n("Relu", ["h"], "r"), n("Gemm", ["r", "v", "c"], "z", transB=1),
+             n("Sigmoid", ["z"], "p"), n("Identity", ["p"], "out")]
+    graph = helper.make_graph(
+        nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in
+                     {"w": rnd(4, 5), "b": rnd(4), "v": rnd(1, 4), "c": rnd(1)}.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return Model(proto)  # no task in the metadata: the Sigmoid says classification
+
+
+def test_a_one_logit_sigmoid_model_is_a_binary_classifier_trained_with_cross_entropy():
+    model = _binary_model()
+    assert model.task == "classification" and model.binary and model.num_classes == 2
+    graph = build_gradient_graph(model, TensorProto.DOUBLE)
+    evaluator = ReferenceEvaluator(graph.proto)
+    params = {s.name: model.views[s.name].astype(np.float64) for s in model.specs}
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.normal(size=(BATCH, 5)), LABELS: np.array([0, 1, 1, 0], np.int64)}
+    results = dict(zip([o.name for o in graph.proto.graph.output], evaluator.run(None, {**feeds, **params}),
+                       strict=True))
+    z = np.maximum(feeds["x"] @ params["w"].T + params["b"], 0) @ params["v"].T + params["c"]
+    p = 1 / (1 + np.exp(-z[:, 0]))
+    y = feeds[LABELS]
+    assert abs(results[LOSS] - np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p)))) < 1e-9
+    eps = 1e-6
+    for spec in model.specs:
+        analytic = results[graph.grad_names[spec.name]]
+        flat, numeric = params[spec.name].reshape(-1), np.zeros(analytic.size)
+        for i in range(flat.size):
+            keep = flat[i]
+            flat[i] = keep + eps
+            plus = evaluator.run([LOSS], {**feeds, **params})[0]
+            flat[i] = keep - eps
+            minus = evaluator.run([LOSS], {**feeds, **params})[0]
+            flat[i] = keep
+            numeric[i] = (plus - minus) / (2 * eps)
+        rel = np.linalg.norm(analytic.reshape(-1) - numeric) / max(np.linalg.norm(numeric), 1e-12)
+        assert rel < REL_TOL, f"{spec.name}: relative error {rel:.2e}"
+
+
+def test_a_binary_classifier_learns_and_reports_two_classes():
+    from gossipfl.learning.trainer import Trainer
+
+    model = _binary_model()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 5)).astype(np.float32)
+    y = (x[:, 0] - x[:, 1] > 0).astype(np.int64)
+    trainer = Trainer(model)
+    for _ in range(40):
+        trainer.epoch(x, y)
+    metrics = trainer.evaluate(x, y)
+    assert metrics.accuracy > 0.95 and metrics.confusion.shape == (2, 2)
+    assert metrics.balanced_accuracy > 0.95
+
+
+def test_a_one_output_classifier_without_a_sigmoid_is_refused():
+    with pytest.raises(ModelError, match="must end in Sigmoid"):
+        make_model([n("Gemm", ["x", "w"], "out", transB=1)], {"w": rnd(1, 5)}, [5], [1])
