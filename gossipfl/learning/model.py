@@ -17,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from gossipfl.atomic import write_bytes_atomic
 from gossipfl.errors import ModelError
@@ -151,6 +152,59 @@ def _check_opset(proto: onnx.ModelProto) -> int:
     return opset
 
 
+def _parse(data: bytes) -> onnx.ModelProto:
+    if len(data) > MAX_MODEL_BYTES:
+        raise ModelError(f"model is {len(data)} bytes, over the limit of {MAX_MODEL_BYTES}")
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception as exc:  # protobuf raises its own DecodeError, and others on garbage
+        raise ModelError("not an ONNX model (protobuf parse failed)") from exc
+    if not proto.graph.node:
+        raise ModelError("not an ONNX model (no graph nodes)")
+    return proto
+
+
+def _embed_external_initializers(proto: onnx.ModelProto, directory: Path) -> None:
+    """Read the weights ``torch.onnx.export`` puts in a file beside the model into the model itself, so the
+    rest of gossipfl sees one self-contained model. Only a plain file name in the model's own directory, a
+    regular file (no symlink), with the offset and length the tensor needs: a relative path once made
+    ``predict`` return the bytes of another file. Data outside initializers stays refused."""
+    budget = MAX_MODEL_BYTES
+    for init in proto.graph.initializer:
+        if init.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in init.external_data}
+        location = info.get("location", "")
+        if not location or Path(location).name != location or location.startswith("."):
+            raise ModelError(f"initializer {init.name!r}: external data {location!r} is not a file name beside "
+                             "the model")
+        path = directory / location
+        try:
+            st = path.lstat()
+        except OSError as exc:
+            raise ModelError(f"initializer {init.name!r}: external data {location}: {exc.strerror}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelError(f"initializer {init.name!r}: external data {location} is not a regular file")
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+            offset, length = int(info.get("offset", 0)), info.get("length")
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ModelError(f"initializer {init.name!r}: external data of an unreadable type or offset") from exc
+        needed = int(np.prod(init.dims, dtype=np.int64)) * itemsize
+        if (length is not None and int(length) != needed) or offset < 0 or offset + needed > st.st_size:
+            raise ModelError(f"initializer {init.name!r}: external data {location} does not hold its "
+                             f"{needed} bytes at offset {offset}")
+        budget -= needed
+        if budget < 0:
+            raise ModelError(f"external data over the limit of {MAX_MODEL_BYTES} bytes")
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            init.raw_data = handle.read(needed)
+        del init.external_data[:]
+        init.data_location = TensorProto.DEFAULT
+
+
 class Model:
     """A validated ONNX model with its parameters held in one float32 vector."""
 
@@ -200,6 +254,13 @@ class Model:
                 f"model input {self.input_name!r} must be (batch, ...) with static non-batch dimensions, "
                 f"got {self.input_shape}"
             )
+        if isinstance(self.input_shape[0], int):
+            # Trained in batches of 32 and evaluated in batches of 1024, a model exported for one batch size
+            # passed `model info` and then crashed `train` inside onnxruntime.
+            raise ModelError(
+                f"model input {self.input_name!r} has a fixed batch size of {self.input_shape[0]}; export it with "
+                f"a dynamic first dimension (torch.onnx.export(..., dynamic_axes={{{self.input_name!r}: "
+                "{0: 'batch'}}))")
         self.output_name: str = graph.output[0].name
         self.output_shape: tuple[Dim, ...] = tensor_shape(graph.output[0]) or ()
 
@@ -244,22 +305,16 @@ class Model:
         except OSError as exc:
             raise ModelError(f"cannot read model file {file}: {exc.strerror}") from exc
         try:
-            return cls.from_bytes(data, task)
+            proto = _parse(data)
+            _embed_external_initializers(proto, file.parent)
+            return cls(proto, task)
         except ModelError as exc:
             raise ModelError(f"{file}: {exc}") from exc
 
     @classmethod
     def from_bytes(cls, data: bytes, task: str | None = None) -> Model:
-        if len(data) > MAX_MODEL_BYTES:
-            raise ModelError(f"model is {len(data)} bytes, over the limit of {MAX_MODEL_BYTES}")
-        proto = onnx.ModelProto()
-        try:
-            proto.ParseFromString(data)
-        except Exception as exc:  # protobuf raises its own DecodeError, and others on garbage
-            raise ModelError("not an ONNX model (protobuf parse failed)") from exc
-        if not proto.graph.node:
-            raise ModelError("not an ONNX model (no graph nodes)")
-        return cls(proto, task)
+        """A model from bytes alone (the wire, a checkpoint): no directory, so external data is refused."""
+        return cls(_parse(data), task)
 
     def to_proto(self) -> onnx.ModelProto:
         """A standalone ONNX model holding the current parameter values."""

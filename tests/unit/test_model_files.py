@@ -19,8 +19,8 @@ def _graph(extra_nodes: list[onnx.NodeProto], last: str, inits: list[onnx.Tensor
     weights = numpy_helper.from_array(np.ones((4, 2), np.float32), "W")
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="matmul"), *extra_nodes,
              helper.make_node("Identity", [last], ["y"], name="out")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [weights, *inits])
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])], [weights, *inits])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -94,3 +94,32 @@ def test_a_subgraph_in_any_attribute_is_refused():
     odd.attribute.append(helper.make_attribute("hidden", branch))
     with pytest.raises(ModelError, match="attribute 'hidden' holds a subgraph"):
         Model(_graph([odd], "z"))
+
+
+def test_a_fixed_batch_size_is_refused_at_load_in_one_line_that_says_how_to_export():
+    proto = _graph([helper.make_node("Add", ["h", "b"], ["z"], name="add")], "z",
+                   [numpy_helper.from_array(np.full(2, 0.5, np.float32), "b")])
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    with pytest.raises(ModelError, match="fixed batch size of 1; export it with a dynamic first dimension"):
+        Model(proto)
+
+
+def test_external_weights_beside_the_model_are_embedded_on_load_and_nowhere_else(tmp_path):
+    """What torch.onnx.export writes for larger models: the weights in a file beside the model."""
+    inits = [numpy_helper.from_array(np.arange(2, dtype=np.float32), "b")]
+    proto = _graph([helper.make_node("Add", ["h", "b"], ["z"], name="add")], "z", inits)
+    onnx.save_model(proto, tmp_path / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=0)
+    model = Model.load(tmp_path / "m.onnx")
+    assert predict(model, np.ones((1, 4), np.float32)).tolist() == [[4.0, 5.0]]
+    assert all(i.data_location != TensorProto.EXTERNAL for i in model.to_proto().graph.initializer)
+    with pytest.raises(ModelError, match="external data"):  # bytes alone (a checkpoint, the wire): refused
+        Model.from_bytes((tmp_path / "m.onnx").read_bytes())
+    (tmp_path / "m.onnx.data").rename(tmp_path / "real.data")
+    (tmp_path / "m.onnx.data").symlink_to(tmp_path / "real.data")
+    with pytest.raises(ModelError, match="not a regular file"):
+        Model.load(tmp_path / "m.onnx")
+    raw = (tmp_path / "m.onnx").read_bytes().replace(b"m.onnx.data", b"../etc/pass")
+    (tmp_path / "evil.onnx").write_bytes(raw)
+    with pytest.raises(ModelError, match="is not a file name beside the model"):
+        Model.load(tmp_path / "evil.onnx")
