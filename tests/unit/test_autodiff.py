@@ -216,8 +216,8 @@ def test_classifier_needs_2d_logits():
 
 def _binary_model() -> Model:
     """One logit and a Sigmoid, as torch.nn.Linear(5, 1) + torch.sigmoid exports: a binary classifier."""
-    nodes = [n("Gemm", ["x", "w", "b"], "h", transB=1), n("Relu", ["h"], "r"), n("Gemm", ["r", "v", "c"], "z", transB=1),
-             n("Sigmoid", ["z"], "p"), n("Identity", ["p"], "out")]
+    nodes = [n("Gemm", ["x", "w", "b"], "h", transB=1), n("Relu", ["h"], "r"),
+             n("Gemm", ["r", "v", "c"], "z", transB=1), n("Sigmoid", ["z"], "p"), n("Identity", ["p"], "out")]
     graph = helper.make_graph(
         nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 1])],
