@@ -35,8 +35,8 @@ TRAINING_OPSET = 17  # ScatterElements(reduction="add") needs 16
 GRAD_PREFIX = "gossipfl.grad."
 
 SUPPORTED_OPS = (
-    "Gemm", "MatMul", "Add", "Sub", "Mul", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Softmax",
-    "LogSoftmax", "Flatten", "Reshape", "Identity", "Conv", "MaxPool", "GlobalAveragePool",
+    "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "BatchNormalization", "Relu", "LeakyRelu", "Sigmoid", "Tanh",
+    "Softmax", "LogSoftmax", "Flatten", "Reshape", "Identity", "Conv", "MaxPool", "GlobalAveragePool",
 )
 
 
@@ -198,6 +198,50 @@ def _mul(b: _Builder, n: onnx.NodeProto, dy: str, need: Sequence[bool]) -> dict[
     return out
 
 
+def _div(b: _Builder, n: onnx.NodeProto, dy: str, need: Sequence[bool]) -> dict[int, str]:
+    """y = a / b: da = dy / b, db = -dy * y / b (y already holds a / b)."""
+    y_shape = b.shape_of(n.output[0])
+    out: dict[int, str] = {}
+    if need[0]:
+        out[0] = b.sum_to(b.op("Div", [dy, n.input[1]]), y_shape, n.input[0], n)
+    if need[1]:
+        ratio = b.op("Div", [n.output[0], n.input[1]])
+        out[1] = b.sum_to(b.op("Neg", [b.op("Mul", [dy, ratio])]), y_shape, n.input[1], n)
+    return out
+
+
+def _batch_norm(b: _Builder, n: onnx.NodeProto, dy: str, need: Sequence[bool]) -> dict[int, str]:
+    """Inference-mode BatchNormalization, y = (x - mean) / sqrt(var + eps) * scale + bias, with the running
+    mean and variance frozen (gossipfl trains with the statistics the model came with: batch statistics
+    on a device's few, skewed rows would describe that device, and averaging them across devices means
+    nothing). Scale and bias train; the gradient of x is a per-channel factor."""
+    if (len(n.output) > 1 and any(n.output[1:])) or int(_attr(n, "training_mode", 0)):  # type: ignore[call-overload]
+        raise UnsupportedOpError("BatchNormalization", n.name, "only inference mode (training_mode 0) trains")
+    x_shape = b.shape_of(n.input[0])
+    if x_shape is None or len(x_shape) < 2:
+        raise UnsupportedOpError("BatchNormalization", n.name, "the input's rank must be known")
+    rank = len(x_shape)
+    eps = float(_attr(n, "epsilon", 1e-5))  # type: ignore[call-overload]
+    spread = b.op("Sqrt", [b.op("Add", [n.input[4], b.const(eps)])])
+
+    def per_channel(vector: str) -> str:  # (C,) -> (C, 1, ..., 1), to broadcast over (N, C, ...)
+        return vector if rank == 2 else b.op("Unsqueeze", [vector, b.const(list(range(1, rank - 1)), np.int64)])
+
+    axes = b.const([0, *range(2, rank)], np.int64)
+    out: dict[int, str] = {}
+    if need[0]:
+        out[0] = b.op("Mul", [dy, per_channel(b.op("Div", [n.input[1], spread]))])
+    if need[1]:
+        centred = b.op("Sub", [n.input[0], per_channel(n.input[3])])
+        normalised = b.op("Div", [centred, per_channel(spread)])
+        out[1] = b.op("ReduceSum", [b.op("Mul", [dy, normalised]), axes], keepdims=0)
+    if need[2]:
+        out[2] = b.op("ReduceSum", [dy, axes], keepdims=0)
+    if need[3] or need[4]:
+        raise UnsupportedOpError("BatchNormalization", n.name, "the running mean and variance must be constants")
+    return out
+
+
 def _relu(b: _Builder, n: onnx.NodeProto, dy: str, need: Sequence[bool]) -> dict[int, str]:
     positive = b.op("Greater", [n.input[0], b.const(0.0)])
     return {0: b.op("Where", [positive, dy, b.const(0.0)])}
@@ -304,7 +348,8 @@ def _global_avg_pool(b: _Builder, n: onnx.NodeProto, dy: str, need: Sequence[boo
 
 
 RULES: dict[str, Rule] = {
-    "Gemm": _gemm, "MatMul": _matmul, "Add": _add_sub, "Sub": _add_sub, "Mul": _mul, "Relu": _relu,
+    "Gemm": _gemm, "MatMul": _matmul, "Add": _add_sub, "Sub": _add_sub, "Mul": _mul, "Div": _div,
+    "BatchNormalization": _batch_norm, "Relu": _relu,
     "LeakyRelu": _leaky_relu, "Sigmoid": _sigmoid, "Tanh": _tanh, "Softmax": _softmax,
     "LogSoftmax": _log_softmax, "Flatten": _reshape_back, "Reshape": _reshape_back, "Identity": _identity,
     "Conv": _conv, "MaxPool": _maxpool, "GlobalAveragePool": _global_avg_pool,

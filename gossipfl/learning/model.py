@@ -114,7 +114,7 @@ def _check_self_contained(graph: onnx.GraphProto) -> None:
 SCALING_OPS = frozenset({"Sub", "Div", "Mul", "Add"})
 
 
-def _scaling_constants(graph: onnx.GraphProto) -> frozenset[str]:
+def _frozen_constants(graph: onnx.GraphProto) -> frozenset[str]:
     """Initializers that scale the data input before the first layer: ``Sub``/``Div``/``Mul``/``Add`` nodes
     on the input (or on such a node's output) with an initializer as the other operand. They are frozen,
     constants of the model's structure rather than weights: trained, the scaler's mean and scale drifted like
@@ -136,7 +136,11 @@ def _scaling_constants(graph: onnx.GraphProto) -> frozenset[str]:
         chain.add(node.output[0])
     # A constant also used elsewhere (as a weight of a layer) is not only a scaler: leave it trainable.
     elsewhere = {name for node in graph.node if node.op_type not in SCALING_OPS for name in node.input}
-    return frozenset(frozen - elsewhere)
+    # BatchNormalization's running mean and variance: statistics of the data it was exported with, kept as
+    # they are (inference mode; gossipfl.learning.autodiff._batch_norm says why).
+    statistics = {name for node in graph.node if node.op_type == "BatchNormalization"
+                  for name in node.input[3:5] if name in initializers}
+    return frozenset(frozen - elsewhere) | statistics
 
 
 def _check_opset(proto: onnx.ModelProto) -> int:
@@ -221,7 +225,7 @@ class Model:
 
         trainable: list[onnx.TensorProto] = []
         constants: list[onnx.TensorProto] = []
-        frozen = _scaling_constants(graph)
+        frozen = _frozen_constants(graph)
         for init in graph.initializer:
             if init.name in frozen:
                 constants.append(init)

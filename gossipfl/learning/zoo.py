@@ -38,7 +38,7 @@ class ArchSpec:
     seed: int = 0
     schema: Schema | None = None  # the data's columns and class names, carried in the model's metadata
     # Per-feature (mean, scale) fitted on the data: the model standardises its input itself, with constants
-    # that are frozen, never trained or averaged (gossipfl.learning.model._scaling_constants).
+    # that are frozen, never trained or averaged (gossipfl.learning.model._frozen_constants).
     scaling: tuple[np.ndarray, np.ndarray] | None = None
 
     def validate(self) -> None:
