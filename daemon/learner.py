@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from .logs import fields
 log = logging.getLogger("gossipfld.learner")
 
 EVAL_EVERY = 5.0  # seconds between validation runs
+EXPLODED = 100.0  # a slice's loss this many times the recent median has diverged
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Learner:
         # The last state known to be finite (loaded at start, refreshed at every checkpoint): where a model
         # that training or a merge turned to NaN or infinity rolls back to, instead of being kept or saved.
         self._good: tuple[np.ndarray, float] = (model.params.copy(), age)
+        self._recent_losses: deque[float] = deque(maxlen=20)  # of training slices: what "exploded" is against
 
     @property
     def age(self) -> float:
@@ -95,6 +98,25 @@ class Learner:
         self.counters.add("rollbacks")
         log.error("the model stopped being finite; rolled back to the last good state (a learning rate too "
                   "high for the data's scale?)", extra=fields(after=what, age=age))
+
+    def _diverged(self) -> bool:
+        """The slice's loss is not finite, or exploded past ``EXPLODED`` times the median of recent slices."""
+        loss = self.train_loss
+        if loss is None or not math.isfinite(loss) or not np.isfinite(self.model.params).all():
+            return True
+        recent = self._recent_losses
+        return len(recent) >= 5 and loss > EXPLODED * max(float(np.median(recent)), 1e-6)
+
+    def _undo_slice(self, before: np.ndarray) -> None:
+        """Put the model back as it was before the slice, with a lower step size, and say so: on data it was
+        not tuned for, the default step once turned a node's model to NaN for good."""
+        self.model.set_params(before)
+        self.trainer.reset_optimizer()
+        lowered = self.trainer.lower_lr()
+        self._recent_losses.clear()
+        self.counters.add("divergences")
+        log.warning("training diverged; the slice was undone" + (" and the step size lowered" if lowered else ""),
+                    extra=fields(loss=self.train_loss, lr=self.trainer.lr))
 
     def mark_good(self, params: np.ndarray, age: float) -> None:
         """A finite state just checkpointed: the one to roll back to."""
@@ -178,8 +200,13 @@ class Learner:
             self.training_active = True
             start = trio.current_time()
             async with self.lock:
-                self._age += await self._slice(t.slice_steps)
-                self._keep_finite("training")
+                before = self.model.params.copy()
+                samples = await self._slice(t.slice_steps)
+                if self._diverged():
+                    self._undo_slice(before)
+                else:
+                    self._age += samples
+                    self._recent_losses.append(self.train_loss or 0.0)
             await trio.sleep(self._pause_after(trio.current_time() - start))
 
     async def train_from(self, start: np.ndarray | None, epochs: int) -> tuple[np.ndarray, int]:

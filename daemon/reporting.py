@@ -110,7 +110,7 @@ class Reporter:
             "port": self.port, "uptime": time.time() - self.started_at, "paused": learner.paused,
             "training": learner.training_active, "train_samples": len(learner.data.train),
             "validation": v.as_dict(m.schema.classes if m.schema else None) if v else None,
-            "train_loss": learner.train_loss, "problems": self.problems(),
+            "train_loss": learner.train_loss, "lr": learner.trainer.lr, "problems": self.problems(),
             "peers": len(self.peers.live()), "blocked": sorted(format_node_id(b) for b in self.peers.blocked),
             "max_loop_lag": self.max_lag, "param_norm": float(np.linalg.norm(m.params)),
             "counters": counters,

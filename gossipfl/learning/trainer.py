@@ -121,6 +121,7 @@ class Trainer:
         self.state = {slot: _FlatBuffer(model) for slot in opt.state_slots}
         self._next_state = {slot: _FlatBuffer(model) for slot in opt.state_slots}
         self._lr = np.array(opt.lr, np.float32)
+        self.lr_scale = 1.0  # lowered by ``lower_lr`` when training diverges
         self._eps = np.array(opt.eps, np.float32)
         self._loss = np.zeros((), np.float32)
 
@@ -163,10 +164,10 @@ class Trainer:
         self.steps += 1
         if opt.name == "adam":
             lr_t, eps_t = adam_scalars(opt, self.steps)
-            self._lr[...] = lr_t
+            self._lr[...] = lr_t * self.lr_scale
             self._eps[...] = eps_t
         else:
-            self._lr[...] = opt.lr
+            self._lr[...] = opt.lr * self.lr_scale
         self._io.bind_cpu_input(self.model.input_name, x)
         self._io.bind_cpu_input(LABELS, y)
         self._train.run_with_iobinding(self._io)
@@ -209,6 +210,18 @@ class Trainer:
             losses.append(self.step(x[rows], y[rows]))
             samples += len(rows)
         return float(np.mean(losses)), samples
+
+    @property
+    def lr(self) -> float:
+        """The step size in use: the configured one times what divergences left of it."""
+        return self.config.optimizer.lr * self.lr_scale
+
+    def lower_lr(self, factor: float = 0.5, floor: float = 1 / 1024) -> bool:
+        """Lower the step size after a divergence; False once it is at ``floor`` of the configured one."""
+        if self.lr_scale <= floor:
+            return False
+        self.lr_scale = max(self.lr_scale * factor, floor)
+        return True
 
     def reset_optimizer(self) -> None:
         """Zero the optimiser's state (momentum, Adam moments): a FedAvg round starts each client afresh
