@@ -41,7 +41,8 @@ class ControlClient:
         try:
             sock.connect(os.fsencode(self.path))
         except (FileNotFoundError, ConnectionRefusedError):
-            raise DaemonNotRunning(f"gossipfld is not running (nothing listens on {self.path})") from None
+            raise DaemonNotRunning(f"gossipfld is not running (nothing listens on {self.path}); for another "
+                                   "daemon give --socket PATH or --config NODE.toml, or set GOSSIPFL_SOCKET") from None
         except PermissionError:
             raise ControlForbidden(f"permission denied on {self.path}: run as root or as a member of the "
                                    f"socket's group (usually 'gossipfl')") from None

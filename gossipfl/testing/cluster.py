@@ -84,6 +84,7 @@ class ClusterPlan:
     fedavg: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     per_node: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    model: Path | None = None  # the cluster's model; default an MLP built for the data (hidden, seed)
 
 
 def _toml_value(value: Any) -> str:
@@ -111,8 +112,10 @@ def prepare(root: Path, plan: ClusterPlan, x: np.ndarray, y: np.ndarray) -> list
     """Write CA, certificates, configs, model and data shards for ``plan.nodes`` nodes under ``root``."""
     root.mkdir(parents=True, exist_ok=True)
     init_ca(root / "ca")
-    classes = int(y.max()) + 1
-    model = build(ArchSpec("mlp", x.shape[1], classes, hidden=tuple(plan.hidden), seed=plan.seed))
+    if plan.model is not None:
+        model = Model.load(plan.model)
+    else:
+        model = build(ArchSpec("mlp", x.shape[1], int(y.max()) + 1, hidden=tuple(plan.hidden), seed=plan.seed))
     model.save(root / "model.onnx")
     learners = plan.nodes - plan.gateways
     if plan.split == "iid":

@@ -118,3 +118,19 @@ def test_status_problems_line_sums_each_family_and_names_the_commonest_reasons()
                 "failed.link": 1, "dropped.link": 3, "merges": 9}
     assert _problems(counters) == ("refused 9 (blocked 5, tls 2, codec 1, ...); failed pushes 1 (link 1); "
                                    "dropped links 3 (link 3)")
+
+
+def test_output_cut_short_by_the_reader_ends_quietly(tmp_path, small_model):
+    """`gossipfl ... | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    rows = np.random.default_rng(0).normal(size=(20000, 3))
+    (tmp_path / "rows.csv").write_text("f0,f1,f2\n" + "\n".join(",".join(f"{v:.3f}" for v in r) for r in rows) + "\n")
+    proc = subprocess.Popen([sys.executable, "-m", "gossipfl.cli", "predict", "--model", str(small_model), "--input",
+                             str(tmp_path / "rows.csv"), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(10)  # the first bytes, as head would read them
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
