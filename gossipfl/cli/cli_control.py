@@ -10,6 +10,7 @@ import argparse
 import base64
 import binascii
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -137,9 +138,25 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return _print(args, client(args).call("peers"), _peers_text)
 
 
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def metrics_json(text: str) -> dict[str, list[dict[str, Any]]]:
+    """Prometheus text as JSON a script can read: each metric name to its samples' labels and values."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line.strip())
+        if line.startswith("#") or match is None:
+            continue
+        name, labels, value = match.groups()
+        out.setdefault(name, []).append({"labels": dict(_LABEL.findall(labels or "")), "value": float(value)})
+    return out
+
+
 def cmd_metrics(args: argparse.Namespace) -> int:
     text = client(args).call("metrics")
-    print(json.dumps({"text": text}) if args.json else text, end="" if not args.json else "\n")
+    print(json.dumps(metrics_json(text)) if args.json else text, end="" if not args.json else "\n")
     return 0
 
 
@@ -149,14 +166,33 @@ def _switch(command: str, word: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _peer_id(ctl: ControlClient, given: str) -> str:
+    """A full node id from a full one or a unique prefix of a known or blocked peer's (at least 4 digits)."""
+    text = given.strip().lower()
+    if len(text) == 64:
+        return text
+    if len(text) < 4 or any(c not in "0123456789abcdef" for c in text):
+        raise ControlError(f"{given!r}: give a node id, or at least 4 of its first hex digits")
+    known = {p["node_id"] for p in ctl.call("peers")} | set(ctl.call("status")["blocked"])
+    matches = sorted(i for i in known if i.startswith(text))
+    if len(matches) != 1:
+        raise ControlError(f"{given!r} matches {len(matches)} peers" + (f": {', '.join(m[:16] for m in matches)}"
+                                                                       if matches else "; see gossipfl peers"))
+    return matches[0]
+
+
 def cmd_block(args: argparse.Namespace) -> int:
-    result = client(args).call("peer.block", id=args.id)
-    return _print(args, result, lambda r: f"blocked {args.id}; {len(r['blocked'])} blocked in all")
+    ctl = client(args)
+    node = _peer_id(ctl, args.id)
+    result = ctl.call("peer.block", id=node)
+    return _print(args, result, lambda r: f"blocked {node}; {len(r['blocked'])} blocked in all")
 
 
 def cmd_unblock(args: argparse.Namespace) -> int:
-    result = client(args).call("peer.unblock", id=args.id)
-    return _print(args, result, lambda r: f"unblocked {args.id}; {len(r['blocked'])} blocked in all")
+    ctl = client(args)
+    node = _peer_id(ctl, args.id)
+    result = ctl.call("peer.unblock", id=node)
+    return _print(args, result, lambda r: f"unblocked {node}; {len(r['blocked'])} blocked in all")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -228,8 +264,10 @@ def register(sub: Any, parser_class: type[argparse.ArgumentParser]) -> argparse.
     add("resume", _switch("resume", "resumed"), "resume training and gossip")
     peer = sub.add_parser("peer", help="block or unblock a peer by node id")
     peer_sub = peer.add_subparsers(dest="peer_command", required=True, parser_class=parser_class)
-    add("block", cmd_block, "refuse a peer and never dial it", peer_sub).add_argument("id", help="64-hex node id")
-    add("unblock", cmd_unblock, "take a blocked peer back", peer_sub).add_argument("id", help="64-hex node id")
+    add("block", cmd_block, "refuse a peer and never dial it", peer_sub).add_argument(
+        "id", help="node id, or a unique prefix of it (4 hex digits or more)")
+    add("unblock", cmd_unblock, "take a blocked peer back", peer_sub).add_argument(
+        "id", help="node id, or a unique prefix of it (4 hex digits or more)")
     return common
 
 

@@ -225,6 +225,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         why = next(iter(sorted(data.skipped.items())))[1]
         more = f" (and {len(data.skipped) - 1} more files)" if len(data.skipped) > 1 else ""
         raise DataError(f"data.directory: {why}{more}")
+    if args.json:
+        print(json.dumps({"ok": True, "config": str(args.file), "node_id": format_node_id(ident.node_id),
+                          "model": {"path": str(config.model.path), "task": model.task,
+                                    "parameters": model.num_params, "fingerprint": model.fingerprint_hex},
+                          "data": data.report()}))
+        return 0
     rows = f"{len(data.train)} rows" + (f", {sum(data.skipped_rows.values())} skipped {data.skipped_rows}"
                                          if data.skipped_rows else "")
     print(f"{args.file}: ok; node {format_node_id(ident.node_id)}, {model.describe()}; data {rows}")
@@ -344,6 +350,7 @@ def register_admin(sub: Any, parser_class: type[argparse.ArgumentParser]) -> Non
     config_sub = config.add_subparsers(dest="config_command", required=True, parser_class=parser_class)
     check = config_sub.add_parser("check", help="check a TOML config and the files it names, offline")
     check.add_argument("file")
+    check.add_argument("--json", action="store_true", help="the result as JSON (errors stay one line on stderr)")
     check.set_defaults(handler=cmd_config_check)
     svc = sub.add_parser("service", help="install or remove the systemd service")
     svc_sub = svc.add_subparsers(dest="service_command", required=True, parser_class=parser_class)

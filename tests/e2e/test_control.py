@@ -175,7 +175,9 @@ def test_metrics_in_both_forms_and_over_http(daemons):
     age = [line for line in text.splitlines() if line.startswith("gossipfl_model_age ")]
     assert age and float(age[0].split()[1]) > 0
     assert "gossipfl_loop_lag_max_seconds" in text and "gossipfl_control_requests_total" in text
-    assert "gossipfl_info{" in json.loads(daemons.cli("metrics", "--json").stdout)["text"]
+    parsed = json.loads(daemons.cli("metrics", "--json").stdout)
+    assert any(s["labels"] == {"direction": "out"} and s["value"] > 0 for s in parsed["gossipfl_exchanges_total"])
+    assert parsed["gossipfl_model_age"][0]["value"] > 0
     url = f"http://127.0.0.1:{daemons.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as reply:
         assert reply.status == 200 and reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
@@ -236,7 +238,14 @@ def test_block_and_unblock_a_peer(daemons):
     line = one_line_error(daemons.cli("peer", "unblock", node1, check=False))
     assert "is not blocked" in line
     line = one_line_error(daemons.cli("peer", "block", "not-an-id", check=False))
-    assert "not a node id" in line
+    assert "give a node id, or at least 4 of its first hex digits" in line
+    assert daemons.cli("peer", "block", node1[:8]).stdout.startswith(f"blocked {node1}")  # a unique prefix
+    assert daemons.json("status")["blocked"] == [node1]
+    assert daemons.cli("peer", "unblock", node1[:8]).stdout.startswith(f"unblocked {node1}")
+    nobody = next(p for p in (f"{i:04x}" for i in range(65536))
+                  if not any(s.node_id.hex().startswith(p) for s in daemons.specs))
+    line = one_line_error(daemons.cli("peer", "block", nobody, check=False))
+    assert "matches 0 peers" in line
 
 
 # ---------------------------------------------------------------- refusals and limits

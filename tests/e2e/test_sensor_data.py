@@ -109,6 +109,8 @@ def test_the_daemon_on_sensor_data_counts_skipped_rows_and_config_check_names_a_
     run_cli("model", "init", "--arch", "mlp", "--data", str(data), "--exclude", "timestamp", "--label-column",
             "state", "--out", str(model))
     assert "; data 400 rows, 4 skipped" in run_cli("config", "check", str(spec.config)).stdout
+    checked = json.loads(run_cli("config", "check", str(spec.config), "--json").stdout)
+    assert checked["ok"] and checked["data"]["rows"] == 400 and checked["node_id"] == spec.node_id.hex()
 
     with Cluster([spec]) as cluster:
         assert cluster.wait_for_log(spec, "node started", 60), cluster.log_lines(spec)

@@ -22,21 +22,33 @@ def _know(gateway_app, client_app) -> None:
     gateway_app.peers.seen(client_app.node_id, listen.address, listen.port, "mdns", trio.current_time())
 
 
+async def _connect(g, c, nursery: trio.Nursery) -> None:
+    """Gateway ``g`` and client ``c`` on one memory network, the client's data read, the gateway knowing it."""
+    net = MemoryNet(nursery)
+    net.add(g), net.add(c)
+    await trio.to_thread.run_sync(c.learner.data.refresh)
+    _know(g, c)
+
+
+async def _rounds(g, c, count: int, nursery: trio.Nursery) -> list:
+    """``count`` rounds of gateway ``g`` with client ``c``, each awaited until the client adopted its result."""
+    reports = []
+    for number in range(1, count + 1):
+        reports.append(await g.gateway.one_round(g.peers.live(), nursery))
+        while c.counters.values.get("fedavg.adopted", 0) < number:
+            await trio.sleep(0.01)
+    return reports
+
+
 def test_a_round_leaves_the_client_holding_the_global_model(make_apps):
     g, c = make_apps(2, gateways=1, mode="fedavg", fedavg={"deadline": 30.0})
 
     async def main():
         async with trio.open_nursery() as nursery:
-            net = MemoryNet(nursery)
-            net.add(g), net.add(c)
-            await trio.to_thread.run_sync(c.learner.data.refresh)
-            _know(g, c)
+            await _connect(g, c, nursery)
             before = g.learner.model.params.copy()
-            for number in (1, 2):
-                report = await g.gateway.one_round(g.peers.live(), nursery)
-                assert report is not None and report.round == number and report.answered == 1
-                while c.counters.values.get("fedavg.adopted", 0) < number:
-                    await trio.sleep(0.01)
+            reports = await _rounds(g, c, 2, nursery)
+            assert [(r.round, r.answered) for r in reports] == [(1, 1), (2, 1)]
             nursery.cancel_scope.cancel()
         assert np.abs(g.learner.model.params - before).max() > 1e-3  # the client's training moved the model
         # int8 downlink with error feedback: the client holds the global model to the codec's precision.
@@ -129,14 +141,8 @@ def test_a_granted_gateway_that_sends_a_sign_flipped_global_model_is_refused_lik
 
     async def main():
         async with trio.open_nursery() as nursery:
-            net = MemoryNet(nursery)
-            net.add(g), net.add(c)
-            await trio.to_thread.run_sync(c.learner.data.refresh)
-            _know(g, c)
-            for number in (1, 2, 3):  # honest rounds: how far a global model usually is
-                await g.gateway.one_round(g.peers.live(), nursery)
-                while c.counters.values.get("fedavg.adopted", 0) < number:
-                    await trio.sleep(0.01)
+            await _connect(g, c, nursery)
+            await _rounds(g, c, 3, nursery)  # honest rounds: how far a global model usually is
             held = c.learner.model.params.copy()
             g.learner.model.params[:] = -10 * g.learner.model.params
             report = await g.gateway.one_round(g.peers.live(), nursery)

@@ -154,6 +154,10 @@ def test_gradient_matches_central_differences(case: str, task: str):
     model = CASES[case]()
     model.task = task
     graph, evaluator, feeds, params, results = _run_reference(model, task)
+    _check_against_central_differences(model, graph, evaluator, feeds, params, results, f"{case}/{task}")
+
+
+def _check_against_central_differences(model, graph, evaluator, feeds, params, results, what: str) -> None:
     eps = 1e-6
     for spec in model.specs:
         analytic = results[graph.grad_names[spec.name]]
@@ -168,9 +172,9 @@ def test_gradient_matches_central_differences(case: str, task: str):
             flat[i] = keep
             out[i] = (plus - minus) / (2 * eps)
         scale = max(np.linalg.norm(analytic), np.linalg.norm(numeric))
-        assert scale > 1e-8, f"{case}/{spec.name}: gradient is identically zero, the check proves nothing"
+        assert scale > 1e-8, f"{what} {spec.name}: gradient is identically zero, the check proves nothing"
         rel = np.linalg.norm(analytic - numeric) / scale
-        assert rel < REL_TOL, f"{case}/{task} {spec.name}: relative error {rel:.2e}"
+        assert rel < REL_TOL, f"{what} {spec.name}: relative error {rel:.2e}"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -256,20 +260,7 @@ def test_a_one_logit_sigmoid_model_is_a_binary_classifier_trained_with_cross_ent
     p = 1 / (1 + np.exp(-z[:, 0]))
     y = feeds[LABELS]
     assert abs(results[LOSS] - np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p)))) < 1e-9
-    eps = 1e-6
-    for spec in model.specs:
-        analytic = results[graph.grad_names[spec.name]]
-        flat, numeric = params[spec.name].reshape(-1), np.zeros(analytic.size)
-        for i in range(flat.size):
-            keep = flat[i]
-            flat[i] = keep + eps
-            plus = evaluator.run([LOSS], {**feeds, **params})[0]
-            flat[i] = keep - eps
-            minus = evaluator.run([LOSS], {**feeds, **params})[0]
-            flat[i] = keep
-            numeric[i] = (plus - minus) / (2 * eps)
-        rel = np.linalg.norm(analytic.reshape(-1) - numeric) / max(np.linalg.norm(numeric), 1e-12)
-        assert rel < REL_TOL, f"{spec.name}: relative error {rel:.2e}"
+    _check_against_central_differences(model, graph, evaluator, feeds, params, results, "binary")
 
 
 def test_a_binary_classifier_learns_and_reports_two_classes():
