@@ -93,6 +93,9 @@ class Reporter:
         bad = sum(n for reason, n in skipped.items() if reason != "unterminated")
         if bad:
             found.append(f"{bad} data rows skipped (" + ", ".join(f"{r} {n}" for r, n in sorted(skipped.items())) + ")")
+        others = self.counters.values.get("ignored.other_cluster", 0)
+        if others and not self.peers.live():
+            found.append(f"no peers of this cluster; {others:.0f} adverts of other clusters (other CAs) ignored")
         return found
 
     def status(self) -> dict[str, Any]:

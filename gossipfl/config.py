@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from gossipfl.errors import ConfigError
-from gossipfl.learning.aggregate import AggregatorConfig
 from gossipfl.learning.schema import DELIMITERS
+
+if typing.TYPE_CHECKING:
+    from gossipfl.learning.aggregate import AggregatorConfig
 
 ROLES = ("node", "gateway")
 MODES = ("gossip", "fedavg", "auto")
@@ -408,6 +410,8 @@ def _validate(c: NodeConfig) -> None:
 
 
 def aggregator_config(f: FedavgSection) -> AggregatorConfig:
+    from gossipfl.learning.aggregate import AggregatorConfig  # numpy: only for a config that is checked
+
     return AggregatorConfig(rule=f.rule, clip_norm=f.clip_norm or None, clip_factor=f.clip_factor or None,
                             trim_fraction=f.trim_fraction, server_lr=f.server_lr, server_momentum=f.server_momentum,
                             staleness=f.late_updates)

@@ -11,11 +11,24 @@ about 11 MB of resident memory) to do so.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+
+#: Commands that only talk to a running daemon: parsed without loading the other commands (and so without
+#: onnx and numpy), so that ``gossipfl status`` answers at once.
+FAST_COMMANDS = frozenset({"status", "peers", "metrics", "pause", "resume", "peer"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gossipfl`` with ``argv`` (default: the process's arguments); returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if next((a for a in args if not a.startswith("-")), None) in FAST_COMMANDS:
+        from gossipfl.cli.cli_control import register
+        from gossipfl.cli.command import Parser, run, top_parser
+
+        parser, sub = top_parser()
+        register(sub, Parser)
+        return run(parser, args)
     from gossipfl.cli.app import main as run_app
 
-    return run_app(argv)
+    return run_app(args)

@@ -2,6 +2,6 @@
 
 import sys
 
-from gossipfl.cli.app import main
+from gossipfl.cli import main
 
 sys.exit(main())

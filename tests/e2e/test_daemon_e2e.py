@@ -75,19 +75,23 @@ def test_two_clusters_on_one_lan_pass_over_each_other(tmp_path, split):
     """Two clusters (two CAs) gossip on the same loopback mDNS: each node ignores the other cluster's adverts
     by their cluster tag instead of dialling them and failing at TLS."""
     x_train, y_train, _, _ = split
-    base = free_port_base(count=8)
-    clusters = [prepare(tmp_path / name, ClusterPlan(nodes=2, base_port=base + 4 * i, training=TRAINING,
-                                                     gossip={"period": 0.3}), x_train, y_train)
-                for i, name in enumerate(("red", "blue"))]
-    with Cluster(clusters[0]) as red, Cluster(clusters[1]) as blue:
-        for cluster, spec in [(red, s) for s in clusters[0]] + [(blue, s) for s in clusters[1]]:
+    base = free_port_base(count=12)
+    clusters = [prepare(tmp_path / name, ClusterPlan(nodes=2 if name != "green" else 1, base_port=base + 4 * i,
+                                                     training=TRAINING, gossip={"period": 0.3}), x_train, y_train)
+                for i, name in enumerate(("red", "blue", "green"))]
+    lone = clusters[2][0]  # a node of a third cluster, alone: it sees only the others' adverts
+    with Cluster(clusters[0]) as red, Cluster(clusters[1]) as blue, Cluster(clusters[2]) as green:
+        for cluster, spec in [(red, s) for s in clusters[0]] + [(blue, s) for s in clusters[1]] + [(green, lone)]:
             assert cluster.wait_for_log(spec, "node started", 30), cluster.log_lines(spec)
         time.sleep(6)
         # Read while all run: stopping a cluster can cut an exchange in flight, which its peer counts.
         live = [ControlClient(spec.socket, timeout=10).call("status")["counters"]
                 for spec in clusters[0] + clusters[1]]
-        codes = [red.stop_all(), blue.stop_all()]
-    assert codes == [{"node0": 0, "node1": 0}] * 2, codes
+        problems = ControlClient(lone.socket, timeout=10).call("status")["problems"]
+        codes = [red.stop_all(), blue.stop_all(), green.stop_all()]
+    assert codes == [{"node0": 0, "node1": 0}] * 2 + [{"node0": 0}], codes
+    lonely = [p for p in problems if p.startswith("no peers of this cluster;")]
+    assert lonely and "adverts of other clusters" in lonely[0], problems
     for counters in live:
         assert counters.get("ignored.other_cluster", 0) >= 2, counters  # the other cluster's two nodes
         assert counters.get("merges", 0) >= 1, counters
