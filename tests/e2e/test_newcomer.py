@@ -40,11 +40,12 @@ def test_a_fresh_node_joins_a_converged_cluster_with_no_refusal_and_reaches_its_
             assert cluster.wait_for_log(spec, "node started", 60), cluster.log_lines(spec)
 
         def converged() -> list[float] | None:
+            if min(counters(s).get("merges", 0) for s in members) < 20:  # merged often enough to have a history
+                return None
             scores = [accuracy(s) for s in members]
             return scores if min(scores) >= 0.85 and max(scores) - min(scores) <= 0.03 else None
 
         cluster_scores = wait_for(converged, 180, "the three members to converge")
-        assert min(counters(s)["merges"] for s in members) >= 20
 
         cluster.start(newcomer)
         assert cluster.wait_for_log(newcomer, "node started", 60), cluster.log_lines(newcomer)
