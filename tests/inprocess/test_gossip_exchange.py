@@ -103,7 +103,7 @@ def test_a_receiver_that_lost_its_reference_asks_for_the_whole_model(make_apps):
 def test_a_link_cut_at_every_step_leaves_both_ends_consistent(make_apps):
     """Cut the dialler's link after each of its writes (TLS handshake, Hello, push, pull, acks): no crash, the
     failure is counted, and the next clean exchange still gives both ends one exact average."""
-    a, b = make_apps(2, gossip={"scheme": "float32"})
+    a, b = make_apps(2, gossip={"scheme": "float32", "merge": "age"})  # the exact average the test computes
     b.gossip.budget = PeerBudget(rate=1e6, burst=1e6, full_every=0)  # this test is about consistency, not rates
 
     async def main():
