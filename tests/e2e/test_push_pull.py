@@ -34,7 +34,8 @@ def _two_nodes_apart(root, push_pull: bool, one_way: bool = False):
     x, y = load_digits()
     plan = ClusterPlan(nodes=2, base_port=free_port_base(), mdns=False, static_peers=True,
                        training={"enabled": False},
-                       gossip={"period": 0.3, "scheme": "float32", "push_pull": push_pull},
+                       # the plain age rule: the test computes its exact shares
+                       gossip={"period": 0.3, "scheme": "float32", "push_pull": push_pull, "merge": "age"},
                        per_node={1: {"discovery": {"static_peers": []}}} if one_way else {})
     specs = prepare(root, plan, x[:200], y[:200])
     rng = np.random.default_rng(7)
