@@ -69,7 +69,8 @@ def cpu_seconds(pid: int) -> float | None:
 class Run:
     mode: str
     scheme: str
-    samples: list[tuple[float, float, float, float]] = field(default_factory=list)  # t, mean acc, min, bytes
+    # t, mean acc, min acc, then per node: frame bytes sent, bytes on the wire up and down (TLS included)
+    samples: list[tuple[float, float, float, float, float, float]] = field(default_factory=list)
     final: list[float] = field(default_factory=list)
     rss: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
@@ -84,12 +85,13 @@ class Run:
     def name(self) -> str:
         return f"{self.mode}/{self.scheme}"
 
-    def reach(self, target: float) -> tuple[float | None, float | None]:
-        """Seconds and bytes per node when the mean accuracy first reached ``target``."""
-        for t, mean, _, sent in self.samples:
+    def reach(self, target: float) -> tuple[float, float, float, float] | None:
+        """Seconds, frame bytes sent, wire bytes up and down per node when the mean accuracy first reached
+        ``target``; None if it never did."""
+        for t, mean, _, sent, up, down in self.samples:
             if mean >= target:
-                return t, sent
-        return None, None
+                return t, sent, up, down
+        return None
 
 
 def node_state(spec: NodeSpec) -> tuple[np.ndarray, dict] | None:
@@ -124,9 +126,10 @@ def run_config(args: argparse.Namespace, mode: str, scheme: str, root: Path, x_t
             states = [s for s in map(node_state, learners) if s is not None]
             if states:
                 accs = [score(params) for params, _ in states]
-                sent = [st["counters"].get("bytes_out", 0) for _, st in states]
+                per_node = [[st["counters"].get(key, 0) for _, st in states]
+                            for key in ("bytes_out", "wire_out", "wire_in")]
                 run.samples.append((time.monotonic() - start, float(np.mean(accs)), float(np.min(accs)),
-                                    float(np.mean(sent))))
+                                    *(float(np.mean(v)) for v in per_node)))
             run.rss += [m for p in cluster.procs.values() if (m := rss_mb(p.pid)) is not None]
         finals = [s for s in map(node_state, specs) if s is not None]
         run.cpu = [c for p in cluster.procs.values() if (c := cpu_seconds(p.pid)) is not None]
@@ -144,10 +147,12 @@ def run_config(args: argparse.Namespace, mode: str, scheme: str, root: Path, x_t
 def write_csv(path: Path, runs: list[Run]) -> None:
     with path.open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["mode", "scheme", "seconds", "mean_accuracy", "min_accuracy", "bytes_sent_per_node"])
+        out.writerow(["mode", "scheme", "seconds", "mean_accuracy", "min_accuracy", "frame_bytes_sent_per_node",
+                      "wire_bytes_up_per_node", "wire_bytes_down_per_node"])
         for run in runs:
-            for t, mean, low, sent in run.samples:
-                out.writerow([run.mode, run.scheme, f"{t:.2f}", f"{mean:.4f}", f"{low:.4f}", f"{sent:.0f}"])
+            for t, mean, low, sent, up, down in run.samples:
+                out.writerow([run.mode, run.scheme, f"{t:.2f}", f"{mean:.4f}", f"{low:.4f}", f"{sent:.0f}",
+                              f"{up:.0f}", f"{down:.0f}"])
 
 
 def write_png(path: Path, runs: list[Run], central: float, title: str) -> None:
@@ -160,10 +165,10 @@ def write_png(path: Path, runs: list[Run], central: float, title: str) -> None:
     for run in runs:
         t = [s[0] for s in run.samples]
         acc = [s[1] for s in run.samples]
-        kb = [s[3] / 1024 for s in run.samples]
+        kb = [(s[4] + s[5]) / 1024 for s in run.samples]  # on the wire, up + down
         by_time.plot(t, acc, label=run.name)
         by_bytes.plot(kb, acc, label=run.name)
-    for ax, xlabel in ((by_time, "seconds"), (by_bytes, "kB sent per node")):
+    for ax, xlabel in ((by_time, "seconds"), (by_bytes, "kB on the wire per node (up + down, TLS included)")):
         ax.axhline(central, color="black", linestyle="--", linewidth=1, label="central")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("mean accuracy (held-out)")
@@ -229,22 +234,24 @@ def main() -> None:
              f"fedavg {args.fedavg_epochs} epochs/round")
     print(title)
     for run in runs:
-        print(f"\n{run.name}: accuracy against time and bytes sent per node")
-        print(f"{'time s':>7} {'mean acc':>9} {'min acc':>8} {'kB sent/node':>13}")
-        for t, mean, low, sent in run.samples:
-            print(f"{t:7.1f} {mean:9.4f} {low:8.4f} {sent / 1024:13.1f}")
+        print(f"\n{run.name}: accuracy against time and kB per node (frames sent; on the wire up and down)")
+        print(f"{'time s':>7} {'mean acc':>9} {'min acc':>8} {'frames':>9} {'wire up':>9} {'wire down':>10}")
+        for t, mean, low, sent, up, down in run.samples:
+            print(f"{t:7.1f} {mean:9.4f} {low:8.4f} {sent / 1024:9.1f} {up / 1024:9.1f} {down / 1024:10.1f}")
     target = 0.95 * central
     print(f"\ncentral training on all data (baseline, same run): {central:.4f}; 95% of it: {target:.4f}")
-    header = (f"| {'config':<15} | final acc mean (min) | vs central | s to 95% | kB/node to 95% | RSS MB/daemon "
-              f"| CPU s/daemon | max loop lag |")
+    header = (f"| {'config':<15} | final acc mean (min) | vs central | s to 95% | kB/node to 95%: frames sent "
+              f"| wire up | wire down | wire up+down | RSS MB/daemon | CPU s/daemon | max loop lag |")
     print(header)
     print("|" + "|".join("-" * (len(part) + 0) for part in header.split("|")[1:-1]) + "|")
     for run in runs:
-        seconds, sent = run.reach(target)
-        reach_t = f"{seconds:.1f}" if seconds is not None else "not reached"
-        reach_b = f"{sent / 1024:.1f}" if sent is not None else "-"
+        reached = run.reach(target)
+        reach_t = f"{reached[0]:.1f}" if reached else "not reached"
+        sent, up, down = (f"{v / 1024:.1f}" if reached else "-" for v in (reached or (0, 0, 0, 0))[1:])
+        both = f"{(reached[2] + reached[3]) / 1024:.1f}" if reached else "-"
         print(f"| {run.name:<15} | {np.mean(run.final):.4f} ({min(run.final):.4f})     "
-              f"| {100 * (np.mean(run.final) - central):+6.2f} pts | {reach_t:>8} | {reach_b:>14} "
+              f"| {100 * (np.mean(run.final) - central):+6.2f} pts | {reach_t:>8} | {sent:>26} | {up:>7} "
+              f"| {down:>9} | {both:>12} "
               f"| {np.mean(run.rss):13.1f} | {np.mean(run.cpu):12.1f} | {1000 * run.lag:9.1f} ms |")
     for r in runs:
         print(f"{r.name}: median final age {np.median(r.ages):,.0f} samples; mean of the final models scores "

@@ -32,6 +32,7 @@ from gossipfl.metrics import Counters
 from gossipfl.protocol import framing, messages
 from gossipfl.protocol.advert import Advertisement, PeerGone, PeerSeen
 from gossipfl.protocol.codec import CodecConfig
+from gossipfl.protocol.pace import Pace
 from gossipfl.protocol.peers import PeerTable
 from gossipfl.protocol.references import GossipState
 
@@ -46,6 +47,7 @@ from .listener import Listener
 from .logs import fields
 from .metrics_http import serve_metrics
 from .notify import SystemdNotifier, watchdog_task
+from .pacing import Pacer
 from .peering import Admission, Dialer
 from .persistence import Persistence
 from .reporting import Reporter, short
@@ -85,7 +87,8 @@ class App:
             guard = MergeGuard(ClipSettings(max_share=g.max_share, radius_factor=g.clip_factor,
                                             max_age_rate=g.max_age_rate))
             guard.restore(state.get("merge_guard"))
-        self.learner = Learner(model, trainer, data, t, self.counters, float(state.get("age", 0.0)),
+        self.pacer = Pacer(Pace(config.quiet, g.period, t.duty_cycle, now=0.0), self.counters)
+        self.learner = Learner(model, trainer, data, t, self.counters, self.pacer, float(state.get("age", 0.0)),
                                paused=state.get("paused", False), guard=guard)  # a pause survives restarts
         self.codec = CodecConfig(scheme=g.scheme, topk_fraction=g.topk_fraction, int8_block=256, nthreads=1)
         # The clipped rule merges a far model a bounded step instead of refusing it as an outlier.
@@ -104,7 +107,7 @@ class App:
                               f"model of {model.num_params} parameters whole (up to {wire_limits.max_frame_size} "
                               "bytes); raise it, or train a smaller model")
         lim = config.limits
-        self.dialer = Dialer(self.admission, wire_limits, lim.connect_timeout, lim.read_timeout)
+        self.dialer = Dialer(self.admission, wire_limits, lim.connect_timeout, lim.read_timeout, self.counters)
         self.listener = Listener(self.admission, self.peers, self.counters, lim, wire_limits)
         self.notifier = SystemdNotifier.from_env()
         self.reporter = Reporter(config, self.node_id, self.learner, self.peers, self.counters, self.notifier)
@@ -116,6 +119,7 @@ class App:
         self.listener.handle(messages.ModelDelta, self.gossip.serve)
         self.listener.handle(messages.GatewayRound, self.follower.session)
         self.reporter.sections["fedavg"] = self._fedavg_status
+        self.reporter.sections["pace"] = self.pacer.report
         self.control: ControlServer | None = None
         self.discovery: Discovery | None = None
         self.metrics_port: int | None = None
@@ -186,6 +190,7 @@ class App:
             self.peers.add_static(host, port, trio.current_time())
         if self.config.discovery.mdns:
             await nursery.start(self._discovery)
+        self.pacer.begin()
         nursery.start_soon(self.gossip.run)
         if self.gateway is not None:
             nursery.start_soon(self.gateway.run)

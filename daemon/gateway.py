@@ -239,8 +239,8 @@ class Gateway:
             rnd.withdraw(peer.key)
             self.busy.discard(peer.key)
             if link is not None:
+                await link.aclose()  # first: its close_notify is part of what the exchange cost
                 account(self.counters, self.peers, peer.key, link.traffic)
-                await link.aclose()
 
     async def _send_global(self, link: Link, peer_id: bytes, number: int, params: np.ndarray, age: float,
                            epochs: int, wait: float, answer: type[messages.Message]) -> tuple[Push, messages.Message]:

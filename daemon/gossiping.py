@@ -75,9 +75,10 @@ class Gossip:
         in_flight: dict[bytes, Peer] = {}
         async with trio.open_nursery() as nursery:
             while True:
-                await trio.sleep(g.period * (1 + self.rng.uniform(-g.jitter, g.jitter)))
+                await self.learner.pacer.sleep(self.learner.pacer.period * (1 + self.rng.uniform(-g.jitter, g.jitter)))
                 if self.learner.paused or not self.learns_by_gossip():
                     continue
+                self.learner.pacer.tick()
                 if len(in_flight) >= PUSHES_IN_FLIGHT:
                     self.counters.add("pushes_skipped_busy")
                     continue
@@ -128,8 +129,8 @@ class Gossip:
             if self.config.gossip.push_pull and link.conversation.peer_pulls:
                 await self._pull(link, peer_id)
         finally:
+            await link.aclose()  # first: its close_notify is part of what the exchange cost
             account(self.counters, self.peers, peer_id, link.traffic)
-            await link.aclose()
 
     async def _pull(self, link: Link, peer_id: bytes) -> None:
         """The pull half of push-pull: ask for the peer's pre-merge model and merge it as it merged ours."""

@@ -32,6 +32,7 @@ from gossipfl.learning.trainer import Metrics, Trainer
 from gossipfl.metrics import Counters
 
 from .logs import fields
+from .pacing import Pacer
 
 log = logging.getLogger("gossipfld.learner")
 
@@ -50,7 +51,8 @@ class BeforeMerge:
 
 class Learner:
     def __init__(self, model: Model, trainer: Trainer, data: LocalData, settings: TrainingSection,
-                 counters: Counters, age: float = 0.0, paused: bool = False, guard: MergeGuard | None = None) -> None:
+                 counters: Counters, pacer: Pacer, age: float = 0.0, paused: bool = False,
+                 guard: MergeGuard | None = None) -> None:
         self.model = model
         self.trainer = trainer
         self.data = data
@@ -60,6 +62,7 @@ class Learner:
         self._paused = paused
         self.lock = trio.Lock()
         self.guard = guard  # None: the plain age-weighted merge; else the clipped rule and what it remembers
+        self.pacer = pacer  # how fast to train: slower once the model stopped changing (gossipfl.protocol.pace)
         self.validation: Metrics | None = None
         self.train_loss: float | None = None
         self.training_active = False
@@ -137,6 +140,8 @@ class Learner:
         async with self.lock:
             before = self.model.params.copy() if keep_before else None
             age = self._age
+            own = float(np.linalg.norm(self.model.params))
+            self.pacer.peer_distance(float(np.linalg.norm(remote - self.model.params)) / max(own, 1e-12))
             if self.guard is None:
                 merged = age_weighted_merge(self.model.params, age, remote, remote_age)
             else:
@@ -174,8 +179,9 @@ class Learner:
     # ------------------------------------------------------------------ training
 
     def _pause_after(self, busy: float) -> float:
-        """Sleep after ``busy`` seconds of training, so training takes ``duty_cycle`` of the wall time."""
-        duty = self.settings.duty_cycle
+        """Sleep after ``busy`` seconds of training, so training takes the pace's duty cycle of the wall time
+        (``training.duty_cycle`` at full speed, less once the node is quiet)."""
+        duty = self.pacer.duty_cycle
         return max(busy * (1 - duty) / duty, 0.001)
 
     async def _slice(self, steps: int) -> int:
@@ -191,7 +197,7 @@ class Learner:
         """Free-running local training while gossip drives learning; rounds train through ``train_from``."""
         t = self.settings
         while True:
-            if trio.current_time() - self._last_eval > EVAL_EVERY:
+            if trio.current_time() - self._last_eval > EVAL_EVERY * self.pacer.pace.slowdown:
                 await self.evaluate()
             if not t.enabled or self._paused or len(self.data.train) == 0 or not learns_by_gossip():
                 self.training_active = self.round_training
@@ -207,7 +213,9 @@ class Learner:
                 else:
                     self._age += samples
                     self._recent_losses.append(self.train_loss or 0.0)
-            await trio.sleep(self._pause_after(trio.current_time() - start))
+                    if len(self.data.validation) == 0 and self.train_loss is not None:
+                        self.pacer.loss(self.train_loss)  # no validation rows: the training loss says it
+            await self.pacer.sleep(self._pause_after(trio.current_time() - start))
 
     async def train_from(self, start: np.ndarray | None, epochs: int) -> tuple[np.ndarray, int]:
         """``epochs`` of local training from ``start`` (None: from our own model), for a FedAvg round.
@@ -253,6 +261,9 @@ class Learner:
             return None
         async with self.lock:
             self.validation = await trio.to_thread.run_sync(self.trainer.evaluate, validation.x, validation.y)
+        self.pacer.loss(self.validation.loss)
+        if self.validation.accuracy is not None:
+            self.pacer.accuracy(self.validation.accuracy)
         return self.validation
 
     async def predict(self, x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -270,3 +281,4 @@ class Learner:
                 continue
             if loaded:
                 log.info("new data", extra=fields(files=len(loaded), samples=len(self.data.train)))
+                self.pacer.new_data(len(loaded))

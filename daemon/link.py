@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import trio
 
 from gossipfl.errors import LinkBroken, ProtocolError, Refusal, RefusedByPeer, RemoteProtocolError
+from gossipfl.metrics import Counters
 from gossipfl.protocol import framing, messages
 from gossipfl.protocol.exchange import NEED_DATA, Closed, Conversation, Party
 
@@ -48,18 +49,52 @@ EXCHANGE_FAILURES = (Refusal, LinkBroken, ProtocolError, OSError, trio.TooSlowEr
 
 @dataclass
 class Traffic:
+    """One connection's bytes: ``bytes_*`` are the protocol's frames, ``wire_*`` what crossed the socket
+    (TLS records and handshakes included), which is what a router, a data plan and a radio pay for."""
+
     bytes_in: int = 0
     bytes_out: int = 0
+    wire_in: int = 0
+    wire_out: int = 0
+
+
+class CountedStream(trio.abc.Stream):
+    """The TCP stream under TLS, counting every byte it carries: for this connection (``traffic``) and for
+    the node (``counters``, ``wire_in`` / ``wire_out``), so that a handshake refused before any frame, a
+    stranger's garbage and a close_notify are counted too."""
+
+    def __init__(self, stream: trio.abc.Stream, traffic: Traffic, counters: Counters) -> None:
+        self.stream = stream
+        self.traffic = traffic
+        self.counters = counters
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+        self.traffic.wire_out += len(data)
+        self.counters.add("wire_out", len(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.stream.receive_some(max_bytes)
+        self.traffic.wire_in += len(data)
+        self.counters.add("wire_in", len(data))
+        return data
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 class Link:
     """Messages over one stream, in the conversation's order. Not safe for concurrent senders: one task owns it."""
 
-    def __init__(self, stream: trio.abc.Stream, party: Party, limits: framing.Limits, read_timeout: float) -> None:
+    def __init__(self, stream: trio.abc.Stream, party: Party, limits: framing.Limits, read_timeout: float,
+                 traffic: Traffic | None = None) -> None:
         self.stream = stream
         self.conversation = Conversation(party, limits)
         self.read_timeout = read_timeout
-        self.traffic = Traffic()
+        self.traffic = traffic or Traffic()
         self.messages_in = 0
 
     @property

@@ -110,7 +110,7 @@ class Listener:
             del by_host[remote]
 
     async def _handle(self, tcp: trio.abc.Stream, remote: str) -> None:
-        link = server_link(tcp, self.admission, self.wire_limits, self.limits.read_timeout)
+        link = server_link(tcp, self.admission, self.wire_limits, self.limits.read_timeout, self.counters)
         peer_id = b""
         try:
             # TLS within connect_timeout (inside meet): past it, the peer holds a cluster certificate.
@@ -140,6 +140,6 @@ class Listener:
             log.info("inbound connection refused", extra=fields(peer=short(peer_id) if peer_id else "?",
                                                                reason=reason, error=str(exc)))
         finally:
+            await link.aclose()  # first: its close_notify is part of what the exchange cost
             if peer_id:
                 account(self.counters, self.peers, peer_id, link.traffic)
-            await link.aclose()

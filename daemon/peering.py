@@ -19,11 +19,12 @@ from gossipfl.cli.tls import client_context, server_context
 from gossipfl.errors import GossipflError, RefusedByPeer, RefusedByUs
 from gossipfl.identity.ids import check_peer
 from gossipfl.identity.node import NodeIdentity
+from gossipfl.metrics import Counters
 from gossipfl.protocol import framing, messages
 from gossipfl.protocol.exchange import PUSH_PULL, Party
 from gossipfl.protocol.peers import Peer, PeerTable
 
-from .link import Link
+from .link import CountedStream, Link, Traffic
 
 log = logging.getLogger("gossipfld.peering")
 
@@ -123,21 +124,24 @@ class Dialer:
     """Dial a peer and meet it: the one way this node opens a connection, for gossip and for rounds."""
 
     def __init__(self, admission: Admission, limits: framing.Limits, connect_timeout: float,
-                 read_timeout: float) -> None:
+                 read_timeout: float, counters: Counters) -> None:
         # TCP, or what stands in for it: in-process tests join apps with in-memory streams (TLS still runs).
         self.connect: Callable[[str, int], Awaitable[trio.abc.Stream]] = trio.open_tcp_stream
         self.admission = admission
         self.limits = limits
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.counters = counters
 
     async def dial(self, peer: Peer) -> tuple[Link, Met]:
         """A link to ``peer`` past the Hellos; the caller closes it. A static address not yet dialled is
         learnt here: the table then knows it by the id its certificate proves."""
         with trio.fail_after(self.connect_timeout):
             tcp = await self.connect(peer.host, peer.port)
-        stream = trio.SSLStream(tcp, client_context(self.admission.identity), server_hostname=None)
-        link = Link(stream, Party.DIALER, self.limits, self.read_timeout)
+        traffic = Traffic()
+        stream = trio.SSLStream(CountedStream(tcp, traffic, self.counters), client_context(self.admission.identity),
+                                server_hostname=None)
+        link = Link(stream, Party.DIALER, self.limits, self.read_timeout, traffic)
         try:
             met = await meet(link, self.admission, self.connect_timeout, peer.proven_id)
         except BaseException:
@@ -149,6 +153,9 @@ class Dialer:
         return link, met
 
 
-def server_link(tcp: trio.abc.Stream, admission: Admission, limits: framing.Limits, read_timeout: float) -> Link:
-    stream = trio.SSLStream(tcp, server_context(admission.identity), server_side=True)
-    return Link(stream, Party.LISTENER, limits, read_timeout)
+def server_link(tcp: trio.abc.Stream, admission: Admission, limits: framing.Limits, read_timeout: float,
+                counters: Counters) -> Link:
+    traffic = Traffic()
+    stream = trio.SSLStream(CountedStream(tcp, traffic, counters), server_context(admission.identity),
+                            server_side=True)
+    return Link(stream, Party.LISTENER, limits, read_timeout, traffic)

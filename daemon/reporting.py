@@ -39,7 +39,8 @@ def short(node_id: bytes) -> str:
 
 
 def account(counters: Counters, peers: PeerTable, key: bytes, traffic: Traffic) -> None:
-    """Count an exchange's bytes for the node and, when the table knows the peer, for that peer."""
+    """Count an exchange's frame bytes for the node and, when the table knows the peer, its frame and wire
+    bytes for that peer (the node's wire bytes are counted as they pass, by ``link.CountedStream``)."""
     counters.add("bytes_out", traffic.bytes_out)
     counters.add("bytes_in", traffic.bytes_in)
     peer = peers.get(key)
@@ -47,6 +48,8 @@ def account(counters: Counters, peers: PeerTable, key: bytes, traffic: Traffic) 
         peer.stats.exchanges += 1
         peer.stats.bytes_out += traffic.bytes_out
         peer.stats.bytes_in += traffic.bytes_in
+        peer.stats.wire_out += traffic.wire_out
+        peer.stats.wire_in += traffic.wire_in
 
 
 def refusal(counters: Counters, peers: PeerTable, key: bytes, reason: str) -> None:
@@ -137,7 +140,8 @@ class Reporter:
                 else "inbound-only" if peer.source == "inbound" else "live",
                 "last_seen_ago": None if stats.last_seen is None else round(now - stats.last_seen, 3),
                 "failures": peer.failures, "exchanges": stats.exchanges, "bytes_in": stats.bytes_in,
-                "bytes_out": stats.bytes_out, "refusals": dict(stats.refusals),
+                "bytes_out": stats.bytes_out, "wire_in": stats.wire_in, "wire_out": stats.wire_out,
+                "refusals": dict(stats.refusals),
             })
         return report
 

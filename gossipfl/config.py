@@ -20,6 +20,7 @@ from typing import Any
 
 from gossipfl.errors import ConfigError
 from gossipfl.learning.schema import DELIMITERS
+from gossipfl.protocol.pace import PaceSettings
 
 if typing.TYPE_CHECKING:
     from gossipfl.learning.aggregate import AggregatorConfig
@@ -186,6 +187,7 @@ class NodeConfig:
     training: TrainingSection = field(default_factory=TrainingSection)
     gossip: GossipSection = field(default_factory=GossipSection)
     fedavg: FedavgSection = field(default_factory=FedavgSection)
+    quiet: PaceSettings = field(default_factory=PaceSettings)  # the section is the pace's own settings
     limits: LimitsSection = field(default_factory=LimitsSection)
     state: StateSection = field(default_factory=StateSection)
     control: ControlSection = field(default_factory=ControlSection)
@@ -386,6 +388,15 @@ def _validate(c: NodeConfig) -> None:
         _check(len(node_id) == 64 and all(ch in "0123456789abcdef" for ch in node_id.lower()),
                f"fedavg.gateways[{i}]", f"must be a 64-character hex node id, got {node_id!r}")
     aggregator_config(f)  # the aggregation keys, checked where they are used
+    q = c.quiet
+    _within(q.window, "quiet.window", 2, 10000, " periods")
+    _within(q.tolerance, "quiet.tolerance", 1e-6, 1)
+    _within(q.wake_distance, "quiet.wake_distance", 1.01, 1e6)
+    _within(q.accuracy_drop, "quiet.accuracy_drop", 1e-4, 1)
+    _within(q.max_period, "quiet.max_period", 0.05, 86400, " s")
+    _check(q.max_period >= g.period, "quiet.max_period", f"must be at least gossip.period ({g.period:g} s)")
+    _check(0 < q.min_duty_cycle <= t.duty_cycle, "quiet.min_duty_cycle",
+           f"must be in (0, training.duty_cycle = {t.duty_cycle:g}], got {q.min_duty_cycle:g}")
     lim = c.limits
     _check(1024 <= lim.max_frame_bytes <= 2**31, "limits.max_frame_bytes", "must be 1 KiB to 2 GiB")
     _check(1 <= lim.max_connections <= 10000, "limits.max_connections", "must be 1 to 10000")

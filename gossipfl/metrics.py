@@ -37,6 +37,8 @@ _DIRECTED = {
     "exchanges_out": ("gossipfl_exchanges_total", "out"),
     "bytes_in": ("gossipfl_bytes_total", "in"),
     "bytes_out": ("gossipfl_bytes_total", "out"),
+    "wire_in": ("gossipfl_wire_bytes_total", "in"),
+    "wire_out": ("gossipfl_wire_bytes_total", "out"),
 }
 _HELP = {
     "gossipfl_refusals_total": "Connections and updates refused, by reason.",
@@ -44,7 +46,8 @@ _HELP = {
     "gossipfl_inbound_drops_total": "Inbound exchanges cut by a broken link, by error.",
     "gossipfl_control_requests_total": "Control-socket requests, by result.",
     "gossipfl_exchanges_total": "Completed model exchanges, by direction.",
-    "gossipfl_bytes_total": "Bytes on peer connections, by direction.",
+    "gossipfl_bytes_total": "Protocol frame bytes on peer connections, by direction (before TLS).",
+    "gossipfl_wire_bytes_total": "Bytes on the socket of peer connections, TLS and handshakes included, by direction.",
     "gossipfl_merges_total": "Remote models merged into the local one.",
     "gossipfl_train_steps_total": "Local training steps.",
     "gossipfl_train_samples_total": "Samples seen by local training.",

@@ -115,23 +115,37 @@ def _status_text(s: dict[str, Any]) -> str:
         f"validation  {quality}",
         f"peers       {s['peers']} live, {len(s['blocked'])} blocked",
         f"exchanges   {c.get('exchanges_out', 0):.0f} out, {c.get('exchanges_in', 0):.0f} in; "
-        f"{human_size(c.get('bytes_out', 0))} sent, {human_size(c.get('bytes_in', 0))} received",
+        f"on the wire {human_size(c.get('wire_out', 0))} up, {human_size(c.get('wire_in', 0))} down "
+        f"(frames {human_size(c.get('bytes_out', 0))} sent, {human_size(c.get('bytes_in', 0))} received)",
         f"data        {_data_text(s.get('data') or {})}",
+        f"pace        {_pace_text(s.get('pace') or {})}",
         f"problems    {'; '.join([*s.get('problems', []), *counted]) or 'none'}",
         f"uptime      {_duration(s['uptime'])}",
     ])
 
 
+def _pace_text(p: dict[str, Any]) -> str:
+    if not p:
+        return "unknown"
+    if not p.get("enabled", True):
+        return "full speed (quieting is off)"
+    speed = "full speed" if p["state"] == "full" else (
+        f"{p['state']} (level {p['level']} of {p['max_level']}: gossip every {p['period']:g} s, "
+        f"training {100 * p['duty_cycle']:.1f}% of the time)")
+    return f"{speed} for {_duration(p['for_seconds'])}: {p['reason']}"
+
+
 def _peers_text(peers: list[dict[str, Any]]) -> str:
     if not peers:
         return "no peers known"
+    # IN and OUT are bytes on the wire (TLS included); --json has the protocol's frame bytes too
     header = f"{'NODE':<14}{'ADDRESS':<24}{'STATE':<14}{'LAST SEEN':>10}{'EXCH':>7}{'IN':>11}{'OUT':>11}  REFUSALS"
     lines = [header]
     for p in peers:
         seen = "-" if p["last_seen_ago"] is None else f"{p['last_seen_ago']:.0f}s ago"
         refusals = ",".join(f"{k}={v}" for k, v in sorted(p["refusals"].items())) or "-"
         lines.append(f"{p['node_id'][:12]:<14}{p['address']:<24}{p['state']:<14}{seen:>10}{p['exchanges']:>7}"
-                     f"{human_size(p['bytes_in']):>11}{human_size(p['bytes_out']):>11}  {refusals}")
+                     f"{human_size(p['wire_in']):>11}{human_size(p['wire_out']):>11}  {refusals}")
     return "\n".join(lines)
 
 

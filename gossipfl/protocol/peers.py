@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 @dataclass
 class PeerStats:
     exchanges: int = 0
-    bytes_in: int = 0
+    bytes_in: int = 0  # protocol frames
     bytes_out: int = 0
+    wire_in: int = 0  # on the socket: TLS records and handshakes included
+    wire_out: int = 0
     refusals: dict[str, int] = field(default_factory=dict)
     last_seen: float | None = None
 

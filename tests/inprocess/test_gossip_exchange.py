@@ -58,6 +58,13 @@ def test_push_pull_leaves_both_ends_with_the_same_average(make_apps):
         assert a.counters.values["exchanges_out"] == 1 and a.counters.values["pulls"] == 1
         assert b.counters.values["exchanges_in"] == 1 and b.counters.values["pulls_answered"] == 1
         assert a.counters.values["full_models_sent"] == 1  # nobody held a reference yet: base 0 both ways
+        # Bytes on the wire are counted under TLS: the frames plus records and the handshake's certificates.
+        ca, cb = a.counters.values, b.counters.values
+        assert ca["wire_out"] > ca["bytes_out"] + 1000 and ca["wire_in"] > ca["bytes_in"] + 1000
+        # what one end sent is what the other received (a close_notify still in flight at most)
+        assert ca["wire_in"] - 100 <= cb["wire_out"] and cb["wire_in"] <= ca["wire_out"] <= cb["wire_in"] + 100
+        stats = a.peers.get(b.node_id).stats  # one connection: the peer's share is all of it
+        assert (stats.wire_out, stats.wire_in, stats.bytes_out) == (ca["wire_out"], ca["wire_in"], ca["bytes_out"])
 
     trio.run(main)
 

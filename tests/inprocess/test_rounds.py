@@ -68,7 +68,7 @@ def test_an_answer_after_the_round_closed_is_dropped_or_folded_into_the_next(mak
     step = np.full(g.learner.model.num_params, 0.01, np.float32)
 
     async def late_client(stream: trio.abc.Stream, remote: str) -> None:
-        link = server_link(stream, late.admission, g.dialer.limits, 10.0)
+        link = server_link(stream, late.admission, g.dialer.limits, 10.0, late.counters)
         await meet(link, late.admission, 10.0)
         opening = await link.receive(GatewayRound)
         assert isinstance(opening, GatewayRound) and opening.epochs == 1

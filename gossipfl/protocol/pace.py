@@ -1,0 +1,168 @@
+"""How fast a node gossips and trains: at full speed while it learns, quieter step by step once it has learned.
+
+A converged cluster that keeps gossiping at its learning pace spends a battery and a data plan on nothing:
+three daemons that had long agreed kept 20-29% of a core each, and eight sent 30 kB/s each, long after their
+accuracy stopped moving. So a node watches two signs that it has stopped learning: its loss (validation loss,
+or the training loss where it keeps no validation rows) no longer improves by more than ``tolerance`` from one
+window to the next, and its peers' models are no farther from its own than they were. After each stable
+window it steps down one level: the gossip period doubles and the training duty cycle halves, down to the
+configured floors. Anything that means there is something to learn again brings it back to full speed at
+once: new rows, a peer whose model is far from ours (a newcomer, a changed world), validation accuracy that
+drops, or a loss that rises.
+
+Time is passed in, nothing here sleeps: the daemon (``gossipfld.pacing``) turns a wake into an interrupted
+sleep, and the tests drive this class with made-up clocks.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+FULL, SLOWING, QUIET = "full", "slowing", "quiet"
+
+
+@dataclass(frozen=True)
+class PaceSettings:
+    """``[quiet]`` in the config: see docs/config.md."""
+
+    enabled: bool = True
+    window: int = 10  # gossip periods (at the current pace) a level must be stable before the next step down
+    tolerance: float = 0.01  # a loss that changed less than this (relative) over a window has stopped moving
+    wake_distance: float = 4.0  # a peer's model this many times farther than usual wakes a quiet node
+    accuracy_drop: float = 0.02  # validation accuracy this far below where it was on going quiet wakes it
+    max_period: float = 60.0  # the longest gossip period when quiet, seconds
+    min_duty_cycle: float = 0.01  # the smallest share of wall time spent training when quiet
+
+
+@dataclass
+class Pace:
+    """The node's pace: a level (0 is full speed), why it is there, and what it has seen in this window."""
+
+    settings: PaceSettings
+    base_period: float
+    base_duty: float
+    now: float
+    level: int = 0
+    reason: str = "starting"
+    since: float = 0.0
+    wakes: int = 0
+    _window_start: float = 0.0
+    _losses: list[float] = field(default_factory=list)
+    _last_loss: float | None = None  # the previous window's mean
+    _distances: list[float] = field(default_factory=list)
+    _usual_distance: float | None = None  # the median relative distance of peers when we went quiet
+    _quiet_accuracy: float | None = None
+
+    def __post_init__(self) -> None:
+        self.since = self._window_start = self.now
+
+    # ------------------------------------------------------------------ what the node does at this pace
+
+    @property
+    def max_level(self) -> int:
+        """Steps until both floors are reached (0 when quieting is off or the floors are the base values)."""
+        s = self.settings
+        if not s.enabled:
+            return 0
+        slower = max(s.max_period / self.base_period, self.base_duty / max(s.min_duty_cycle, 1e-9), 1.0)
+        return math.ceil(math.log2(slower))
+
+    @property
+    def period(self) -> float:
+        return max(min(self.base_period * 2**self.level, self.settings.max_period), self.base_period)
+
+    @property
+    def duty_cycle(self) -> float:
+        return min(max(self.base_duty / 2**self.level, self.settings.min_duty_cycle), self.base_duty)
+
+    @property
+    def slowdown(self) -> float:
+        """How many times longer the node now waits between pushes than at full speed."""
+        return self.period / self.base_period
+
+    @property
+    def state(self) -> str:
+        return FULL if self.level == 0 else QUIET if self.level >= self.max_level else SLOWING
+
+    # ------------------------------------------------------------------ what the node sees
+
+    def loss(self, value: float, now: float) -> None:
+        if math.isfinite(value):
+            self._losses.append(value)
+
+    def peer_distance(self, relative: float, now: float) -> bool:
+        """A peer's model was ``relative`` (of our model's norm) from ours: True when that woke us."""
+        if not math.isfinite(relative):
+            return False
+        self._distances.append(relative)
+        usual = self._usual_distance
+        if self.level > 0 and usual is not None and relative > self.settings.wake_distance * max(
+                usual, self.settings.tolerance):
+            return self.wake(f"a peer's model is {relative / max(usual, 1e-12):.1f} times farther than usual", now)
+        return False
+
+    def accuracy(self, value: float, now: float) -> bool:
+        """Validation accuracy now: True when a drop since going quiet woke us."""
+        if self.level == 0:
+            self._quiet_accuracy = value
+            return False
+        before = self._quiet_accuracy
+        if before is not None and value < before - self.settings.accuracy_drop:
+            return self.wake(f"validation accuracy dropped from {before:.3f} to {value:.3f}", now)
+        return False
+
+    def new_data(self, files: int, now: float) -> bool:
+        """New or changed data files: new rows to learn from."""
+        return self.wake(f"new rows ({files} new or changed data file{'s' if files != 1 else ''})", now)
+
+    def wake(self, reason: str, now: float) -> bool:
+        """Back to full speed at once; True when the node was not there already."""
+        self._start_window(now)
+        self._last_loss = None
+        if self.level == 0:
+            return False
+        self.level, self.reason, self.since = 0, f"woken: {reason}", now
+        self._usual_distance = self._quiet_accuracy = None
+        self.wakes += 1
+        return True
+
+    def tick(self, now: float) -> bool:
+        """Judge the window once it is long enough: step down after a stable one, up after a rising loss.
+        True when the level changed."""
+        if now - self._window_start < self.settings.window * self.period or not self._losses:
+            return False
+        mean = statistics.fmean(self._losses)
+        distances = statistics.median(self._distances) if self._distances else None
+        previous, self._last_loss = self._last_loss, mean
+        self._start_window(now)
+        if previous is None:
+            return False  # the first window at this pace: a baseline to compare the next one with
+        change = (mean - previous) / max(abs(previous), 1e-12)
+        if change > 10 * self.settings.tolerance and self.level > 0:
+            return self.wake(f"loss rose {100 * change:.1f}% over a window", now)
+        if abs(change) >= self.settings.tolerance or self.level >= self.max_level:
+            return False
+        if self.level == 0:
+            self._usual_distance = distances
+        self.level += 1
+        self.reason = f"loss moved {100 * abs(change):.2f}% over {self.settings.window} periods"
+        self.since = now
+        return True
+
+    def restart(self, now: float) -> None:
+        """A fresh start at full speed from ``now``, as after a restart of the node."""
+        self.level, self.since, self._last_loss = 0, now, None
+        self._start_window(now)
+
+    def _start_window(self, now: float) -> None:
+        self._window_start = now
+        self._losses.clear()
+        self._distances.clear()
+
+    def as_dict(self, now: float) -> dict[str, Any]:
+        return {"state": self.state, "level": self.level, "max_level": self.max_level, "period": self.period,
+                "duty_cycle": self.duty_cycle, "reason": self.reason, "for_seconds": round(now - self.since, 1),
+                "wakes": self.wakes, "enabled": self.settings.enabled}

@@ -1,0 +1,95 @@
+"""The pace: a node that stopped learning slows down step by step, and anything new brings it back at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from gossipfl.protocol.pace import FULL, QUIET, SLOWING, Pace, PaceSettings
+
+PERIOD, DUTY = 1.0, 0.5
+
+
+def _pace(**settings) -> Pace:
+    return Pace(PaceSettings(**{"window": 4, "tolerance": 0.01, "max_period": 16.0, "min_duty_cycle": 0.02,
+                                **settings}), PERIOD, DUTY, now=0.0)
+
+
+def _windows(pace: Pace, losses, now: float = 0.0, distance: float = 0.1) -> float:
+    """One window per loss value: a loss and a peer's distance each period, then the window is judged."""
+    for loss in losses:
+        end = now + pace.settings.window * pace.period
+        while now < end:
+            now += pace.period
+            pace.loss(loss, now)
+            pace.peer_distance(distance, now)
+            pace.tick(now)
+    return now
+
+
+def test_a_stable_loss_steps_down_to_the_floors_and_no_further():
+    pace = _pace()
+    assert (pace.state, pace.period, pace.duty_cycle) == (FULL, PERIOD, DUTY)
+    # 16 s is 4 doublings of the period; 0.02 is under 5 halvings of 0.5: 5 steps in all
+    assert pace.max_level == 5
+    now = _windows(pace, [1.0] * 3)
+    assert pace.level == 2 and pace.state == SLOWING and pace.period == 4.0 and pace.duty_cycle == 0.125
+    _windows(pace, [1.0] * 10, now)
+    assert pace.level == 5 and pace.state == QUIET
+    assert pace.period == 16.0 and pace.duty_cycle == 0.02
+    assert pace.slowdown == 16.0
+
+
+def test_a_loss_that_still_improves_keeps_full_speed():
+    pace = _pace()
+    _windows(pace, [1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    assert pace.level == 0 and pace.state == FULL
+
+
+def test_new_rows_wake_a_quiet_node_at_once():
+    pace = _pace()
+    now = _windows(pace, [1.0] * 8)
+    assert pace.state == QUIET
+    assert pace.new_data(1, now + 0.1) is True
+    assert (pace.state, pace.period, pace.duty_cycle) == (FULL, PERIOD, DUTY)
+    assert pace.reason.startswith("woken: new rows") and pace.wakes == 1
+    assert pace.new_data(1, now + 0.2) is False  # already at full speed: not a second wake
+
+
+def test_a_far_peer_wakes_a_quiet_node_and_an_ordinary_one_does_not():
+    pace = _pace(wake_distance=4.0)
+    now = _windows(pace, [1.0] * 8, distance=0.1)
+    assert pace.state == QUIET
+    assert pace.peer_distance(0.3, now) is False  # three times the usual: within what peers do
+    assert pace.state == QUIET
+    assert pace.peer_distance(0.5, now) is True  # five times: a newcomer, or a changed world
+    assert pace.state == FULL and "farther than usual" in pace.reason
+
+
+def test_a_drop_in_validation_accuracy_wakes_it():
+    pace = _pace(accuracy_drop=0.02)
+    pace.accuracy(0.95, 0.0)
+    now = _windows(pace, [1.0] * 8)
+    assert pace.state == QUIET
+    assert pace.accuracy(0.94, now) is False
+    assert pace.accuracy(0.92, now) is True and pace.state == FULL
+
+
+def test_a_rising_loss_wakes_it():
+    pace = _pace()
+    now = _windows(pace, [1.0] * 4)
+    assert pace.level > 0
+    _windows(pace, [1.5], now)
+    assert pace.level == 0 and "loss rose" in pace.reason
+
+
+def test_quieting_off_stays_at_full_speed():
+    pace = _pace(enabled=False)
+    _windows(pace, [1.0] * 10)
+    assert pace.max_level == 0 and pace.level == 0 and pace.state == FULL
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf")])
+def test_a_loss_that_is_not_finite_is_not_evidence_of_rest(loss):
+    pace = _pace()
+    _windows(pace, [loss] * 6)
+    assert pace.level == 0
