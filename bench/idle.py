@@ -39,6 +39,7 @@ class Sample:
     cpu: float  # CPU seconds per daemon, cumulative
     wire: float  # bytes on the wire (up + down) per daemon, cumulative
     quiet: int  # nodes whose pace is not full speed
+    change: float  # median over nodes of the relative loss change of the last window their pace judged
 
 
 @dataclass
@@ -78,7 +79,9 @@ def run_cluster(args: argparse.Namespace, name: str, quiet: bool, root: Path, da
                 accuracy=float(np.mean([score(params) for params, _ in states])),
                 cpu=float(np.mean([c for pid in pids if (c := cpu_seconds(pid)) is not None])),
                 wire=float(np.mean([c.get("wire_in", 0) + c.get("wire_out", 0) for c in counters])),
-                quiet=sum(st.get("pace", {}).get("state", "full") != "full" for _, st in states)))
+                quiet=sum(st.get("pace", {}).get("state", "full") != "full" for _, st in states),
+                change=float(np.median([abs(c) if (c := st.get("pace", {}).get("last_change")) is not None
+                                        else np.nan for _, st in states]))))
         finals = [s for s in map(node_state, specs) if s is not None]
         run.final = [score(params) for params, _ in finals]
         run.wakes = float(np.mean([st["counters"].get("pace.wakes", 0) for _, st in finals]))
@@ -94,6 +97,7 @@ def main() -> None:
     parser.add_argument("--period", type=bounded_float(0.05, 60), default=2.0, help="gossip period at full speed")
     parser.add_argument("--duty-cycle", type=bounded_float(0.01, 1), default=0.2)
     parser.add_argument("--sample-every", type=bounded_float(1, 600), default=15.0)
+    parser.add_argument("--only", choices=("quiet", "constant"), help="one run only (calibration; no ratio)")
     parser.add_argument("--csv", type=Path)
     args = parser.parse_args()
     if args.tail >= args.minutes:
@@ -103,17 +107,20 @@ def main() -> None:
     data = train_test_split(x, y, test_fraction=0.25, seed=1)
     with tempfile.TemporaryDirectory(prefix="gfl-idle-") as tmp:
         runs = [run_cluster(args, name, quiet, Path(tmp) / name, data)
-                for name, quiet in (("quiet", True), ("constant", False))]
+                for name, quiet in (("quiet", True), ("constant", False)) if args.only in (None, name)]
 
     print(f"{args.nodes} gossipfld daemons on loopback, digits Dirichlet 0.5, {args.minutes:g} min per run; "
           f"gossip period {args.period:g} s and duty cycle {args.duty_cycle:g} at full speed")
     for run in runs:
         print(f"\n{run.name}: per daemon, over each interval")
-        print(f"{'min':>6} {'mean acc':>9} {'CPU % core':>11} {'wire B/s':>10} {'nodes quiet':>12}")
+        print(f"{'min':>6} {'mean acc':>9} {'CPU % core':>11} {'wire B/s':>10} {'nodes quiet':>12} "
+              f"{'loss change':>12}")
         for before, s in zip(run.samples, run.samples[1:], strict=False):
             span = s.seconds - before.seconds
             print(f"{s.seconds / 60:6.1f} {s.accuracy:9.4f} {100 * (s.cpu - before.cpu) / span:11.2f} "
-                  f"{(s.wire - before.wire) / span:10.0f} {s.quiet:>6}/{args.nodes}")
+                  f"{(s.wire - before.wire) / span:10.0f} {s.quiet:>6}/{args.nodes} {100 * s.change:11.2f}%")
+    if len(runs) < 2:
+        return
     since = (args.minutes - args.tail) * 60
     quiet, constant = runs
     (q_cpu, q_wire), (c_cpu, c_wire) = quiet.rate(since), constant.rate(since)

@@ -55,6 +55,7 @@ class Pace:
     _distances: list[float] = field(default_factory=list)
     _usual_distance: float | None = None  # the median relative distance of peers when we went quiet
     _quiet_accuracy: float | None = None
+    last_change: float | None = None  # the relative change of the loss over the last window judged
 
     def __post_init__(self) -> None:
         self.since = self._window_start = self.now
@@ -141,6 +142,7 @@ class Pace:
         if previous is None:
             return False  # the first window at this pace: a baseline to compare the next one with
         change = (mean - previous) / max(abs(previous), 1e-12)
+        self.last_change = change
         if change > 10 * self.settings.tolerance and self.level > 0:
             return self.wake(f"loss rose {100 * change:.1f}% over a window", now)
         if abs(change) >= self.settings.tolerance or self.level >= self.max_level:
@@ -165,4 +167,4 @@ class Pace:
     def as_dict(self, now: float) -> dict[str, Any]:
         return {"state": self.state, "level": self.level, "max_level": self.max_level, "period": self.period,
                 "duty_cycle": self.duty_cycle, "reason": self.reason, "for_seconds": round(now - self.since, 1),
-                "wakes": self.wakes, "enabled": self.settings.enabled}
+                "wakes": self.wakes, "enabled": self.settings.enabled, "last_change": self.last_change}
