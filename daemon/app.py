@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import signal
 import time
 from typing import Any
@@ -25,6 +26,7 @@ from gossipfl.errors import ConfigError, IdentityError
 from gossipfl.identity.ids import format_node_id, parse_allowlist, parse_node_id
 from gossipfl.identity.node import NodeIdentity
 from gossipfl.learning.data import DataSpec, LocalData
+from gossipfl.learning.dpsgd import DpSgdConfig
 from gossipfl.learning.optim import OptimizerConfig
 from gossipfl.learning.robust import ClipSettings, MergeGuard
 from gossipfl.learning.trainer import TrainConfig, Trainer
@@ -50,6 +52,7 @@ from .notify import SystemdNotifier, watchdog_task
 from .pacing import Pacer
 from .peering import Admission, Dialer
 from .persistence import Persistence
+from .privacy import LEDGER, PrivateTraining
 from .reporting import Reporter, short
 
 log = logging.getLogger("gossipfld.app")
@@ -76,9 +79,14 @@ class App:
         model, state = self.persistence.load_model(config.model.path)
         self.counters = Counters()
         self.counters.values.update(state.get("counters", {}))  # checked by load_checkpoint
-        t, g = config.training, config.gossip
+        t, g, p = config.training, config.gossip, config.privacy
+        # Under DP the noise and the batches must not be predictable: a known seed would let anyone who reads
+        # the config subtract the noise. The noise multiplier is planned once the rows are known (learner).
+        dp = DpSgdConfig(clip=p.clip, noise_multiplier=p.noise_multiplier or 1.0) if p.enabled else None
         trainer = Trainer(model, TrainConfig(optimizer=OptimizerConfig(t.optimizer, lr=t.lr, momentum=t.momentum),
-                                             batch_size=t.batch_size, seed=t.seed, threads=t.threads))
+                                             batch_size=t.batch_size, seed=secrets.randbits(63) if dp else t.seed,
+                                             threads=t.threads, dp=dp))
+        self.private = PrivateTraining(p, config.node.state_dir / LEDGER, self.counters) if p.enabled else None
         data = LocalData(config.data.directory, DataSpec.of(model, config.data.label_column or None,
                                                             config.data.delimiter or None),
                          config.data.validation_fraction, max_rows=config.data.max_rows)
@@ -89,7 +97,8 @@ class App:
             guard.restore(state.get("merge_guard"))
         self.pacer = Pacer(Pace(config.quiet, g.period, t.duty_cycle, now=0.0), self.counters)
         self.learner = Learner(model, trainer, data, t, self.counters, self.pacer, float(state.get("age", 0.0)),
-                               paused=state.get("paused", False), guard=guard)  # a pause survives restarts
+                               paused=state.get("paused", False), guard=guard,  # a pause survives restarts
+                               private=self.private)
         self.codec = CodecConfig(scheme=g.scheme, topk_fraction=g.topk_fraction, int8_block=256, nthreads=1)
         # The clipped rule merges a far model a bounded step instead of refusing it as an outlier.
         outlier_factor = config.limits.outlier_factor if g.merge == "age" else math.inf
@@ -120,6 +129,7 @@ class App:
         self.listener.handle(messages.GatewayRound, self.follower.session)
         self.reporter.sections["fedavg"] = self._fedavg_status
         self.reporter.sections["pace"] = self.pacer.report
+        self.reporter.sections["privacy"] = self.private.report if self.private else lambda: {"enabled": False}
         self.control: ControlServer | None = None
         self.discovery: Discovery | None = None
         self.metrics_port: int | None = None

@@ -8,6 +8,7 @@ tested, on its own.
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ import trio
 from gossipfl import control
 from gossipfl.errors import ControlError, IdentityError
 from gossipfl.identity.ids import format_node_id, parse_node_id
+from gossipfl.learning.privacy_budget import PRIVACY_KEY
 from gossipfl.learning.quality import predicted_classes
 from gossipfl.protocol.peers import PeerTable
 from gossipfl.protocol.references import GossipState
@@ -84,7 +86,9 @@ class Commands:
 
     async def model_export(self, args: dict[str, Any]) -> Any:
         snapshot, age = await self.learner.export()
-        data = await trio.to_thread.run_sync(snapshot.to_bytes)
+        private = self.learner.private
+        metadata = {PRIVACY_KEY: json.dumps(private.budget.guarantee())} if private else None
+        data = await trio.to_thread.run_sync(snapshot.to_bytes, metadata)
         return {"fingerprint": snapshot.fingerprint_hex, "age": age, "onnx": base64.b64encode(data).decode()}
 
     async def predict(self, args: dict[str, Any]) -> Any:

@@ -232,7 +232,10 @@ class Gateway:
         except (*EXCHANGE_FAILURES, CodecError) as exc:
             reason = failure_reason(exc)
             self.counters.add(f"fedavg.client_failed.{reason}")
-            self.peers.failed(peer.key, trio.current_time())  # back off: not asked again for a while
+            if reason == "peer-paused":
+                self.peers.paused(peer.key, trio.current_time())
+            else:
+                self.peers.failed(peer.key, trio.current_time())  # back off: not asked again for a while
             log.info("client left the round", extra=fields(peer=peer.label, round=rnd.number,
                                                            reason=reason, error=str(exc)[:200]))
         finally:

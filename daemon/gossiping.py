@@ -109,7 +109,10 @@ class Gossip:
             if isinstance(exc, RefusedByUs | RefusedByPeer) and reason in ("identity", "tls",
                                                                             "peer-fingerprint_mismatch"):
                 refusal(self.counters, self.peers, peer.key, reason)
-            if self.peers.failed(peer.key, trio.current_time()):
+            if reason == "peer-paused":
+                self.peers.paused(peer.key, trio.current_time())
+                log.debug("peer is paused by its operator", extra=fields(peer=peer.label))
+            elif self.peers.failed(peer.key, trio.current_time()):
                 self.counters.add("evictions")
                 log.info("peer evicted", extra=fields(peer=peer.label, error=str(exc) or reason))
             else:

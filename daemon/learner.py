@@ -33,6 +33,7 @@ from gossipfl.metrics import Counters
 
 from .logs import fields
 from .pacing import Pacer
+from .privacy import PrivateTraining
 
 log = logging.getLogger("gossipfld.learner")
 
@@ -52,7 +53,7 @@ class BeforeMerge:
 class Learner:
     def __init__(self, model: Model, trainer: Trainer, data: LocalData, settings: TrainingSection,
                  counters: Counters, pacer: Pacer, age: float = 0.0, paused: bool = False,
-                 guard: MergeGuard | None = None) -> None:
+                 guard: MergeGuard | None = None, private: PrivateTraining | None = None) -> None:
         self.model = model
         self.trainer = trainer
         self.data = data
@@ -63,6 +64,7 @@ class Learner:
         self.lock = trio.Lock()
         self.guard = guard  # None: the plain age-weighted merge; else the clipped rule and what it remembers
         self.pacer = pacer  # how fast to train: slower once the model stopped changing (gossipfl.protocol.pace)
+        self.private = private  # None: plain training; else DP-SGD within a budget (docs/privacy.md)
         self.validation: Metrics | None = None
         self.train_loss: float | None = None
         self.training_active = False
@@ -103,7 +105,11 @@ class Learner:
                   "high for the data's scale?)", extra=fields(after=what, age=age))
 
     def _diverged(self) -> bool:
-        """The slice's loss is not finite, or exploded past ``EXPLODED`` times the median of recent slices."""
+        """The slice's loss is not finite, or exploded past ``EXPLODED`` times the median of recent slices.
+        Under DP only a model that is not finite: the loss is computed from the raw rows, and a rollback
+        decided on it would be a release that the privacy mechanism does not cover."""
+        if self.private is not None:
+            return not np.isfinite(self.model.params).all()
         loss = self.train_loss
         if loss is None or not math.isfinite(loss) or not np.isfinite(self.model.params).all():
             return True
@@ -184,11 +190,27 @@ class Learner:
         duty = self.pacer.duty_cycle
         return max(busy * (1 - duty) / duty, 0.001)
 
+    async def may_train(self, steps: int) -> bool:
+        """Whether ``steps`` steps on the local rows may run: always without DP; within the budget with it
+        (the ledger on disk counts them before they run)."""
+        if self.private is None:
+            return True
+        rows = len(self.data.train)
+        try:
+            noise = self.private.plan(rows, self.settings.batch_size)
+        except GossipflError as exc:
+            if not self.private.stopped:
+                log.error("no private training: the privacy budget cannot be met", extra=fields(error=str(exc)))
+            self.private.stopped = True
+            return False
+        self.trainer.set_noise(noise)
+        return await self.private.reserve(min(1.0, self.settings.batch_size / rows), steps)
+
     async def _slice(self, steps: int) -> int:
         """One slice in a worker thread; the caller holds the lock. Returns the samples seen."""
         train = self.data.train
         loss, samples = await trio.to_thread.run_sync(self.trainer.train_steps, train.x, train.y, steps)
-        self.train_loss = loss
+        self.train_loss = loss if math.isfinite(loss) or self.private is None else self.train_loss
         self.counters.add("train_steps", steps)
         self.counters.add("train_samples", samples)
         return samples
@@ -203,6 +225,10 @@ class Learner:
                 self.training_active = self.round_training
                 await trio.sleep(0.5)
                 continue
+            if not await self.may_train(t.slice_steps):
+                self.training_active = self.round_training
+                await trio.sleep(0.5)
+                continue
             self.training_active = True
             start = trio.current_time()
             async with self.lock:
@@ -213,7 +239,7 @@ class Learner:
                 else:
                     self._age += samples
                     self._recent_losses.append(self.train_loss or 0.0)
-                    if len(self.data.validation) == 0 and self.train_loss is not None:
+                    if len(self.data.validation) == 0 and self.train_loss is not None and self.private is None:
                         self.pacer.loss(self.train_loss)  # no validation rows: the training loss says it
             await self.pacer.sleep(self._pause_after(trio.current_time() - start))
 
@@ -224,10 +250,10 @@ class Learner:
         the global model between rounds, a gateway its aggregate. The lock is held for the whole run, pauses
         included, so no merge lands in the middle of a round's training."""
         t, train = self.settings, self.data.train
-        if not t.enabled or len(train) == 0:
+        steps = math.ceil(len(train) / t.batch_size) * epochs
+        if not t.enabled or len(train) == 0 or not await self.may_train(steps):
             async with self.lock:
                 return (self.model.params.copy() if start is None else start.copy()), 0
-        steps = math.ceil(len(train) / t.batch_size) * epochs
         samples = 0
         async with self.lock:
             saved = self.model.params.copy()
@@ -261,9 +287,12 @@ class Learner:
             return None
         async with self.lock:
             self.validation = await trio.to_thread.run_sync(self.trainer.evaluate, validation.x, validation.y)
-        self.pacer.loss(self.validation.loss)
-        if self.validation.accuracy is not None:
-            self.pacer.accuracy(self.validation.accuracy)
+        # Under DP the pace hears nothing computed from rows: its timing is visible to peers, and a loss is not
+        # covered by the privacy mechanism (docs/privacy.md). Peers' distances, from private models, still count.
+        if self.private is None:
+            self.pacer.loss(self.validation.loss)
+            if self.validation.accuracy is not None:
+                self.pacer.accuracy(self.validation.accuracy)
         return self.validation
 
     async def predict(self, x: np.ndarray) -> tuple[np.ndarray, float]:

@@ -120,6 +120,7 @@ class Listener:
                 peer = self.peers.seen(peer_id, remote, 0, "inbound", trio.current_time())
                 assert peer is not None  # a peer that proved itself is always taken
                 peer.role = self.admission.role_of(peer_id, met.hello.role)  # granted, never taken
+                peer.name = met.name
                 first = await link.next()
             if first is None:
                 return

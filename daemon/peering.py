@@ -17,7 +17,7 @@ import trio
 
 from gossipfl.cli.tls import client_context, server_context
 from gossipfl.errors import GossipflError, RefusedByPeer, RefusedByUs
-from gossipfl.identity.ids import check_peer
+from gossipfl.identity.ids import check_peer, peer_name
 from gossipfl.identity.node import NodeIdentity
 from gossipfl.metrics import Counters
 from gossipfl.protocol import framing, messages
@@ -76,6 +76,7 @@ class Met:
 
     peer_id: bytes
     hello: messages.Hello
+    name: str = ""  # the certificate's common name, for operators
 
 
 async def _tls(stream: trio.SSLStream, timeout: float) -> None:
@@ -102,6 +103,7 @@ async def meet(link: Link, admission: Admission, tls_timeout: float, expected: b
     assert isinstance(stream, trio.SSLStream)
     await _tls(stream, tls_timeout)
     peer_id = _verify(stream, expected, admission.allowlist)
+    name = peer_name(stream)
     if link.party is Party.DIALER:
         await link.send(admission.hello)
         hello = await link.receive(messages.Hello)
@@ -112,12 +114,12 @@ async def meet(link: Link, admission: Admission, tls_timeout: float, expected: b
             admission.check(hello, peer_id)  # type: ignore[arg-type]
         except RefusedByUs as exc:
             codes = messages.ErrorCode
-            code = codes.FINGERPRINT_MISMATCH if exc.reason == "fingerprint" else codes.REFUSED
+            code = {"fingerprint": codes.FINGERPRINT_MISMATCH, "paused": codes.PAUSED}.get(exc.reason, codes.REFUSED)
             await link.refuse(code, exc)
             raise
         await link.send(admission.hello)
     assert isinstance(hello, messages.Hello)
-    return Met(peer_id, hello)
+    return Met(peer_id, hello, name)
 
 
 class Dialer:
@@ -149,7 +151,8 @@ class Dialer:
             raise
         if peer.proven_id is None:
             role = self.admission.role_of(met.peer_id, met.hello.role)
-            self.admission.peers.resolved(peer, met.peer_id, role, trio.current_time())
+            peer = self.admission.peers.resolved(peer, met.peer_id, role, trio.current_time()) or peer
+        peer.name = met.name
         return link, met
 
 

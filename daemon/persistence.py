@@ -8,6 +8,7 @@ must survive a restart) and at the end. Every write is atomic; temporary files a
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from gossipfl.atomic import read_state_bytes, write_bytes_atomic
 from gossipfl.errors import CodecError, ModelError
 from gossipfl.learning.checkpoint import load_checkpoint, save_checkpoint
 from gossipfl.learning.model import Model
+from gossipfl.learning.privacy_budget import PRIVACY_KEY
 from gossipfl.metrics import Counters
 from gossipfl.protocol.references import GossipState
 
@@ -87,7 +89,9 @@ class Persistence:
             log.error("checkpoint skipped: the model is not finite")
             return
         learner.mark_good(snapshot.params, age)  # the learner keeps models finite: this is one to come back to
-        await trio.to_thread.run_sync(save_checkpoint, self.checkpoint_path, snapshot, saved)
+        private = learner.private
+        metadata = {PRIVACY_KEY: json.dumps(private.budget.guarantee())} if private else None
+        await trio.to_thread.run_sync(save_checkpoint, self.checkpoint_path, snapshot, saved, metadata)
         if self.save_references:
             frozen, fingerprint = references.frozen(), snapshot.fingerprint
             await trio.to_thread.run_sync(

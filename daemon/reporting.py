@@ -134,9 +134,11 @@ class Reporter:
                 continue  # a static address not yet dialled: no identity to show
             stats = peer.stats
             report.append({
-                "node_id": format_node_id(peer.proven_id), "address": peer.address if peer.port else peer.host,
+                "node_id": format_node_id(peer.proven_id), "name": peer.name,
+                "address": peer.address if peer.port else peer.host,
                 "source": peer.source, "role": peer.role,
-                "state": "blocked" if self.peers.is_blocked(peer.key) else "evicted" if peer.evicted
+                "state": "blocked" if self.peers.is_blocked(peer.key) else "paused" if peer.paused_by_peer
+                else "evicted" if peer.evicted
                 else "inbound-only" if peer.source == "inbound" else "live",
                 "last_seen_ago": None if stats.last_seen is None else round(now - stats.last_seen, 3),
                 "failures": peer.failures, "exchanges": stats.exchanges, "bytes_in": stats.bytes_in,

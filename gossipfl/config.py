@@ -177,6 +177,18 @@ class LogSection:
 
 
 @dataclass(frozen=True)
+class PrivacySection:
+    """Record-level differential privacy for the rows this node trains on (docs/privacy.md)."""
+
+    enabled: bool = False
+    epsilon: float = 8.0  # the budget: the epsilon no training may take the node's rows past
+    delta: float = 1e-5
+    clip: float = 1.0  # C: the L2 bound on each row's gradient
+    noise_multiplier: float = 0.0  # sigma; 0: the least noise that lets `epochs` passes fit in the budget
+    epochs: float = 30.0  # passes over the rows the budget is planned for, when the noise is derived
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     node: NodeSection = field(default_factory=NodeSection)
     listen: ListenSection = field(default_factory=ListenSection)
@@ -188,6 +200,7 @@ class NodeConfig:
     gossip: GossipSection = field(default_factory=GossipSection)
     fedavg: FedavgSection = field(default_factory=FedavgSection)
     quiet: PaceSettings = field(default_factory=PaceSettings)  # the section is the pace's own settings
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     state: StateSection = field(default_factory=StateSection)
     control: ControlSection = field(default_factory=ControlSection)
@@ -356,6 +369,7 @@ def _validate(c: NodeConfig) -> None:
     _check(1 <= t.batch_size <= 65536, "training.batch_size", f"must be 1 to 65536, got {t.batch_size}")
     _check(1 <= t.threads <= 64, "training.threads", f"must be 1 to 64, got {t.threads}")
     _check(0 < t.duty_cycle <= 1, "training.duty_cycle", f"must be in (0, 1], got {t.duty_cycle}")
+    _check(0 <= t.seed < 2**32, "training.seed", f"must be 0 to {2**32 - 1}, got {t.seed}")
     _check(1 <= t.slice_steps <= 10000, "training.slice_steps", f"must be 1 to 10000, got {t.slice_steps}")
     g = c.gossip
     _within(g.period, "gossip.period", 0.05, 3600, " s")
@@ -397,6 +411,13 @@ def _validate(c: NodeConfig) -> None:
     _check(q.max_period >= g.period, "quiet.max_period", f"must be at least gossip.period ({g.period:g} s)")
     _check(0 < q.min_duty_cycle <= t.duty_cycle, "quiet.min_duty_cycle",
            f"must be in (0, training.duty_cycle = {t.duty_cycle:g}], got {q.min_duty_cycle:g}")
+    p = c.privacy
+    _within(p.epsilon, "privacy.epsilon", 0.01, 100)
+    _check(0 < p.delta < 0.01, "privacy.delta", f"must be above 0 and below 0.01 (1/rows or less), got {p.delta:g}")
+    _within(p.clip, "privacy.clip", 1e-6, 1e6)
+    _check(p.noise_multiplier == 0 or 0.1 <= p.noise_multiplier <= 1000, "privacy.noise_multiplier",
+           f"must be 0 (derived from the budget) or 0.1 to 1000, got {p.noise_multiplier:g}")
+    _within(p.epochs, "privacy.epochs", 0.01, 1e6, " passes")
     lim = c.limits
     _check(1024 <= lim.max_frame_bytes <= 2**31, "limits.max_frame_bytes", "must be 1 KiB to 2 GiB")
     _check(1 <= lim.max_connections <= 10000, "limits.max_connections", "must be 1 to 10000")

@@ -65,6 +65,12 @@ _GAUGES = (
     ("gossipfl_loop_lag_max_seconds", "max_loop_lag", "Longest event-loop stall seen."),
     ("gossipfl_param_norm", "param_norm", "L2 norm of the model's parameters."),
 )
+_PRIVACY = (
+    ("gossipfl_privacy_epsilon_spent", "epsilon_spent", "Epsilon the node's rows have spent (DP-SGD, RDP)."),
+    ("gossipfl_privacy_epsilon_budget", "epsilon_budget", "The privacy budget (privacy.epsilon)."),
+    ("gossipfl_privacy_steps", "steps", "Private training steps counted (reserved before they run)."),
+    ("gossipfl_privacy_budget_spent", "budget_spent", "1 once training on the node's rows has stopped."),
+)
 _NAME = re.compile(r"[^a-zA-Z0-9_]")
 
 
@@ -100,6 +106,13 @@ def render(status: dict[str, Any]) -> str:
          "mode": status.get("mode", ""), "fingerprint": str(status.get("fingerprint", ""))[:16]}, 1)])
     for name, key, help_text in _GAUGES:
         _family(lines, name, "gauge", help_text, [({}, status.get(key))])
+    privacy = status.get("privacy") or {}
+    if privacy.get("enabled"):
+        for name, key, help_text in _PRIVACY:
+            _family(lines, name, "gauge", help_text, [({}, privacy.get(key))])
+    pace = status.get("pace") or {}
+    _family(lines, "gossipfl_pace_level", "gauge", "0 at full speed; each level doubles the gossip period.",
+            [({}, pace.get("level"))])
     validation = status.get("validation") or {}
     for key in ("accuracy", "loss", "rmse"):
         _family(lines, f"gossipfl_validation_{key}", "gauge", f"Validation {key} on the local held-out split.",

@@ -17,15 +17,21 @@ from collections.abc import Sequence
 #: Commands that only talk to a running daemon: parsed without loading the other commands (and so without
 #: onnx and numpy), so that ``gossipfl status`` answers at once.
 FAST_COMMANDS = frozenset({"status", "peers", "metrics", "pause", "resume", "peer"})
+#: ``gossipfl privacy plan`` needs numpy and the accountant, never onnx: parsed on its own too.
+LIGHT_COMMANDS = frozenset({"privacy"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gossipfl`` with ``argv`` (default: the process's arguments); returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if next((a for a in args if not a.startswith("-")), None) in FAST_COMMANDS:
-        from gossipfl.cli.cli_control import register
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command in FAST_COMMANDS | LIGHT_COMMANDS:
         from gossipfl.cli.command import Parser, run, top_parser
 
+        if command in FAST_COMMANDS:
+            from gossipfl.cli.cli_control import register
+        else:
+            from gossipfl.cli.cli_privacy import register
         parser, sub = top_parser()
         register(sub, Parser)
         return run(parser, args)

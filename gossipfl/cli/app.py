@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from gossipfl.cli.cli_control import register as register_control
 from gossipfl.cli.cli_control import register_export
+from gossipfl.cli.cli_privacy import register as register_privacy
 from gossipfl.cli.command import Parser, run, top_parser
 from gossipfl.cli.demo import register as register_demo
 from gossipfl.cli.offline import register_admin, register_model, register_predict, register_train_eval
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_export(model_sub, common)
     register_predict(sub, Parser)
     register_admin(sub, Parser)
+    register_privacy(sub, Parser)
     return parser
 
 

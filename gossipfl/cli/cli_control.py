@@ -119,9 +119,18 @@ def _status_text(s: dict[str, Any]) -> str:
         f"(frames {human_size(c.get('bytes_out', 0))} sent, {human_size(c.get('bytes_in', 0))} received)",
         f"data        {_data_text(s.get('data') or {})}",
         f"pace        {_pace_text(s.get('pace') or {})}",
+        f"privacy     {_privacy_text(s.get('privacy') or {})}",
         f"problems    {'; '.join([*s.get('problems', []), *counted]) or 'none'}",
         f"uptime      {_duration(s['uptime'])}",
     ])
+
+
+def _privacy_text(p: dict[str, Any]) -> str:
+    if not p.get("enabled"):
+        return "off (no differential privacy: peers receive models trained on the rows as they are)"
+    spent = "unknown" if p["epsilon_spent"] is None else f"{p['epsilon_spent']:.3g}"
+    return (f"epsilon {spent} of {p['epsilon_budget']:g} spent at delta {p['delta']:g} (noise multiplier "
+            f"{p['noise_multiplier']:.3g}, clip {p['clip']:g}, {p['steps']} steps); {p['state']}")
 
 
 def _pace_text(p: dict[str, Any]) -> str:
@@ -139,12 +148,15 @@ def _peers_text(peers: list[dict[str, Any]]) -> str:
     if not peers:
         return "no peers known"
     # IN and OUT are bytes on the wire (TLS included); --json has the protocol's frame bytes too
-    header = f"{'NODE':<14}{'ADDRESS':<24}{'STATE':<14}{'LAST SEEN':>10}{'EXCH':>7}{'IN':>11}{'OUT':>11}  REFUSALS"
+    width = max(6, *(len(p.get("name") or "-") for p in peers)) + 2
+    header = (f"{'NODE':<14}{'NAME':<{width}}{'ADDRESS':<24}{'STATE':<14}{'LAST SEEN':>10}{'EXCH':>7}{'IN':>11}"
+              f"{'OUT':>11}  REFUSALS")
     lines = [header]
     for p in peers:
         seen = "-" if p["last_seen_ago"] is None else f"{p['last_seen_ago']:.0f}s ago"
         refusals = ",".join(f"{k}={v}" for k, v in sorted(p["refusals"].items())) or "-"
-        lines.append(f"{p['node_id'][:12]:<14}{p['address']:<24}{p['state']:<14}{seen:>10}{p['exchanges']:>7}"
+        lines.append(f"{p['node_id'][:12]:<14}{p.get('name') or '-':<{width}}{p['address']:<24}{p['state']:<14}"
+                     f"{seen:>10}{p['exchanges']:>7}"
                      f"{human_size(p['wire_in']):>11}{human_size(p['wire_out']):>11}  {refusals}")
     return "\n".join(lines)
 
@@ -186,13 +198,20 @@ def _switch(command: str, word: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _peer_id(ctl: ControlClient, given: str) -> str:
-    """A full node id from a full one or a unique prefix of a known or blocked peer's (at least 4 digits)."""
+    """A full node id from a full one, a peer's name (its certificate's), or a unique prefix of a known or
+    blocked peer's id (at least 4 digits)."""
     text = given.strip().lower()
     if len(text) == 64:
         return text
+    peers = ctl.call("peers")
+    named = sorted({p["node_id"] for p in peers if p.get("name") and p["name"].lower() == text})
+    if len(named) == 1:
+        return named[0]
+    if len(named) > 1:  # two certificates with one name: the id must say which
+        raise ControlError(f"{given!r} names {len(named)} peers: {', '.join(m[:16] for m in named)}; give the id")
     if len(text) < 4 or any(c not in "0123456789abcdef" for c in text):
-        raise ControlError(f"{given!r}: give a node id, or at least 4 of its first hex digits")
-    known = {p["node_id"] for p in ctl.call("peers")} | set(ctl.call("status")["blocked"])
+        raise ControlError(f"{given!r}: give a peer's name, its node id, or at least 4 of its first hex digits")
+    known = {p["node_id"] for p in peers} | set(ctl.call("status")["blocked"])
     matches = sorted(i for i in known if i.startswith(text))
     if len(matches) != 1:
         raise ControlError(f"{given!r} matches {len(matches)} peers" + (f": {', '.join(m[:16] for m in matches)}"
@@ -292,9 +311,9 @@ def register(sub: Any, parser_class: type[argparse.ArgumentParser]) -> argparse.
     peer = sub.add_parser("peer", help="block or unblock a peer by node id")
     peer_sub = peer.add_subparsers(dest="peer_command", required=True, parser_class=parser_class)
     add("block", cmd_block, "refuse a peer and never dial it", peer_sub).add_argument(
-        "id", help="node id, or a unique prefix of it (4 hex digits or more)")
+        "id", help="the peer's name (as `gossipfl peers` shows it), node id, or a unique prefix of the id")
     add("unblock", cmd_unblock, "take a blocked peer back", peer_sub).add_argument(
-        "id", help="node id, or a unique prefix of it (4 hex digits or more)")
+        "id", help="the peer's name (as `gossipfl peers` shows it), node id, or a unique prefix of the id")
     return common
 
 

@@ -25,6 +25,7 @@ from gossipfl.identity.node import CA_DAYS, CA_KEY, NODE_DAYS, node_id_from_cert
 from gossipfl.learning.data import DataSpec, LocalData, load_directory, read_file, survey_directory
 from gossipfl.learning.model import Model
 from gossipfl.learning.optim import OPTIMIZERS, OptimizerConfig
+from gossipfl.learning.privacy_budget import PRIVACY_KEY
 from gossipfl.learning.quality import class_probabilities, predicted_classes
 from gossipfl.learning.trainer import Metrics, TrainConfig, Trainer, predict
 from gossipfl.learning.zoo import ARCHITECTURES, ArchSpec, build
@@ -36,6 +37,18 @@ def _data_spec(model: Model, label_column: str | None) -> DataSpec:
 
 def _classes(model: Model) -> tuple[str, ...] | None:
     return model.schema.classes if model.schema is not None else None
+
+
+def _privacy_guarantee(model: Model) -> dict[str, Any] | None:
+    """The guarantee a model file records, checked as hostile: a dict of the expected numbers, else None."""
+    try:
+        found = json.loads(model.metadata.get(PRIVACY_KEY, "null"))
+    except (ValueError, RecursionError):
+        return None
+    numbers = ("epsilon", "delta", "noise_multiplier", "clip", "steps")
+    if not isinstance(found, dict) or not all(isinstance(found.get(k), int | float) for k in numbers):
+        return None
+    return found
 
 
 def _metrics_line(m: Metrics) -> str:
@@ -101,13 +114,18 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     Trainer(model)
     info = {"task": model.task, "input": model.input_name, "input_shape": list(model.input_shape),
             "output": model.output_name, "outputs": model.num_outputs, "parameters": model.num_params,
-            "tensors": {s.name: list(s.shape) for s in model.specs}, "fingerprint": model.fingerprint_hex}
+            "tensors": {s.name: list(s.shape) for s in model.specs}, "fingerprint": model.fingerprint_hex,
+            "privacy": _privacy_guarantee(model)}
     if args.json:
         print(json.dumps(info))
     else:
         print(model.describe())
         for name, shape in info["tensors"].items():  # type: ignore[union-attr]
             print(f"  {name}  {tuple(shape)}")
+        p = info["privacy"]
+        print("privacy: none recorded (not trained under differential privacy by gossipfld)" if p is None else
+              f"privacy: ({p['epsilon']:.4g}, {p['delta']:g})-DP for each row of the exporting node's data, "
+              f"{p['steps']} steps of DP-SGD at noise multiplier {p['noise_multiplier']:.4g}, clip {p['clip']:g}")
     return 0
 
 

@@ -93,6 +93,22 @@ def peer_node_id(ssl_object: PeerCertificateSource) -> bytes:
         raise PeerIdentityError(f"peer certificate: {exc}") from None
 
 
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def peer_name(ssl_object: PeerCertificateSource) -> str:
+    """The name the CA issued the peer's certificate for (its subject's common name), for operators to read;
+    "" when it has none or one that is not a plain name. Never an identity: the id is, and a name is shown
+    only beside it (two certificates may carry the same name)."""
+    try:
+        subject = (ssl_object.getpeercert() or {}).get("subject", ())
+    except ValueError:
+        return ""
+    names = [value for rdn in subject for key, value in rdn if key == "commonName"]
+    name = names[0] if len(names) == 1 and isinstance(names[0], str) else ""
+    return name if 0 < len(name) <= 63 and set(name) <= NAME_CHARS else ""
+
+
 def check_peer(ssl_object: PeerCertificateSource, expected_id: bytes | None = None,
                allowlist: frozenset[bytes] | None = None) -> bytes:
     """Return the peer's node id after checking it against the id dialled and the allowlist.

@@ -33,8 +33,9 @@ def params_digest(model: Model) -> str:
     return hashlib.sha256(model.params.tobytes()).hexdigest()
 
 
-def save_checkpoint(path: str | os.PathLike[str], model: Model, state: dict[str, Any]) -> None:
-    proto = model.to_proto()
+def save_checkpoint(path: str | os.PathLike[str], model: Model, state: dict[str, Any],
+                    metadata: dict[str, str] | None = None) -> None:
+    proto = model.to_proto(metadata)
     entry = proto.metadata_props.add()
     body = {**state, "format": FORMAT, "params_sha256": params_digest(model)}
     entry.key, entry.value = STATE_KEY, json.dumps(body, sort_keys=True)

@@ -320,10 +320,14 @@ class Model:
         """A model from bytes alone (the wire, a checkpoint): no directory, so external data is refused."""
         return cls(_parse(data), task)
 
-    def to_proto(self) -> onnx.ModelProto:
-        """A standalone ONNX model holding the current parameter values."""
+    def to_proto(self, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+        """A standalone ONNX model holding the current parameter values, with ``metadata`` added to the
+        task and schema it always carries (a privacy guarantee, a checkpoint's state)."""
         proto = onnx.ModelProto()
         proto.CopyFrom(self.lifted)
+        for key, value in (metadata or {}).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
         graph = proto.graph
         names = {s.name for s in self.specs}
         kept_inputs = [i for i in graph.input if i.name not in names]
@@ -333,8 +337,8 @@ class Model:
             graph.initializer.append(numpy_helper.from_array(self.views[spec.name], spec.name))
         return proto
 
-    def to_bytes(self) -> bytes:
-        return self.to_proto().SerializeToString()
+    def to_bytes(self, metadata: dict[str, str] | None = None) -> bytes:
+        return self.to_proto(metadata).SerializeToString()
 
     def save(self, path: str | os.PathLike[str]) -> None:
         write_bytes_atomic(path, self.to_bytes())

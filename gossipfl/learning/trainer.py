@@ -7,6 +7,9 @@ in a second set of buffers and are copied back in one ``np.copyto`` per vector (
 the graph may not overwrite its own inputs).
 
 Runs are repeatable: the seed fixes the shuffling, and the session is single-threaded by default.
+
+With ``TrainConfig.dp`` set, every step is a DP-SGD step (dpsgd.py): ``train_steps`` draws Poisson batches
+and ``step`` refuses, so no caller trains on the data without the privacy mechanism by accident.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import onnxruntime as ort
 from onnx import helper
 
 from gossipfl.errors import ConfigError, DataError
-from gossipfl.learning.autodiff import LABELS, LOSS, build_gradient_graph
+from gossipfl.learning.autodiff import LABELS, LOSS, GradientGraph, build_gradient_graph
+from gossipfl.learning.dpsgd import PROVIDERS, DpSgd, DpSgdConfig, poisson_batch
 from gossipfl.learning.model import Model
 from gossipfl.learning.optim import ADAM_EPS, LR, NEW_PREFIX, OptimizerConfig, adam_scalars, add_update_step, state_name
 from gossipfl.learning.quality import classification_report, confusion_matrix, predicted_classes
@@ -36,9 +40,12 @@ class TrainConfig:
     batch_size: int = 32
     seed: int = 0
     threads: int = 1
+    dp: DpSgdConfig | None = None  # None: plain (non-private) training
 
     def validate(self) -> None:
         self.optimizer.validate()
+        if self.dp is not None:
+            self.dp.validate()
         if not 1 <= self.batch_size <= 1_000_000:
             raise ConfigError(f"batch_size: {self.batch_size} is out of range (1 to 1000000)")
         if not 1 <= self.threads <= 256:
@@ -96,7 +103,6 @@ class Trainer:
         self.steps = 0
         options = session_options(self.config.threads)
         opt = self.config.optimizer
-        providers = ["CPUExecutionProvider"]
 
         gradient = build_gradient_graph(model)  # refuses untrainable models, naming the operator
         eval_proto = onnx.ModelProto()
@@ -104,8 +110,30 @@ class Trainer:
         keep = [o for o in eval_proto.graph.output if o.name in (LOSS, model.output_name)]
         del eval_proto.graph.output[:]
         eval_proto.graph.output.extend(keep)
-        self._eval = ort.InferenceSession(eval_proto.SerializeToString(), options, providers=providers)
+        self._eval = ort.InferenceSession(eval_proto.SerializeToString(), options, providers=PROVIDERS)
 
+        self.state = {slot: _FlatBuffer(model) for slot in opt.state_slots}
+        self._lr = np.array(opt.lr, np.float32)
+        self.lr_scale = 1.0  # lowered by ``lower_lr`` when training diverges
+        self._eps = np.array(opt.eps, np.float32)
+        self._loss = np.zeros((), np.float32)
+        self.dp_steps = 0  # private steps taken, empty batches included: what the accountant is stepped by
+        self.dp_sample_rate: float | None = None  # q of the last ``train_steps_private``
+        self._private: DpSgd | None = None
+        if self.config.dp is None:
+            self._bind_train_step(gradient, options)
+        else:
+            state = {slot: buffer.flat for slot, buffer in self.state.items()}
+            self._private = DpSgd(model, gradient, opt, self.config.dp, state, self._lr, self._eps,
+                                  self.config.seed, options)
+        self._rng = np.random.default_rng(self.config.seed)
+        self._order: np.ndarray | None = None
+        self._cursor = 0
+        self._predict: ort.InferenceSession | None = None
+
+    def _bind_train_step(self, gradient: GradientGraph, options: ort.SessionOptions) -> None:
+        """The plain training session: forward, backward and update in one run, bound to the buffers."""
+        model, opt = self.model, self.config.optimizer
         train_proto = gradient.proto
         shapes = {s.name: s.shape for s in model.specs}
         new_outputs = add_update_step(train_proto, shapes, gradient.grad_names, opt)
@@ -113,17 +141,12 @@ class Trainer:
         train_proto.graph.output.append(helper.make_tensor_value_info(LOSS, onnx.TensorProto.FLOAT, []))
         for name, shape in new_outputs:
             train_proto.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
-        self._train = ort.InferenceSession(train_proto.SerializeToString(), options, providers=providers)
+        self._train = ort.InferenceSession(train_proto.SerializeToString(), options, providers=PROVIDERS)
 
         # Buffers: parameters (the model's own vector), their next values, optimiser state in and out.
         self._params = _FlatBuffer(model, model.params)
         self._next_params = _FlatBuffer(model)
-        self.state = {slot: _FlatBuffer(model) for slot in opt.state_slots}
         self._next_state = {slot: _FlatBuffer(model) for slot in opt.state_slots}
-        self._lr = np.array(opt.lr, np.float32)
-        self.lr_scale = 1.0  # lowered by ``lower_lr`` when training diverges
-        self._eps = np.array(opt.eps, np.float32)
-        self._loss = np.zeros((), np.float32)
 
         io = self._train.io_binding()
         self._keep_alive: list[ort.OrtValue] = []
@@ -149,17 +172,27 @@ class Trainer:
             bind_in(ADAM_EPS, self._eps)
         bind_out(LOSS, self._loss)
         self._io = io
-        self._rng = np.random.default_rng(self.config.seed)
-        self._order: np.ndarray | None = None
-        self._cursor = 0
-        self._predict: ort.InferenceSession | None = None
 
     # ---------------------------------------------------------------- training
 
     def step(self, x: np.ndarray, y: np.ndarray) -> float:
         """One optimiser step on one batch; returns the batch's loss before the step."""
+        if self._private is not None:
+            raise ConfigError("step() trains without differential privacy and training is configured with dp; "
+                              "use dp_step or train_steps")
         x = shape_inputs(self.model, x)
         y = self._labels(y)
+        self._next_rates()
+        self._io.bind_cpu_input(self.model.input_name, x)
+        self._io.bind_cpu_input(LABELS, y)
+        self._train.run_with_iobinding(self._io)
+        np.copyto(self.model.params, self._next_params.flat)
+        for slot, buf in self.state.items():
+            np.copyto(buf.flat, self._next_state[slot].flat)
+        return float(self._loss)
+
+    def _next_rates(self) -> None:
+        """Count a step and set the rates it runs with (Adam's bias correction depends on the count)."""
         opt = self.config.optimizer
         self.steps += 1
         if opt.name == "adam":
@@ -168,13 +201,39 @@ class Trainer:
             self._eps[...] = eps_t
         else:
             self._lr[...] = opt.lr * self.lr_scale
-        self._io.bind_cpu_input(self.model.input_name, x)
-        self._io.bind_cpu_input(LABELS, y)
-        self._train.run_with_iobinding(self._io)
-        np.copyto(self.model.params, self._next_params.flat)
-        for slot, buf in self.state.items():
-            np.copyto(buf.flat, self._next_state[slot].flat)
-        return float(self._loss)
+
+    def dp_step(self, x: np.ndarray, y: np.ndarray, expected_batch: float) -> float:
+        """One DP-SGD step on a (Poisson-drawn, possibly empty) batch: clipped per-sample gradients, noise,
+        divided by ``expected_batch`` (q N), then the optimiser. Returns the batch's mean loss before the
+        step (NaN for an empty batch). The loss is computed from the raw rows: it is not private."""
+        if self._private is None:
+            raise ConfigError("dp_step needs TrainConfig.dp (the clip bound and noise multiplier)")
+        x = shape_inputs(self.model, x)
+        y = self._labels(y)
+        loss = self._private.noisy_gradient(x, y, expected_batch)
+        self.dp_steps += 1
+        self._next_rates()
+        self._private.apply()
+        return loss / len(x) if len(x) else math.nan
+
+    def train_steps_private(self, x: np.ndarray, y: np.ndarray, steps: int) -> tuple[float, int, int]:
+        """``steps`` DP-SGD steps, each on a Poisson batch of (x, y) with q = batch_size / len(x).
+
+        Returns the mean loss over the samples seen (NaN if every batch was empty), the samples seen and
+        the steps taken (all of them: an empty batch still adds noise and counts for the accountant).
+        """
+        if len(x) == 0:
+            raise DataError("no training samples")
+        q = min(1.0, self.config.batch_size / len(x))
+        self.dp_sample_rate = q
+        total, samples = 0.0, 0
+        for _ in range(steps):
+            rows = poisson_batch(self._rng, len(x), q)
+            loss = self.dp_step(x[rows], y[rows], q * len(x))
+            if len(rows):
+                total += loss * len(rows)
+                samples += len(rows)
+        return (total / samples if samples else math.nan), samples, steps
 
     def epoch(self, x: np.ndarray, y: np.ndarray, max_steps: int | None = None) -> float:
         """One pass over (x, y) in shuffled batches; returns the mean batch loss."""
@@ -196,7 +255,11 @@ class Trainer:
         The daemon trains in short slices between merges; the cursor makes consecutive slices walk
         through an epoch instead of re-drawing the first batches. A new pass starts, reshuffled,
         when the data ends or changes size. Returns the mean loss and the number of samples seen.
+        With ``config.dp`` set the steps are private ones (``train_steps_private``) instead.
         """
+        if self._private is not None:
+            loss, samples, _ = self.train_steps_private(x, y, steps)
+            return loss, samples
         if len(x) == 0:
             raise DataError("no training samples")
         if self._order is None or len(self._order) != len(x) or self._cursor >= len(x):
@@ -215,6 +278,14 @@ class Trainer:
     def lr(self) -> float:
         """The step size in use: the configured one times what divergences left of it."""
         return self.config.optimizer.lr * self.lr_scale
+
+    def set_noise(self, noise_multiplier: float) -> None:
+        """The noise multiplier of the next private steps (the daemon plans it once it knows its rows)."""
+        if self._private is None:
+            raise ConfigError("set_noise needs TrainConfig.dp (training is not private)")
+        config = DpSgdConfig(self._private.config.clip, noise_multiplier)
+        config.validate()
+        self._private.config = config
 
     def lower_lr(self, factor: float = 0.5, floor: float = 1 / 1024) -> bool:
         """Lower the step size after a divergence; False once it is at ``floor`` of the configured one."""

@@ -67,6 +67,7 @@ class ErrorCode(enum.IntEnum):
     REFUSED = 4  # policy: not on the allowlist, update norm too large, ...
     OVERLOADED = 5  # too many peers/connections; try later
     INTERNAL = 6  # the sender failed; not the receiver's fault
+    PAUSED = 7  # its operator paused the node: not a failure of the link or of the peer; try much later
 
 
 # ---------------------------------------------------------------------------------------------- messages

@@ -41,6 +41,8 @@ class Peer:
     next_try: float = 0.0
     evicted: bool = False
     stats: PeerStats = field(default_factory=PeerStats)
+    name: str = ""  # its certificate's common name, once TLS showed it: for operators, never an identity
+    paused_by_peer: bool = False  # it refused us because its operator paused it: not a failure
     unproven: bool = False  # a static address, keyed by that address until dialled
     verified: bool = False  # an exchange with it succeeded, or it dialled us and passed TLS: not just an advert
 
@@ -127,6 +129,8 @@ class PeerTable:
             if fingerprint is not None:
                 peer.fingerprint = fingerprint
         peer.failures, peer.next_try, peer.evicted = 0, now, False
+        if source == "inbound":
+            peer.paused_by_peer = False  # it dialled us: it is not paused any more
         peer.verified = peer.verified or source in ("inbound", "static")  # TLS proved it, or the operator named it
         peer.stats.last_seen = now
         return peer
@@ -137,9 +141,17 @@ class PeerTable:
     def succeeded(self, node_id: bytes, now: float) -> None:
         peer = self._peers.get(node_id)
         if peer is not None:
-            peer.failures, peer.next_try, peer.evicted = 0, now, False
+            peer.failures, peer.next_try, peer.evicted, peer.paused_by_peer = 0, now, False, False
             peer.verified = True
             peer.stats.last_seen = now
+
+    def paused(self, node_id: bytes, now: float) -> None:
+        """The peer refused us because its operator paused it: no failure, no eviction; ask again after the
+        longest backoff, and show it as paused until it answers or dials us."""
+        peer = self._peers.get(node_id)
+        if peer is not None:
+            peer.paused_by_peer = True
+            peer.next_try = now + self.max_backoff
 
     def failed(self, node_id: bytes, now: float) -> bool:
         """Record a failed dial or exchange; True when this failure evicts the peer."""

@@ -162,10 +162,29 @@ def test_peers_in_both_forms(daemons):
     peers = daemons.wait(lambda: [p for p in daemons.json("peers") if p["node_id"] == other and p["exchanges"] > 0
                                   and p["state"] == "live"], what="an exchange with node1 at its static address")
     assert 0 < peers[0]["bytes_out"] < peers[0]["wire_out"]  # the wire carries TLS too
+    assert peers[0]["name"] == "node1"  # the name its certificate was issued for
     assert peers[0]["address"] == f"127.0.0.1:{daemons.specs[1].port}"
     text = daemons.cli("peers").stdout
-    assert text.splitlines()[0].split()[:3] == ["NODE", "ADDRESS", "STATE"]
-    assert any(line.startswith(other[:12]) and " live " in line for line in text.splitlines()), text
+    assert text.splitlines()[0].split()[:4] == ["NODE", "NAME", "ADDRESS", "STATE"]
+    assert any(line.startswith(other[:12]) and " node1 " in line and " live " in line
+               for line in text.splitlines()), text
+
+
+def test_a_paused_peer_shows_as_paused_not_evicted(daemons):
+    node1 = Daemons(daemons.cluster, daemons.specs, daemons.specs[1].socket, 0, daemons.x_test)
+    other = daemons.specs[1].node_id.hex()
+    node1.cli("pause")
+    try:
+        daemons.wait(lambda: daemons.json("status")["counters"].get("failed.peer-paused", 0) > 0,
+                     what="node0's push to be refused as paused")
+        peer = next(p for p in daemons.json("peers") if p["node_id"] == other)
+        assert peer["state"] == "paused" and peer["failures"] == 0, peer
+        assert daemons.json("status")["counters"].get("evictions", 0) == 0
+    finally:
+        node1.cli("resume")
+    # node1 dials node0 again once it resumes: then it is live, with no operator step
+    daemons.wait(lambda: next(p for p in daemons.json("peers") if p["node_id"] == other)["state"] == "live",
+                 what="node1 to be live again after its resume")
 
 
 def test_metrics_in_both_forms_and_over_http(daemons):
@@ -240,7 +259,9 @@ def test_block_and_unblock_a_peer(daemons):
     line = one_line_error(daemons.cli("peer", "unblock", node1, check=False))
     assert "is not blocked" in line
     line = one_line_error(daemons.cli("peer", "block", "not-an-id", check=False))
-    assert "give a node id, or at least 4 of its first hex digits" in line
+    assert "give a peer's name, its node id, or at least 4 of its first hex digits" in line
+    assert daemons.cli("peer", "block", "node1").stdout.startswith(f"blocked {node1}")  # by its name
+    assert daemons.cli("peer", "unblock", "NODE1").stdout.startswith(f"unblocked {node1}")
     assert daemons.cli("peer", "block", node1[:8]).stdout.startswith(f"blocked {node1}")  # a unique prefix
     assert daemons.json("status")["blocked"] == [node1]
     assert daemons.cli("peer", "unblock", node1[:8]).stdout.startswith(f"unblocked {node1}")

@@ -51,6 +51,10 @@ def test_config_defaults_and_relative_paths(tmp_path):
     ({"control": {"metrics_listen": "0.0.0.0:9464"}}, "control.metrics_listen: must be a loopback address"),
     ({"control": {"socket": "/" + "x" * 120}}, "control.socket: must be at most 107 bytes"),
     ({"node": "x"}, r"node: must be a table"),
+    ({"training": {"seed": -1}}, "training.seed: must be 0 to 4294967295, got -1"),
+    ({"quiet": {"max_period": 1.0}}, r"quiet.max_period: must be at least gossip.period \(2 s\)"),
+    ({"quiet": {"min_duty_cycle": 0.9}}, r"quiet.min_duty_cycle: must be in \(0, training.duty_cycle = 0.5\]"),
+    ({"quiet": {"window": 1}}, "quiet.window: must be 2 to 10000 periods, got 1"),
 ])
 def test_config_errors_name_the_key(table, message):
     with pytest.raises(ConfigError, match=message):
