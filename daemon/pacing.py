@@ -56,7 +56,7 @@ class Pacer:
         self._woke_if(self.pace.peer_distance(relative, trio.current_time()))
 
     def accuracy(self, value: float) -> None:
-        self._woke_if(self.pace.accuracy(value, trio.current_time()))
+        self.pace.accuracy(value, trio.current_time())
 
     def new_data(self, files: int) -> None:
         self._woke_if(self.pace.new_data(files, trio.current_time()))

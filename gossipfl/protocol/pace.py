@@ -2,9 +2,9 @@
 
 A converged cluster that keeps gossiping at its learning pace spends a battery and a data plan on nothing:
 three daemons that had long agreed kept 20-29% of a core each, and eight sent 30 kB/s each, long after their
-accuracy stopped moving. So a node watches two signs that it has stopped learning: its loss (validation loss,
-or the training loss where it keeps no validation rows) no longer improves by more than ``tolerance`` from one
-window to the next, and its peers' models are no farther from its own than they were. After each stable
+accuracy stopped moving. So a node watches for the sign that it has stopped learning: its loss (validation
+loss, or the training loss where it keeps no validation rows), averaged over a window of gossip periods, no
+longer beats the best window since it last woke by more than ``tolerance``. After each stable
 window it steps down one level: the gossip period doubles and the training duty cycle halves, down to the
 configured floors. Anything that means there is something to learn again brings it back to full speed at
 once: new rows, a peer whose model is far from ours (a newcomer, a changed world), validation accuracy that
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FULL, SLOWING, QUIET = "full", "slowing", "quiet"
+LOSS_RISE = 0.25  # a window's loss this far above the best window since the last wake wakes the node
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,9 @@ class PaceSettings:
 
     enabled: bool = True
     window: int = 10  # gossip periods (at the current pace) a level must be stable before the next step down
-    tolerance: float = 0.01  # a loss that changed less than this (relative) over a window has stopped moving
+    tolerance: float = 0.01  # a window whose loss beats the best window by less than this has not improved
     wake_distance: float = 4.0  # a peer's model this many times farther than usual wakes a quiet node
-    accuracy_drop: float = 0.02  # validation accuracy this far below where it was on going quiet wakes it
+    accuracy_drop: float = 0.05  # a window's validation accuracy this far below the one it went quiet at
     max_period: float = 60.0  # the longest gossip period when quiet, seconds
     min_duty_cycle: float = 0.01  # the smallest share of wall time spent training when quiet
 
@@ -49,13 +50,14 @@ class Pace:
     reason: str = "starting"
     since: float = 0.0
     wakes: int = 0
+    last_change: float | None = None  # the last window's loss against the best window, relative
     _window_start: float = 0.0
     _losses: list[float] = field(default_factory=list)
-    _last_loss: float | None = None  # the previous window's mean
+    _accuracies: list[float] = field(default_factory=list)
     _distances: list[float] = field(default_factory=list)
+    _best_loss: float | None = None  # the lowest window mean since the last wake
     _usual_distance: float | None = None  # the median relative distance of peers when we went quiet
-    _quiet_accuracy: float | None = None
-    last_change: float | None = None  # the relative change of the loss over the last window judged
+    _quiet_accuracy: float | None = None  # the window mean when we first stepped down
 
     def __post_init__(self) -> None:
         self.since = self._window_start = self.now
@@ -94,6 +96,10 @@ class Pace:
         if math.isfinite(value):
             self._losses.append(value)
 
+    def accuracy(self, value: float, now: float) -> None:
+        if math.isfinite(value):
+            self._accuracies.append(value)
+
     def peer_distance(self, relative: float, now: float) -> bool:
         """A peer's model was ``relative`` (of our model's norm) from ours: True when that woke us."""
         if not math.isfinite(relative):
@@ -105,16 +111,6 @@ class Pace:
             return self.wake(f"a peer's model is {relative / max(usual, 1e-12):.1f} times farther than usual", now)
         return False
 
-    def accuracy(self, value: float, now: float) -> bool:
-        """Validation accuracy now: True when a drop since going quiet woke us."""
-        if self.level == 0:
-            self._quiet_accuracy = value
-            return False
-        before = self._quiet_accuracy
-        if before is not None and value < before - self.settings.accuracy_drop:
-            return self.wake(f"validation accuracy dropped from {before:.3f} to {value:.3f}", now)
-        return False
-
     def new_data(self, files: int, now: float) -> bool:
         """New or changed data files: new rows to learn from."""
         return self.wake(f"new rows ({files} new or changed data file{'s' if files != 1 else ''})", now)
@@ -122,7 +118,7 @@ class Pace:
     def wake(self, reason: str, now: float) -> bool:
         """Back to full speed at once; True when the node was not there already."""
         self._start_window(now)
-        self._last_loss = None
+        self._best_loss = None
         if self.level == 0:
             return False
         self.level, self.reason, self.since = 0, f"woken: {reason}", now
@@ -131,37 +127,50 @@ class Pace:
         return True
 
     def tick(self, now: float) -> bool:
-        """Judge the window once it is long enough: step down after a stable one, up after a rising loss.
-        True when the level changed."""
+        """Judge the window once it is long enough. A window whose mean loss beats the best one since the last
+        wake by ``tolerance`` is progress (and the new best); one that does not is rest, a step down. Judged on
+        window means, so the jitter of single evaluations on a few validation rows neither rests nor wakes a
+        node. True when the level changed."""
         if now - self._window_start < self.settings.window * self.period or not self._losses:
             return False
-        mean = statistics.fmean(self._losses)
+        loss = statistics.fmean(self._losses)
+        accuracy = statistics.fmean(self._accuracies) if self._accuracies else None
         distances = statistics.median(self._distances) if self._distances else None
-        previous, self._last_loss = self._last_loss, mean
+        best = self._best_loss
         self._start_window(now)
-        if previous is None:
-            return False  # the first window at this pace: a baseline to compare the next one with
-        change = (mean - previous) / max(abs(previous), 1e-12)
+        if best is None:
+            self._best_loss = loss  # the first window since a wake: the mark the next ones must beat
+            return False
+        change = (loss - best) / max(abs(best), 1e-12)
         self.last_change = change
-        if change > 10 * self.settings.tolerance and self.level > 0:
-            return self.wake(f"loss rose {100 * change:.1f}% over a window", now)
-        if abs(change) >= self.settings.tolerance or self.level >= self.max_level:
+        if self.level > 0:
+            if change > LOSS_RISE:
+                return self.wake(f"the loss rose {100 * change:.0f}% above its best", now)
+            drop = self.settings.accuracy_drop
+            if accuracy is not None and self._quiet_accuracy is not None and accuracy < self._quiet_accuracy - drop:
+                return self.wake(f"validation accuracy fell from {self._quiet_accuracy:.3f} to {accuracy:.3f}", now)
+        if change < -self.settings.tolerance:
+            self._best_loss = loss  # still learning
+            return False
+        if self.level >= self.max_level:
             return False
         if self.level == 0:
-            self._usual_distance = distances
+            self._usual_distance, self._quiet_accuracy = distances, accuracy
         self.level += 1
-        self.reason = f"loss moved {100 * abs(change):.2f}% over {self.settings.window} periods"
+        self.reason = (f"the loss has not beaten its best by {100 * self.settings.tolerance:g}% for a window "
+                       f"of {self.settings.window} periods")
         self.since = now
         return True
 
     def restart(self, now: float) -> None:
         """A fresh start at full speed from ``now``, as after a restart of the node."""
-        self.level, self.since, self._last_loss = 0, now, None
+        self.level, self.since, self._best_loss = 0, now, None
         self._start_window(now)
 
     def _start_window(self, now: float) -> None:
         self._window_start = now
         self._losses.clear()
+        self._accuracies.clear()
         self._distances.clear()
 
     def as_dict(self, now: float) -> dict[str, Any]:
