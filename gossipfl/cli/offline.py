@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from gossipfl.cli.argtypes import int_list, name_list, positive_float, positive_int
+from gossipfl.cli.cli_anomaly import add_threshold_options, evaluate_anomalies, predict_anomalies, refuse_misplaced_options
 from gossipfl.cli.certs import describe_certificate, init_ca, issue_node_cert
 from gossipfl.cli.cli_control import connection_options, predict_via_daemon
 from gossipfl.cli.service import CONFIG_PATH, UNIT_NAME, ServiceReport, install, uninstall
@@ -28,7 +29,7 @@ from gossipfl.learning.optim import OPTIMIZERS, OptimizerConfig
 from gossipfl.learning.privacy_budget import PRIVACY_KEY
 from gossipfl.learning.quality import class_probabilities, predicted_classes
 from gossipfl.learning.trainer import Metrics, TrainConfig, Trainer, predict
-from gossipfl.learning.zoo import ARCHITECTURES, ArchSpec, build
+from gossipfl.learning.zoo import ARCHITECTURES, ArchSpec, autoencoder_hidden, build
 
 
 def _data_spec(model: Model, label_column: str | None) -> DataSpec:
@@ -71,7 +72,7 @@ def _note_skipped(data: LocalData) -> None:
 
 
 def cmd_model_init(args: argparse.Namespace) -> int:
-    hidden = args.hidden if args.hidden is not None else ([8, 16] if args.arch == "cnn1d" else [128])
+    task = args.task or ("anomaly" if args.arch == "autoencoder" else "classification")
     shape = tuple(args.input_shape) if args.input_shape else None
     if shape is not None and len(shape) != 2:
         raise DataError("--input-shape takes two numbers: channels,length")
@@ -81,19 +82,27 @@ def cmd_model_init(args: argparse.Namespace) -> int:
             raise DataError("--data reads the inputs and classes from the data: drop --inputs and --classes")
         if args.features and args.exclude:
             raise DataError("give --features or --exclude, not both")
-        survey = survey_directory(args.data, args.label_column or "label", args.task, args.features,
-                                  args.exclude or (), args.delimiter)
+        # An anomaly model's data needs no label column, unless one is named (a typo must not make it a feature).
+        survey = survey_directory(args.data, args.label_column or "label", task, args.features,
+                                  args.exclude or (), args.delimiter,
+                                  require_label=task != "anomaly" or args.label_column is not None)
         inputs = len(survey.schema.features)
         classes = len(survey.schema.classes) if survey.schema.classes else 1
     else:
         if args.inputs is None:
             raise DataError("--inputs is required without --data")
         inputs = args.inputs
-        classes = args.classes if args.classes is not None else (1 if args.task == "regression" else None)
-        if classes is None:
+        classes = args.classes if args.classes is not None else (1 if task == "regression" else None)
+        if classes is None and task != "anomaly":
             raise DataError("--classes is required for a classifier (or give --data)")
-    spec = ArchSpec(arch=args.arch, inputs=inputs, classes=classes, hidden=hidden, input_shape=shape,
-                    task=args.task, seed=args.seed,  # type: ignore[arg-type]
+    if task == "anomaly":
+        if args.classes is not None:
+            raise DataError("an autoencoder has as many outputs as inputs: drop --classes")
+        classes = inputs
+    hidden = args.hidden if args.hidden is not None else (
+        [8, 16] if args.arch == "cnn1d" else list(autoencoder_hidden(inputs)) if args.arch == "autoencoder" else [128])
+    spec = ArchSpec(arch=args.arch, inputs=inputs, classes=classes, hidden=hidden, input_shape=shape,  # type: ignore[arg-type]
+                    task=task, seed=args.seed,
                     schema=survey.schema if survey else None,
                     scaling=(survey.mean, survey.scale) if survey and not args.no_scaling else None)
     model = build(spec)
@@ -103,7 +112,8 @@ def cmd_model_init(args: argparse.Namespace) -> int:
     if survey is not None:
         names = survey.schema.classes
         print(f"  features ({inputs}): {', '.join(survey.schema.features)}")
-        print(f"  label {survey.schema.label!r}" + (f", classes ({len(names)}): {', '.join(names)}" if names else ""))
+        print(f"  label {survey.schema.label!r}" + (f", classes ({len(names)}): {', '.join(names)}" if names else "")
+              + (" (not needed to train; never a feature; eval --anomaly-label reads it)" if task == "anomaly" else ""))
         print(f"  {'no scaling' if args.no_scaling else 'standardised with the mean and spread of'} "
               f"{survey.rows} rows" + (f"; skipped rows: {survey.skipped}" if survey.skipped else ""))
     return 0
@@ -156,6 +166,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     model = Model.load(args.model)
+    if args.anomaly_label is not None:
+        return evaluate_anomalies(args, model)
+    refuse_misplaced_options(model, args)
+    if args.rate is not None or args.threshold is not None:
+        raise DataError("--rate and --threshold choose the threshold of --anomaly-label's precision and recall")
     trainer = Trainer(model)
     data = load_directory(args.data, _data_spec(model, args.label_column))
     table = data.all
@@ -172,12 +187,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Offline with --model; otherwise through the running daemon's current model."""
     if args.model is None:
         task, out, _, classes = predict_via_daemon(args)
+        if task == "anomaly":
+            raise DataError("the daemon answers reconstructions, not anomaly scores: score with --model (a model "
+                            "file, e.g. from gossipfl model export)")
     else:
         model = Model.load(args.model)
         classes = _classes(model)
         table = read_file(Path(args.input), _data_spec(model, args.label_column), require_labels=False)
         if len(table) == 0:
             raise DataError(f"{args.input}: no samples")
+        if model.task == "anomaly":
+            return predict_anomalies(args, model, table)
+        refuse_misplaced_options(model, args)
         task, out = model.task, predict(model, table.x)
     if task == "classification":
         labels = predicted_classes(out)
@@ -297,8 +318,10 @@ def register_model(sub: Any, parser_class: type[argparse.ArgumentParser]) -> Any
     init.add_argument("--no-scaling", action="store_true", help="with --data: no standardisation step in the model")
     init.add_argument("--inputs", type=positive_int, help="features per sample (without --data)")
     init.add_argument("--classes", type=positive_int, help="classes (or outputs, for --task regression)")
-    init.add_argument("--task", choices=("classification", "regression"), default="classification")
-    init.add_argument("--hidden", type=int_list, help="layer widths (mlp) or channels (cnn1d), e.g. 128,64")
+    init.add_argument("--task", choices=("classification", "regression", "anomaly"),
+                      help="default: anomaly for --arch autoencoder (no labels needed), else classification")
+    init.add_argument("--hidden", type=int_list, help="layer widths (mlp), channels (cnn1d), or widths around a "
+                                                       "bottleneck (autoencoder, e.g. 16,2,16; default about 2F,F/3,2F)")
     init.add_argument("--input-shape", type=int_list, help="channels,length for cnn1d")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--out", required=True)
@@ -330,6 +353,9 @@ def register_train_eval(sub: Any, parser_class: type[argparse.ArgumentParser]) -
     ev.add_argument("--model", required=True)
     ev.add_argument("--data", required=True)
     ev.add_argument("--label-column", help="default: the model's schema, else 'label'")
+    ev.add_argument("--anomaly-label", help="anomaly models: rows whose label column holds this value are anomalies; "
+                                           "reports roc_auc, and precision and recall at the threshold")
+    add_threshold_options(ev)
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(handler=cmd_eval)
 
@@ -341,7 +367,8 @@ def register_predict(sub: Any, parser_class: type[argparse.ArgumentParser]) -> N
     pr.add_argument("--model", help="an ONNX model file; without it, ask the running daemon")
     pr.add_argument("--input", required=True)
     pr.add_argument("--label-column", help="default: the model's schema, else 'label'")
-    pr.add_argument("--json", action="store_true")
+    add_threshold_options(pr)
+    pr.add_argument("--json", action="store_true", help="anomaly models: keys score, anomaly, threshold")
     pr.set_defaults(handler=cmd_predict)
 
 

@@ -10,7 +10,8 @@ whose inputs cannot carry a gradient back to a parameter needs no rule; a node o
 parameter to the loss with no rule makes the model untrainable, and the error names it.
 
 Conventions the rules rely on:
-- labels are int64 class indices (classification) or float targets shaped like the output;
+- labels are int64 class indices (classification) or float targets shaped like the output; an anomaly
+  model's target is its own scaled input, read inside the graph (reconstruction.py), and its labels are unused;
 - a model whose output is a Softmax or LogSoftmax over the last axis is trained on that node's input,
   with the fused softmax cross-entropy (the same loss, computed stably);
 - the batch size is read from the data at run time, so one graph serves every batch size.
@@ -28,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gossipfl.errors import ModelError, UnsupportedOpError
 from gossipfl.learning.model import Dim, Model, tensor_shape
+from gossipfl.learning.reconstruction import reconstruction_target
 
 LABELS = "gossipfl.labels"
 LOSS = "gossipfl.loss"
@@ -452,7 +454,10 @@ def build_gradient_graph(model: Model, dtype: int = TensorProto.FLOAT) -> Gradie
         seed_grad, seed_tensor = b.op("Div", [b.op("Sub", [probs, onehot]), batch]), logits
     else:
         label_info = helper.make_tensor_value_info(labels, dtype, None)
-        target = b.op("Reshape", [labels, b.op("Shape", [output])])
+        if model.task == "anomaly":  # the target is the scaled input; the labels fed are ignored (reconstruction.py)
+            target = reconstruction_target(graph, model.input_name)
+        else:
+            target = b.op("Reshape", [labels, b.op("Shape", [output])])
         diff = b.op("Sub", [output, target])
         count = b.op("Cast", [b.op("Size", [output])], to=dtype)
         squares = b.op("ReduceSum", [b.op("Mul", [diff, diff])], keepdims=0)

@@ -220,8 +220,11 @@ def read_csv(path: Path, spec: DataSpec, require_labels: bool = True, raw_labels
                 raise DataError(f"{path}: empty file (a header row is required)")
             delimiter = spec.delimiter or sniff_delimiter(header_line)
             header = [h.strip() for h in next(csv.reader([header_line], delimiter=delimiter))]
-            feature_cols, label_index = _columns(path, header, spec, require_labels)
-            rows = _Rows(spec, feature_cols, label_index, len(header), raw_labels)
+            # An anomaly model needs no labels: a label column is never a feature, and is read only as text, to
+            # evaluate (raw_labels); its training target is its own input (reconstruction.py).
+            unlabelled = spec.task == "anomaly" and not raw_labels
+            feature_cols, label_index = _columns(path, header, spec, require_labels and not unlabelled)
+            rows = _Rows(spec, feature_cols, None if unlabelled else label_index, len(header), raw_labels)
             line = 1
             for line, row in enumerate(csv.reader(lines, delimiter=delimiter), start=2):
                 if row and any(c.strip() for c in row):
@@ -234,6 +237,8 @@ def read_csv(path: Path, spec: DataSpec, require_labels: bool = True, raw_labels
         log.info("%s: skipped rows %s; the first at %s", path, rows.skipped,
                  rows.first_problem or "the last line, still being written (read again once it ends)")
     x = np.asarray(rows.x, dtype=np.float32).reshape(len(rows.x), spec.features)
+    if unlabelled:  # one placeholder target per row, which the loss never reads
+        return Table(x, np.zeros(len(x), np.float32), rows.skipped)
     label_dtype = str if raw_labels else np.int64 if spec.task == "classification" else np.float32
     return Table(x, np.asarray(rows.y, dtype=label_dtype), rows.skipped)
 
@@ -284,6 +289,8 @@ def read_npz(path: Path, spec: DataSpec, require_labels: bool = True) -> Table:
     if not np.all(np.isfinite(x)):
         bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
         raise DataError(f"{path}: sample {bad} of 'x' has a NaN or infinite feature")
+    if spec.task == "anomaly":  # no labels needed; a placeholder target per row (see read_csv)
+        return Table(x.astype(np.float32), np.zeros(len(x), np.float32))
     if y is None:
         if require_labels:
             raise DataError(f"{path}: no array named 'y' (labels)")
@@ -314,7 +321,8 @@ def _check_npz_shapes(path: Path) -> None:
                                 f"bytes) but holds {info.file_size}")
 
 
-def read_file(path: Path, spec: DataSpec, require_labels: bool = True) -> Table:
+def read_file(path: Path, spec: DataSpec, require_labels: bool = True, raw_labels: bool = False) -> Table:
+    """One data file; ``raw_labels`` keeps the label column as text (CSV only: an ``.npz``'s labels are numbers)."""
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -322,7 +330,9 @@ def read_file(path: Path, spec: DataSpec, require_labels: bool = True) -> Table:
     if size > MAX_FILE_BYTES:
         raise DataError(f"{path}: {size} bytes is over the limit of {MAX_FILE_BYTES}")
     if path.name.endswith((".csv", ".csv.gz")):
-        return read_csv(path, spec, require_labels)
+        return read_csv(path, spec, require_labels, raw_labels)
+    if path.suffix == ".npz" and raw_labels:
+        raise DataError(f"{path}: labels are read by name from CSV files; an .npz file has none")
     if path.suffix == ".npz":
         return read_npz(path, spec, require_labels)
     raise DataError(f"{path}: unknown data format (expected {' or '.join(SUFFIXES)})")
@@ -476,9 +486,10 @@ class Survey:
 
 def survey_directory(directory: str | os.PathLike[str], label: str, task: str = "classification",
                      include: Sequence[str] | None = None, exclude: Sequence[str] = (),
-                     delimiter: str | None = None) -> Survey:
+                     delimiter: str | None = None, require_label: bool | None = None) -> Survey:
     """Read the CSV files of ``directory`` for their columns, their classes (label values as text, so
-    "normal"/"faulty" and "0".."9" alike) and each feature's mean and spread."""
+    "normal"/"faulty" and "0".."9" alike) and each feature's mean and spread. An anomaly model's data needs no
+    label column (``require_label`` defaults to ``task != "anomaly"``); one that is there is not a feature."""
     root = Path(directory)
     try:
         files = sorted(p for p in root.iterdir() if p.name.endswith((".csv", ".csv.gz")) and p.is_file())
@@ -488,7 +499,8 @@ def survey_directory(directory: str | os.PathLike[str], label: str, task: str = 
         raise DataError(f"no .csv or .csv.gz files in {root} to read a schema from")
     header, delimiter = _header(files[0], delimiter)
     try:
-        features = choose_features(header, label, include, exclude)
+        features = choose_features(header, label, include, exclude,
+                                   task != "anomaly" if require_label is None else require_label)
     except ModelError as exc:
         raise DataError(f"{files[0]}: {exc}") from exc
     spec = DataSpec(features=len(features), task=task, label_column=label, schema=Schema(features, label),

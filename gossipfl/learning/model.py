@@ -37,7 +37,8 @@ MAX_MODEL_BYTES = 512 * 1024 * 1024
 MIN_OPSET, MAX_OPSET = 13, 21
 #: IR version written by gossipfl; onnxruntime 1.14 and newer load it.
 IR_VERSION = 8
-TASKS = ("classification", "regression")
+#: "anomaly": a model that reconstructs its scaled input (an autoencoder; reconstruction.py says how it trains).
+TASKS = ("classification", "regression", "anomaly")
 TASK_KEY = "gossipfl.task"
 
 Dim = int | str | None
@@ -411,6 +412,9 @@ class Model:
             raise ModelError("a classifier with one output must end in Sigmoid (the probability of class 1)")
         if chosen not in TASKS:
             raise ModelError(f"unknown task {chosen!r}; expected one of {', '.join(TASKS)}")
+        if chosen == "anomaly" and tuple(self.output_shape[1:]) != tuple(self.input_shape[1:]):
+            raise ModelError(f"an anomaly model reconstructs its input: its output {self.output_shape} must have "
+                             f"the shape of its input {self.input_shape}")
         return chosen
 
     def _read_schema(self) -> Schema | None:

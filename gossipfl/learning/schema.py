@@ -79,11 +79,13 @@ class Schema:
 
 
 def choose_features(header: Sequence[str], label: str, include: Sequence[str] | None = None,
-                    exclude: Sequence[str] = ()) -> tuple[str, ...]:
+                    exclude: Sequence[str] = (), require_label: bool = True) -> tuple[str, ...]:
     """The feature columns of ``header``: ``include`` as given (each must exist), else every column but the
-    label and ``exclude`` (each of which must exist, so a typo is not silently a feature)."""
+    label and ``exclude`` (each of which must exist, so a typo is not silently a feature). Without
+    ``require_label`` (an anomaly model's unlabelled data) the label column may be absent, and is still never
+    a feature when it is there."""
     present = [h.strip() for h in header]
-    if label not in present:
+    if label not in present and require_label:
         raise ModelError(f"no label column {label!r} in the data (columns: {', '.join(present)})")
     for name in [*(include or ()), *exclude]:
         if name not in present:

@@ -54,7 +54,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Metrics:
-    """How well a model does on some data. ``accuracy`` for classifiers, ``rmse`` for regression."""
+    """How well a model does on some data. ``accuracy`` for classifiers, ``rmse`` for regression (and for an
+    anomaly model, of its reconstruction of the scaled input)."""
 
     loss: float
     count: int
@@ -320,11 +321,13 @@ class Trainer:
             total_loss += float(loss) * len(xb)
             if self.model.task == "classification":
                 confusion += confusion_matrix(yb, predicted_classes(out), classes)
-            else:
+            elif self.model.task == "regression":
                 squared += float(np.sum((out.reshape(len(xb), -1) - yb.reshape(len(xb), -1)) ** 2))
         n = len(x)
         if self.model.task == "classification":
             return Metrics(loss=total_loss / n, count=n, accuracy=float(np.trace(confusion)) / n, confusion=confusion)
+        if self.model.task == "anomaly":  # the loss is the mean reconstruction error: rmse in the scaler's units
+            return Metrics(loss=total_loss / n, count=n, rmse=math.sqrt(max(total_loss / n, 0.0)))
         return Metrics(loss=total_loss / n, count=n, rmse=math.sqrt(squared / (n * self.model.num_outputs)))
 
     def predict(self, x: np.ndarray) -> np.ndarray:

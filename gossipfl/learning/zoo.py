@@ -20,7 +20,7 @@ from gossipfl.learning.model import IR_VERSION, TASK_KEY, TASKS, Model
 from gossipfl.learning.schema import SCHEMA_KEY, Schema
 
 OPSET = 17
-ARCHITECTURES = ("logreg", "mlp", "cnn1d")
+ARCHITECTURES = ("logreg", "mlp", "cnn1d", "autoencoder")
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 
@@ -32,7 +32,7 @@ class ArchSpec:
     arch: str
     inputs: int
     classes: int
-    hidden: Sequence[int] = field(default_factory=lambda: (128,))
+    hidden: Sequence[int] = field(default_factory=lambda: (128,))  # autoencoder: (h, b, h), a bottleneck b
     input_shape: tuple[int, int] | None = None  # (channels, length) for cnn1d
     task: str = "classification"
     seed: int = 0
@@ -50,6 +50,10 @@ class ArchSpec:
             raise ModelError("--inputs and --classes must be positive")
         if self.task == "classification" and self.classes < 2:
             raise ModelError("a classifier needs --classes 2 or more")
+        if (self.arch == "autoencoder") != (self.task == "anomaly"):
+            raise ModelError("an anomaly model is an autoencoder: use --arch autoencoder (its task is anomaly)")
+        if self.arch == "autoencoder":
+            _check_bottleneck(self.inputs, self.classes, self.hidden)
         if any(h <= 0 for h in self.hidden):
             raise ModelError("--hidden sizes must be positive")
         if self.arch == "cnn1d":
@@ -92,6 +96,28 @@ class _GraphWriter:
         return self.node("Gemm", [x, w, b], f"{prefix}.out", transB=1)
 
 
+def autoencoder_hidden(inputs: int) -> tuple[int, int, int]:
+    """Default layer widths (h, b, h) for ``inputs`` features: a bottleneck of about a third of the features,
+    which a few correlated channels fit through and an anomaly (correlation broken) does not."""
+    bottleneck = max(1, inputs // 3)
+    width = min(128, max(8, 2 * inputs))
+    return width, bottleneck, width
+
+
+def _check_bottleneck(inputs: int, outputs: int, hidden: Sequence[int]) -> None:
+    """An autoencoder whose narrowest layer holds every feature can learn to copy its input: every row then
+    reconstructs well and no score means anything, so the bottleneck must be narrower than the input."""
+    if outputs != inputs:
+        raise ModelError(f"an autoencoder reconstructs its {inputs} inputs: it has {inputs} outputs, not {outputs}")
+    if inputs < 2:
+        raise ModelError("an autoencoder needs at least 2 features")
+    if not hidden:
+        raise ModelError("an autoencoder needs --hidden layer widths, e.g. 16,2,16")
+    if min(hidden) >= inputs:
+        raise ModelError(f"the autoencoder's narrowest --hidden layer ({min(hidden)}) must be smaller than its "
+                         f"{inputs} inputs, or it learns to copy them")
+
+
 def _standardise(w: _GraphWriter, spec: ArchSpec, dims: tuple[int, ...]) -> str:
     """(x - mean) / scale, as the graph's first two nodes, with the constants shaped like one sample."""
     if spec.scaling is None:
@@ -129,10 +155,12 @@ def build(spec: ArchSpec) -> Model:
         input_dims = ["batch", spec.inputs]
         x = _standardise(w, spec, (spec.inputs,))
         width = spec.inputs
-        hidden = list(spec.hidden) if spec.arch == "mlp" else []
+        hidden = list(spec.hidden) if spec.arch in ("mlp", "autoencoder") else []
+        # Tanh in an autoencoder: a bottleneck of a few Relu units can die and pass nothing at all.
+        activation = "Tanh" if spec.arch == "autoencoder" else "Relu"
         for i, size in enumerate(hidden):
             x = w.linear(f"fc{i}", x, width, size)
-            x = w.node("Relu", [x], f"fc{i}.relu")
+            x = w.node(activation, [x], f"fc{i}.{activation.lower()}")
             width = size
         x = w.linear("head", x, width, outputs)
     w.node("Identity", [x], OUTPUT_NAME)
