@@ -14,8 +14,13 @@ from typing import Any
 import numpy as np
 
 from gossipfl.cli.argtypes import int_list, name_list, positive_float, positive_int
-from gossipfl.cli.cli_anomaly import add_threshold_options, evaluate_anomalies, predict_anomalies, refuse_misplaced_options
 from gossipfl.cli.certs import describe_certificate, init_ca, issue_node_cert
+from gossipfl.cli.cli_anomaly import (
+    add_threshold_options,
+    evaluate_anomalies,
+    predict_anomalies,
+    refuse_misplaced_options,
+)
 from gossipfl.cli.cli_control import connection_options, predict_via_daemon
 from gossipfl.cli.service import CONFIG_PATH, UNIT_NAME, ServiceReport, install, uninstall
 from gossipfl.cli.tls import load_identity
@@ -320,8 +325,9 @@ def register_model(sub: Any, parser_class: type[argparse.ArgumentParser]) -> Any
     init.add_argument("--classes", type=positive_int, help="classes (or outputs, for --task regression)")
     init.add_argument("--task", choices=("classification", "regression", "anomaly"),
                       help="default: anomaly for --arch autoencoder (no labels needed), else classification")
-    init.add_argument("--hidden", type=int_list, help="layer widths (mlp), channels (cnn1d), or widths around a "
-                                                       "bottleneck (autoencoder, e.g. 16,2,16; default about 2F,F/3,2F)")
+    init.add_argument("--hidden", type=int_list,
+                      help="layer widths (mlp), channels (cnn1d), or widths around a bottleneck (autoencoder, "
+                           "e.g. 16,2,16; default about 2F,F/3,2F for F features)")
     init.add_argument("--input-shape", type=int_list, help="channels,length for cnn1d")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--out", required=True)

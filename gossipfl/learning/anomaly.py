@@ -34,6 +34,9 @@ DEFAULT_CAPACITY = 4096
 MAX_CAPACITY = 1_000_000  # 8 MB of float64 scores
 STATE_VERSION = 1
 
+Scores = Sequence[float] | np.ndarray
+Flags = Sequence[bool] | np.ndarray
+
 
 # ---------------------------------------------------------------- scores
 
@@ -87,7 +90,7 @@ class ThresholdCalibrator:
 
     rate: float = DEFAULT_RATE
     capacity: int = DEFAULT_CAPACITY
-    seen: int = 0  # scores ever added; the ring holds the last min(seen, capacity)
+    seen: int = field(default=0, init=False)  # scores ever added; the ring holds the last min(seen, capacity)
     _ring: np.ndarray = field(init=False, repr=False)
     _next: int = field(default=0, init=False, repr=False)
 
@@ -95,9 +98,8 @@ class ThresholdCalibrator:
         self.rate = _check_rate(self.rate, ConfigError)
         self.capacity = _check_capacity(self.capacity, ConfigError)
         self._ring = np.zeros(self.capacity, np.float64)
-        self.seen = 0
 
-    def update(self, scores: Sequence[float] | np.ndarray) -> None:
+    def update(self, scores: Scores) -> None:
         """Add scores, oldest first; past ``capacity`` the oldest are forgotten."""
         values = _check_scores(scores, DataError)
         self.seen += len(values)
@@ -125,7 +127,7 @@ class ThresholdCalibrator:
             return None
         return float(np.quantile(self.recent(), 1.0 - self.rate))
 
-    def is_anomaly(self, scores: Sequence[float] | np.ndarray) -> np.ndarray:
+    def is_anomaly(self, scores: Scores) -> np.ndarray:
         threshold = self.threshold
         if threshold is None:
             raise DataError("no threshold yet: the calibrator has seen no scores")
@@ -156,7 +158,7 @@ class ThresholdCalibrator:
         return calibrator
 
 
-def calibrated_threshold(scores: Sequence[float] | np.ndarray, rate: float = DEFAULT_RATE) -> float:
+def calibrated_threshold(scores: Scores, rate: float = DEFAULT_RATE) -> float:
     """The threshold a calibrator fed ``scores`` alone would give (``predict`` on a file: its own rows)."""
     values = _check_scores(scores, DataError)
     if len(values) == 0:
@@ -170,7 +172,7 @@ def calibrated_threshold(scores: Sequence[float] | np.ndarray, rate: float = DEF
 # ---------------------------------------------------------------- quality on labelled data
 
 
-def _pair(scores: Sequence[float] | np.ndarray, is_anomaly: Sequence[bool] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _pair(scores: Scores, is_anomaly: Flags) -> tuple[np.ndarray, np.ndarray]:
     values = np.asarray(scores, dtype=np.float64)
     truth = np.asarray(is_anomaly)
     if values.ndim != 1 or truth.shape != values.shape:
@@ -193,7 +195,7 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def roc_auc(scores: Sequence[float] | np.ndarray, is_anomaly: Sequence[bool] | np.ndarray) -> float | None:
+def roc_auc(scores: Scores, is_anomaly: Flags) -> float | None:
     """The area under the ROC curve (Mann-Whitney U over both counts): the chance that a random anomaly scores
     above a random normal row, ties counting one half. None when either kind is absent (it is undefined)."""
     values, truth = _pair(scores, is_anomaly)
@@ -205,8 +207,7 @@ def roc_auc(scores: Sequence[float] | np.ndarray, is_anomaly: Sequence[bool] | n
     return (rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives)
 
 
-def precision_recall(scores: Sequence[float] | np.ndarray, is_anomaly: Sequence[bool] | np.ndarray,
-                     threshold: float) -> dict[str, Any]:
+def precision_recall(scores: Scores, is_anomaly: Flags, threshold: float) -> dict[str, Any]:
     """Flagging rows scoring above ``threshold``: precision (None when nothing is flagged), recall (None when
     no row is an anomaly), their F1, and the counts behind them."""
     if not math.isfinite(threshold):

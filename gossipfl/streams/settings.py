@@ -70,6 +70,9 @@ class StreamSettings:
     password_file: Path | None = None  # the password, one line; refused if group or others may read it
     client_id: str = ""  # "": the broker assigns one (a clean session each time)
     topics: list[str] = field(default_factory=list)  # "FILTER" or "FILTER=CHANNEL"
+    # Filters to subscribe to; empty: those of ``topics``. Wider ones (``plant/#``) let messages on topics no
+    # entry of ``topics`` maps reach the source, where they are counted (``unknown_topic``) and dropped.
+    subscribe: list[str] = field(default_factory=list)
     channels: list[str] = field(default_factory=list)  # the model's channels, in order
     qos: int = 1
     timestamp_key: str = "ts"  # the JSON key of a sensor's own time (seconds)
@@ -143,6 +146,10 @@ class StreamSettings:
                    f"channel {channel!r} is not one of mqtt.channels")
             _check(topic_filter not in seen, f"topics[{i}]", f"topic filter {topic_filter!r} is listed twice")
             seen.add(topic_filter)
+        _check(len(self.subscribe) <= MAX_TOPICS, "subscribe", f"must list at most {MAX_TOPICS} topic filters")
+        for i, topic_filter in enumerate(self.subscribe):
+            problem = topic_filter_problem(topic_filter)
+            _check(problem is None, f"subscribe[{i}]", f"topic filter {topic_filter!r} {problem}")
 
     def topic_map(self) -> TopicMap:
         return TopicMap(tuple(split_topic(t) for t in self.topics), tuple(self.channels), self.timestamp_key,
@@ -153,7 +160,7 @@ class StreamSettings:
 
     def subscriptions(self) -> list[str]:
         """The topic filters to subscribe to."""
-        return [split_topic(t)[0] for t in self.topics]
+        return list(self.subscribe) or [split_topic(t)[0] for t in self.topics]
 
     @property
     def tls(self) -> bool:

@@ -106,7 +106,7 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
     scaled by a power of two (exact) near their largest magnitude, so 1e308 squared never becomes inf."""
     n = len(values)
     top = max(abs(v) for v in values)
-    scale = math.ldexp(1.0, math.frexp(top)[1]) if top > 0 else 1.0
+    scale = math.ldexp(1.0, math.frexp(top)[1] - 1) if top > 0 else 1.0  # |v| / scale < 2
     scaled = [v / scale for v in values]
     mean = math.fsum(scaled) / n
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in scaled) / n)

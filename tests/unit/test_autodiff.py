@@ -281,3 +281,21 @@ def test_a_binary_classifier_learns_and_reports_two_classes():
 def test_a_one_output_classifier_without_a_sigmoid_is_refused():
     with pytest.raises(ModelError, match="must end in Sigmoid"):
         make_model([n("Gemm", ["x", "w"], "out", transB=1)], {"w": rnd(1, 5)}, [5], [1])
+
+
+def test_the_reconstruction_loss_of_an_autoencoder_reads_its_scaled_input_and_its_gradient_checks_out():
+    # The target is the scaler's output inside the graph; the labels fed are ignored (reconstruction.py).
+    from gossipfl.learning.zoo import ArchSpec, build
+
+    mean, scale = np.array([1.0, -2.0, 0.5]), np.array([2.0, 0.5, 3.0])
+    model = build(ArchSpec("autoencoder", 3, 3, hidden=(4, 2, 4), task="anomaly", scaling=(mean, scale), seed=3))
+    graph = build_gradient_graph(model, TensorProto.DOUBLE)
+    evaluator = ReferenceEvaluator(graph.proto)
+    params = {s.name: model.views[s.name].astype(np.float64) for s in model.specs}
+    x = np.random.default_rng(5).normal(size=(BATCH, 3)) * scale + mean
+    feeds = {model.input_name: x, LABELS: np.full(BATCH, 99.0)}
+    names = [o.name for o in graph.proto.graph.output]
+    results = dict(zip(names, evaluator.run(None, {**feeds, **params}), strict=True))
+    expected = np.mean((results[model.output_name] - (x - mean) / scale) ** 2)
+    assert abs(results[LOSS] - expected) < 1e-12
+    _check_against_central_differences(model, graph, evaluator, feeds, params, results, "autoencoder")

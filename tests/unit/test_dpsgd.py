@@ -181,7 +181,9 @@ def test_noise_repeats_with_the_seed_and_changes_with_it():
     lambda: build(ArchSpec("logreg", 7, 3, seed=4)),
     lambda: build(ArchSpec("mlp", 6, 2, hidden=(5, 4), task="regression", seed=5)),
     lambda: build(ArchSpec("mlp", 5, 3, hidden=(4,), seed=6, scaling=(np.full(5, 0.5), np.full(5, 2.0)))),
-], ids=["mlp", "hand-made", "binary", "torch-mlp", "logreg", "regression", "scaled-input"])
+    lambda: build(ArchSpec("autoencoder", 5, 5, hidden=(4, 2, 4), task="anomaly", seed=7,
+                           scaling=(np.full(5, 0.5), np.full(5, 2.0)))),
+], ids=["mlp", "hand-made", "binary", "torch-mlp", "logreg", "regression", "scaled-input", "autoencoder"])
 @pytest.mark.parametrize("clip", [math.inf, 0.3, 1e-3])
 def test_ghost_clipping_equals_the_per_sample_loop(make, clip):
     model = make()
