@@ -63,7 +63,7 @@ class Pacer:
 
     def _woke_if(self, woke: bool) -> None:
         if woke:
-            self.counters.add("pace.wakes")
+            self.counters.add("pace.wakes")  # by kind in status: pace.wakes_by_kind
             log.info("back to full speed", extra=fields(reason=self.pace.reason))
             self._woken.set()
             self._woken = trio.Event()

@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FULL, SLOWING, QUIET = "full", "slowing", "quiet"
-LOSS_RISE = 0.25  # a window's loss this far above the best window since the last wake wakes the node
+LOSS_RISE = 0.5  # a window's loss this far above the median window since the last wake wakes the node
+DISTANCE_FLOOR = 0.05  # a peer's model nearer than this (of our model's norm) never wakes the node
+MIN_WINDOW_PERIODS = 3  # a window holds at least this many periods at the current pace
+RECENT_WINDOWS = 8  # window means kept for the median a rising loss is measured against
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class PaceSettings:
     """``[quiet]`` in the config: see docs/config.md."""
 
     enabled: bool = True
-    window: int = 10  # gossip periods (at the current pace) a level must be stable before the next step down
+    window: int = 10  # gossip periods at full speed (3 at least at the current pace) a level is judged over
     tolerance: float = 0.01  # a window whose loss beats the best window by less than this has not improved
     wake_distance: float = 4.0  # a peer's model this many times farther than usual wakes a quiet node
     accuracy_drop: float = 0.05  # a window's validation accuracy this far below the one it went quiet at
@@ -56,6 +59,8 @@ class Pace:
     _accuracies: list[float] = field(default_factory=list)
     _distances: list[float] = field(default_factory=list)
     _best_loss: float | None = None  # the lowest window mean since the last wake
+    _recent: list[float] = field(default_factory=list)  # window means since the last wake, the last few
+    wake_kinds: dict[str, int] = field(default_factory=dict)  # wakes by kind: new_rows, far_peer, accuracy, loss
     _usual_distance: float | None = None  # the median relative distance of peers when we went quiet
     _quiet_accuracy: float | None = None  # the window mean when we first stepped down
 
@@ -87,6 +92,12 @@ class Pace:
         return self.period / self.base_period
 
     @property
+    def window_seconds(self) -> float:
+        """How long a window lasts at this pace: ``window`` full-speed periods, and at least a few of today's,
+        so that a quiet node reaches its floor in minutes, not hours, and still judges a few exchanges."""
+        return max(self.settings.window * self.base_period, MIN_WINDOW_PERIODS * self.period)
+
+    @property
     def state(self) -> str:
         return FULL if self.level == 0 else QUIET if self.level >= self.max_level else SLOWING
 
@@ -106,24 +117,27 @@ class Pace:
             return False
         self._distances.append(relative)
         usual = self._usual_distance
-        if self.level > 0 and usual is not None and relative > self.settings.wake_distance * max(
-                usual, self.settings.tolerance):
-            return self.wake(f"a peer's model is {relative / max(usual, 1e-12):.1f} times farther than usual", now)
+        if self.level > 0 and usual is not None and relative > max(self.settings.wake_distance * usual,
+                                                                    DISTANCE_FLOOR):
+            return self.wake(f"a peer's model is {relative / max(usual, 1e-12):.1f} times farther than usual", now,
+                             "far_peer")
         return False
 
     def new_data(self, files: int, now: float) -> bool:
         """New or changed data files: new rows to learn from."""
-        return self.wake(f"new rows ({files} new or changed data file{'s' if files != 1 else ''})", now)
+        return self.wake(f"new rows ({files} new or changed data file{'s' if files != 1 else ''})", now, "new_rows")
 
-    def wake(self, reason: str, now: float) -> bool:
+    def wake(self, reason: str, now: float, kind: str) -> bool:
         """Back to full speed at once; True when the node was not there already."""
         self._start_window(now)
         self._best_loss = None
+        self._recent.clear()
         if self.level == 0:
             return False
         self.level, self.reason, self.since = 0, f"woken: {reason}", now
         self._usual_distance = self._quiet_accuracy = None
         self.wakes += 1
+        self.wake_kinds[kind] = self.wake_kinds.get(kind, 0) + 1
         return True
 
     def tick(self, now: float) -> bool:
@@ -131,12 +145,14 @@ class Pace:
         wake by ``tolerance`` is progress (and the new best); one that does not is rest, a step down. Judged on
         window means, so the jitter of single evaluations on a few validation rows neither rests nor wakes a
         node. True when the level changed."""
-        if now - self._window_start < self.settings.window * self.period or not self._losses:
+        if now - self._window_start < self.window_seconds or not self._losses:
             return False
         loss = statistics.fmean(self._losses)
         accuracy = statistics.fmean(self._accuracies) if self._accuracies else None
         distances = statistics.median(self._distances) if self._distances else None
         best = self._best_loss
+        typical = statistics.median(self._recent) if self._recent else None
+        self._recent = [*self._recent, loss][-RECENT_WINDOWS:]
         self._start_window(now)
         if best is None:
             self._best_loss = loss  # the first window since a wake: the mark the next ones must beat
@@ -144,11 +160,13 @@ class Pace:
         change = (loss - best) / max(abs(best), 1e-12)
         self.last_change = change
         if self.level > 0:
-            if change > LOSS_RISE:
-                return self.wake(f"the loss rose {100 * change:.0f}% above its best", now)
+            if typical is not None and loss > (1 + LOSS_RISE) * typical:
+                rise = 100 * (loss / max(typical, 1e-12) - 1)
+                return self.wake(f"the loss rose {rise:.0f}% above its usual level", now, "loss")
             drop = self.settings.accuracy_drop
             if accuracy is not None and self._quiet_accuracy is not None and accuracy < self._quiet_accuracy - drop:
-                return self.wake(f"validation accuracy fell from {self._quiet_accuracy:.3f} to {accuracy:.3f}", now)
+                return self.wake(f"validation accuracy fell from {self._quiet_accuracy:.3f} to {accuracy:.3f}", now,
+                                 "accuracy")
         if change < -self.settings.tolerance:
             self._best_loss = loss  # still learning
             return False
@@ -165,6 +183,7 @@ class Pace:
     def restart(self, now: float) -> None:
         """A fresh start at full speed from ``now``, as after a restart of the node."""
         self.level, self.since, self._best_loss = 0, now, None
+        self._recent.clear()
         self._start_window(now)
 
     def _start_window(self, now: float) -> None:
@@ -176,4 +195,5 @@ class Pace:
     def as_dict(self, now: float) -> dict[str, Any]:
         return {"state": self.state, "level": self.level, "max_level": self.max_level, "period": self.period,
                 "duty_cycle": self.duty_cycle, "reason": self.reason, "for_seconds": round(now - self.since, 1),
-                "wakes": self.wakes, "enabled": self.settings.enabled, "last_change": self.last_change}
+                "wakes": self.wakes, "wakes_by_kind": dict(self.wake_kinds), "enabled": self.settings.enabled,
+                "last_change": self.last_change}

@@ -18,7 +18,7 @@ def _windows(pace: Pace, losses, now: float = 0.0, distance: float = 0.1, accura
     """One window per loss value: a loss, an accuracy and a peer's distance each period, then the window is
     judged."""
     for loss in losses:
-        end = now + pace.settings.window * pace.period
+        end = now + pace.window_seconds
         while now < end:
             now += pace.period
             pace.loss(loss, now)
@@ -27,6 +27,13 @@ def _windows(pace: Pace, losses, now: float = 0.0, distance: float = 0.1, accura
             pace.peer_distance(distance, now)
             pace.tick(now)
     return now
+
+
+def test_a_quiet_node_judges_longer_windows_but_reaches_its_floor_in_a_few():
+    pace = _pace(window=10)  # 10 s windows at full speed
+    assert pace.window_seconds == 10
+    pace.level = pace.max_level  # 16 s periods: a window holds three of them
+    assert pace.window_seconds == 48
 
 
 def test_a_stable_loss_steps_down_to_the_floors_and_no_further():
@@ -61,7 +68,7 @@ def test_new_rows_wake_a_quiet_node_at_once():
     assert pace.state == QUIET
     assert pace.new_data(1, now + 0.1) is True
     assert (pace.state, pace.period, pace.duty_cycle) == (FULL, PERIOD, DUTY)
-    assert pace.reason.startswith("woken: new rows") and pace.wakes == 1
+    assert pace.reason.startswith("woken: new rows") and pace.wakes == 1 and pace.wake_kinds == {"new_rows": 1}
     assert pace.new_data(1, now + 0.2) is False  # already at full speed: not a second wake
 
 
@@ -91,8 +98,9 @@ def test_a_rising_loss_wakes_it():
     assert pace.level > 0
     now = _windows(pace, [1.2], now)  # within the jitter of a converged model
     assert pace.level > 0
-    _windows(pace, [1.5], now)
-    assert pace.level == 0 and "loss rose 50%" in pace.reason
+    _windows(pace, [1.6], now)
+    assert pace.level == 0 and "loss rose 60% above its usual level" in pace.reason
+    assert pace.wake_kinds == {"loss": 1}
 
 
 def test_quieting_off_stays_at_full_speed():
