@@ -241,7 +241,13 @@ class Learner:
                     self._recent_losses.append(self.train_loss or 0.0)
                     if len(self.data.validation) == 0 and self.train_loss is not None and self.private is None:
                         self.pacer.loss(self.train_loss)  # no validation rows: the training loss says it
-            await self.pacer.sleep(self._pause_after(trio.current_time() - start))
+            pause = self._pause_after(trio.current_time() - start)
+            if self.private is not None:
+                # A budget is a fixed number of steps. Spent flat out it is gone in seconds, before any merge: each
+                # node's noisy model is then learned alone and only averaged afterwards, which measured worse than
+                # training alone (bench/privacy.py). One slice per gossip period lets merges interleave with it.
+                pause = max(pause, self.pacer.period)
+            await self.pacer.sleep(pause)
 
     async def train_from(self, start: np.ndarray | None, epochs: int) -> tuple[np.ndarray, int]:
         """``epochs`` of local training from ``start`` (None: from our own model), for a FedAvg round.
