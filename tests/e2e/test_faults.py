@@ -233,7 +233,9 @@ def test_partition_both_halves_learn_then_heal_and_converge(tmp_path, split):
     # are sequential), so a LAN-like 0.5 s instead of the default 5 s keeps gossip inside each half flowing.
     # Peers behind the cut are evicted (failures_to_evict=2) and must be taken back after the heal by their slow
     # retry alone: nothing re-announces them on mDNS.
-    plan = replace(PLAN, extra={**PLAN.extra, "limits": {"connect_timeout": 0.5}})
+    # The constant rate: the bound on healing is set in seconds after the heal, and a half that rested while cut
+    # (docs/daemon.md, Pace) is woken by the first far peer, up to one quiet period late: another test's subject.
+    plan = replace(PLAN, extra={**PLAN.extra, "limits": {"connect_timeout": 0.5}, "quiet": {"enabled": False}})
     with twins(tmp_path, split, plan) as (faulty, clean):
         start = time.monotonic()
         halves = [faulty.specs[:3], faulty.specs[3:]]
