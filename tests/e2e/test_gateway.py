@@ -199,6 +199,9 @@ def test_two_gateways_clients_follow_the_lowest_id_and_gateways_gossip(tmp_path,
         wait_for(lambda: gateway_round(leader) >= 15, 120, "15 rounds at the lowest-id gateway")
         for spec in clients:
             assert status(spec)["fedavg"]["following"] == leader.node_id.hex()
+        # A client that heard from the other gateway before the leader rightly follows it until the leader is
+        # live (CI once saw one such update); from here on, with every client following the leader, none may.
+        updates_before = status(other)["counters"].get("fedavg.updates_received", 0)
         wait_for(lambda: status(other)["counters"].get("merges", 0) > 0
                  and status(leader)["counters"].get("merges", 0) > 0, 60, "gossip between the gateways")
         other_counters = status(other)["counters"]
@@ -206,7 +209,7 @@ def test_two_gateways_clients_follow_the_lowest_id_and_gateways_gossip(tmp_path,
         codes = cluster.stop_all()
     assert all(code == 0 for code in codes.values()), codes
     # The other gateway's rounds found no client willing to follow it.
-    assert other_counters.get("fedavg.updates_received", 0) == 0, other_counters
+    assert other_counters.get("fedavg.updates_received", 0) == updates_before, other_counters
     assert other_counters.get("fedavg.client_failed.peer-refused", 0) > 0, other_counters
     assert sum(c.get("refused.not-following", 0) for c in client_counters) > 0, client_counters
     lead_metrics, _, _ = evaluate_checkpoint(leader, x_test, y_test)
