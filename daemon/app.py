@@ -3,8 +3,9 @@
 As Syncthing's ``lib/syncthing/syncthing.go`` does, this is where services are wired, and only here: the
 learner (model, age, training), the peer table, admission and the dialer, the listener with its handlers
 (gossip for ``ModelDelta``, the follower for ``GatewayRound``), the gateway when the node is one, mDNS
-discovery, persistence, reporting, the control socket, Prometheus metrics and systemd. The parts know one
-another only through what they are handed here, so none imports another's owner and each is tested alone.
+discovery, a sensor stream over MQTT when ``[mqtt]`` is on, persistence, reporting, the control socket,
+Prometheus metrics and systemd. The parts know one another only through what they are handed here, so none
+imports another's owner and each is tested alone.
 
 Tasks: the listener, discovery, gossip, the gateway's rounds, training, data rescans, checkpoints, status
 and loop-lag reporting, the systemd watchdog. ``run`` returns on SIGTERM or SIGINT after a final checkpoint.
@@ -54,6 +55,7 @@ from .peering import Admission, Dialer
 from .persistence import Persistence
 from .privacy import LEDGER, PrivateTraining
 from .reporting import Reporter, short
+from .streaming import StreamFeed
 
 log = logging.getLogger("gossipfld.app")
 
@@ -130,6 +132,10 @@ class App:
         self.reporter.sections["fedavg"] = self._fedavg_status
         self.reporter.sections["pace"] = self.pacer.report
         self.reporter.sections["privacy"] = self.private.report if self.private else lambda: {"enabled": False}
+        self.stream = StreamFeed(config.mqtt, self.learner, self.counters, config.node.state_dir, config.node.name) \
+            if config.mqtt.enabled else None
+        if self.stream is not None:
+            self.reporter.sections["stream"] = self.stream.status
         self.control: ControlServer | None = None
         self.discovery: Discovery | None = None
         self.metrics_port: int | None = None
@@ -159,6 +165,8 @@ class App:
 
     async def checkpoint(self) -> None:
         await self.persistence.save(self.learner, self.references, self.state, self.counters)
+        if self.stream is not None:
+            self.stream.save()
 
     # ------------------------------------------------------------------ running
 
@@ -200,6 +208,9 @@ class App:
             self.peers.add_static(host, port, trio.current_time())
         if self.config.discovery.mdns:
             await nursery.start(self._discovery)
+        if self.stream is not None:
+            await nursery.start(self.stream.source.run)
+            nursery.start_soon(self.stream.run)
         self.pacer.begin()
         nursery.start_soon(self.gossip.run)
         if self.gateway is not None:

@@ -13,11 +13,13 @@ as it was), ``evaluate``, ``predict``, ``export``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import trio
@@ -34,6 +36,8 @@ from gossipfl.metrics import Counters
 from .logs import fields
 from .pacing import Pacer
 from .privacy import PrivateTraining
+
+T = TypeVar("T")
 
 log = logging.getLogger("gossipfld.learner")
 
@@ -301,9 +305,14 @@ class Learner:
                 self.pacer.accuracy(self.validation.accuracy)
         return self.validation
 
-    async def predict(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+    async def infer(self, function: Callable[[], T]) -> tuple[T, float]:
+        """``function()``, which reads the model, in a worker thread while no training or merge changes it; with
+        the age of the model it read."""
         async with self.lock:
-            return await trio.to_thread.run_sync(self.trainer.predict, x), self._age
+            return await trio.to_thread.run_sync(function), self._age
+
+    async def predict(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        return await self.infer(functools.partial(self.trainer.predict, x))
 
     async def watch_data(self, rescan_seconds: float) -> None:
         """Pick up new data files as they appear; an unreadable directory is a warning, never fatal."""

@@ -17,10 +17,10 @@ Counters (``family.detail``): ``mqtt.messages`` (every message paho delivered), 
 (a payload refused, by ``gossipfl.streams.payload.REASONS``, or ``queue_full``), ``mqtt.readings``,
 ``mqtt.rows``, ``mqtt.windows_dropped.missing_channel``, ``mqtt.rows_dropped.count`` / ``.age`` (evicted
 from the buffer), ``mqtt.connects``, ``mqtt.disconnects``, ``mqtt.connect_failures``,
-``mqtt.subscribe_failures``.
+``mqtt.subscribe_failures``, ``mqtt.published`` and ``mqtt.publish_dropped`` (what ``publish`` handed to paho,
+or could not).
 
-Not yet wired into the daemon (docs/streams.md): ``App`` does not start a source, and rows do not reach the
-learner yet.
+``gossipfld.streaming`` is what the daemon does with the rows: it starts a source when ``[mqtt]`` is enabled.
 """
 
 from __future__ import annotations
@@ -141,6 +141,11 @@ class MqttSource:
         self._started = False
         self._stopping = False
         self._refused = False  # the broker refused the current attempt's CONNECT (its disconnect follows)
+        # Published (retained) at every connection, from paho's thread: Home Assistant's discovery messages and
+        # "online"; ``will`` is what the broker publishes (retained) if the connection drops without a goodbye.
+        self.announce: list[tuple[str, bytes]] = []
+        self.will: tuple[str, bytes] | None = None
+        self._paho: paho.Client | None = None
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -172,8 +177,7 @@ class MqttSource:
                 await trio.to_thread.run_sync(self._stop_client, client)
                 self.connected = self.subscribed = False
                 self._notify()
-                if self.state_file is not None:
-                    self._save(self.state_file)
+                self.save()
 
     def _client(self, password: str | None, context: ssl.SSLContext | None) -> paho.Client:
         s = self.settings
@@ -185,6 +189,10 @@ class MqttSource:
             client.username_pw_set(s.username, password)
         if context is not None:
             client.tls_set_context(context)
+        client.max_queued_messages_set(s.max_queued)
+        if self.will is not None:
+            client.will_set(self.will[0], self.will[1], qos=1, retain=True)
+        self._paho = client
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -270,6 +278,21 @@ class MqttSource:
                 cursor = row.seq
                 yield row
 
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
+        """Hand a message to paho, which sends it from its thread: now, or for QoS 1 and 2 once reconnected.
+        False (counted as ``mqtt.publish_dropped``) when it cannot be: ``max_queued`` messages are waiting
+        already, or QoS 0 with no connection."""
+        client = self._paho
+        if client is None or self._stopping:
+            return False
+        rc = client.publish(topic, payload, qos=self.settings.qos, retain=retain).rc
+        if rc == paho.MQTT_ERR_SUCCESS or (rc == paho.MQTT_ERR_NO_CONN and self.settings.qos > 0):
+            self.counters.add("mqtt.published")
+            return True
+        self.counters.add("mqtt.publish_dropped")
+        log.debug("MQTT: a message to %s was dropped: %s", topic, paho.error_string(rc))
+        return False
+
     def status(self) -> dict[str, Any]:
         return {"broker": f"{self.settings.host}:{self.settings.port}", "connected": self.connected,
                 "subscribed": self.subscribed, "rows": len(self.buffer), "first_seq": self.buffer.first_seq,
@@ -290,11 +313,14 @@ class MqttSource:
             raise DataError(f"{path}: {exc}; remove it to start a new sequence") from None
         log.info("MQTT: %d rows restored from %s (next row %d)", len(self.buffer), path, self.buffer.next_seq)
 
-    def _save(self, path: Path) -> None:
+    def save(self) -> None:
+        """Write the buffer to ``state_file`` atomically (at the end, and at the daemon's checkpoints)."""
+        if self.state_file is None:
+            return
         try:
-            write_bytes_atomic(path, self.buffer.dump(), mode=0o600)
+            write_bytes_atomic(self.state_file, self.buffer.dump(), mode=0o600)
         except OSError as exc:
-            log.error("MQTT: cannot save the row buffer to %s: %s", path, exc)
+            log.error("MQTT: cannot save the row buffer to %s: %s", self.state_file, exc)
 
     # ---- state changes and messages, run in the trio thread on paho's behalf
 
@@ -357,6 +383,8 @@ class MqttSource:
             return
         try:
             client.subscribe([(topic, self.settings.qos) for topic in self.settings.subscriptions()])
+            for topic, payload in self.announce:
+                client.publish(topic, payload, qos=1, retain=True)
         except Exception as exc:
             self._to_trio(self._link, "subscribe_failed", str(exc))
         self._to_trio(self._link, "connected")

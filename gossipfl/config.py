@@ -21,6 +21,7 @@ from typing import Any
 from gossipfl.errors import ConfigError
 from gossipfl.learning.schema import DELIMITERS
 from gossipfl.protocol.pace import PaceSettings
+from gossipfl.streams.settings import StreamSettings
 
 if typing.TYPE_CHECKING:
     from gossipfl.learning.aggregate import AggregatorConfig
@@ -201,6 +202,7 @@ class NodeConfig:
     fedavg: FedavgSection = field(default_factory=FedavgSection)
     quiet: PaceSettings = field(default_factory=PaceSettings)  # the section is the pace's own settings
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    mqtt: StreamSettings = field(default_factory=StreamSettings)  # a sensor stream: the streams package's settings
     limits: LimitsSection = field(default_factory=LimitsSection)
     state: StateSection = field(default_factory=StateSection)
     control: ControlSection = field(default_factory=ControlSection)
@@ -308,6 +310,10 @@ def _coerce(hint: Any, value: Any, key: str, base: Path) -> Any:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: must be a path string, got {value!r}")
         return _resolve(Path(value), base)
+    if hint == Path | None:  # an optional file: "" (the default) is none
+        if value == "":
+            return None
+        return _coerce(Path, value, key, base)
     origin = typing.get_origin(hint)
     if origin is list:
         (item,) = typing.get_args(hint)
@@ -418,6 +424,8 @@ def _validate(c: NodeConfig) -> None:
     _check(p.noise_multiplier == 0 or 0.1 <= p.noise_multiplier <= 1000, "privacy.noise_multiplier",
            f"must be 0 (derived from the budget) or 0.1 to 1000, got {p.noise_multiplier:g}")
     _within(p.epochs, "privacy.epochs", 0.01, 1e6, " passes")
+    if c.mqtt.enabled:
+        c.mqtt.validate()
     lim = c.limits
     _check(1024 <= lim.max_frame_bytes <= 2**31, "limits.max_frame_bytes", "must be 1 KiB to 2 GiB")
     _check(1 <= lim.max_connections <= 10000, "limits.max_connections", "must be 1 to 10000")

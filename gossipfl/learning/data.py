@@ -363,6 +363,7 @@ class LocalData:
     rows_over_cap: int = 0  # rows of the oldest files left out to stay under max_rows
     _files: dict[Path, _Loaded] = field(default_factory=dict)
     _skipped_stamps: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    _stream: _Loaded | None = None  # rows of a sensor stream (set_stream), the newest of all
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
@@ -412,10 +413,18 @@ class LocalData:
             raise DataError(f"no {' or '.join(SUFFIXES)} files in data directory {self.directory}")
         return loaded
 
+    def set_stream(self, x: np.ndarray, held: np.ndarray) -> None:
+        """The rows a sensor stream holds now (gossipfld.streaming), replacing the last ones; ``held`` marks those
+        kept for validation. They count as the newest rows, so ``max_rows`` leaves out file rows first."""
+        y = np.zeros(len(x), np.float32)  # a stream has no labels: the anomaly models it trains read none
+        self._stream = _Loaded((0, 0), Table(x[~held], y[~held]), Table(x[held], y[held]), {})
+        self._gather()
+
     def _gather(self) -> None:
         """Join the files' rows, oldest file first; past ``max_rows`` the oldest rows are left out (a small
         device's memory is the bound, and the newest readings are the ones that describe it now)."""
         ordered = [self._files[p] for p in sorted(self._files, key=lambda p: (self._files[p].stamp, p))]
+        ordered += [self._stream] if self._stream is not None else []
         budget = self.max_rows or math.inf
         trains: list[Table] = []
         validations: list[Table] = []
@@ -455,6 +464,7 @@ class LocalData:
                 "rows": len(self.train) + len(self.validation), "train_rows": len(self.train),
                 "validation_rows": len(self.validation), "skipped_rows": self.skipped_rows,
                 "rows_over_cap": self.rows_over_cap,
+                "stream_rows": len(self._stream.train) + len(self._stream.validation) if self._stream else 0,
                 "skipped_files": {p.name: why for p, why in sorted(self.skipped.items())}}
 
     @property

@@ -2,8 +2,9 @@
 channels, the windows and the buffer. ``validate()`` refuses a bad value with its key's dotted name
 (``mqtt.window_length: must be 1 to 4096 readings, got 0``), as ``gossipfl.config`` does for the rest.
 
-Not yet part of ``gossipfl.config``'s sections (docs/streams.md): the fields keep to the types its loader
-coerces (str, int, float, path, lists of strings) so it can become the ``[mqtt]`` section as it is.
+This dataclass is the ``[mqtt]`` section of ``gossipfl.config`` as it is (checked there when ``enabled``); its
+fields keep to the types that loader coerces. The last group says what the daemon does with the rows
+(``gossipfld.streaming``): verdicts, the anomaly threshold, the topics they go to.
 
 Topics are MQTT topic filters (``+`` and ``#`` wildcards allowed), each ``FILTER`` (its payloads are JSON
 objects naming their channels) or ``FILTER=CHANNEL`` (its payloads are one channel's number). The password is
@@ -61,6 +62,7 @@ class StreamSettings:
     """One MQTT stream. Paths are absolute or relative to the working directory (the config loader will
     resolve them against the config file's directory, as it does for every path)."""
 
+    enabled: bool = False  # the daemon subscribes, scores windows and (anomaly models) trains on them
     host: str = "127.0.0.1"
     port: int = 1883
     tls_ca: Path | None = None  # TLS to the broker when any of ca/cert is set; None ca: the system's CAs
@@ -86,6 +88,15 @@ class StreamSettings:
     reconnect_min: float = 1.0  # seconds before the first reconnect; doubles up to reconnect_max
     reconnect_max: float = 60.0
     queue: int = 1024  # messages waiting between paho's thread and trio; more are dropped and counted
+    # What the daemon does with the rows (daemon/streaming.py).
+    train: bool = True  # anomaly models: the rows are training rows too (a stream has no labels to train others)
+    anomaly_rate: float = 0.01  # the share of windows expected to be anomalies: the threshold's quantile
+    calibration_scores: int = 4096  # the recent scores the threshold is the quantile of
+    warmup_scores: int = 200  # scores seen before the first verdict: an untrained model's threshold means nothing
+    result_topic: str = ""  # each window's verdict (JSON), retained; "": not published
+    alert_topic: str = ""  # anomalies only (JSON), not retained; "": not published
+    discovery_prefix: str = ""  # Home Assistant MQTT discovery ("homeassistant"); "": no discovery messages
+    max_queued: int = 1000  # verdicts waiting for the broker while it is away; older ones are dropped
 
     def validate(self) -> None:
         _check(0 < len(self.host) <= 253 and not any(c.isspace() for c in self.host), "host",
@@ -125,6 +136,22 @@ class StreamSettings:
         _check(self.reconnect_min <= self.reconnect_max <= 86400, "reconnect_max",
                f"must be reconnect_min ({self.reconnect_min:g} s) to 86400 s, got {self.reconnect_max:g}")
         _check(1 <= self.queue <= 1_000_000, "queue", f"must be 1 to 1000000 messages, got {self.queue}")
+        _check(0 < self.anomaly_rate <= 0.5, "anomaly_rate", f"must be in (0, 0.5], got {self.anomaly_rate:g}")
+        _check(10 <= self.calibration_scores <= 1_000_000, "calibration_scores",
+               f"must be 10 to 1000000, got {self.calibration_scores}")
+        _check(1 <= self.warmup_scores <= self.calibration_scores, "warmup_scores",
+               f"must be 1 to calibration_scores ({self.calibration_scores}), got {self.warmup_scores}")
+        for key in ("result_topic", "alert_topic"):
+            topic = getattr(self, key)
+            problem = topic_filter_problem(topic) if topic else None
+            _check(problem is None and "+" not in topic and "#" not in topic, key,
+                   f"must be a topic without wildcards, got {topic!r}" + (f" ({problem})" if problem else ""))
+        _check(self.discovery_prefix == "" or (topic_filter_problem(self.discovery_prefix) is None
+               and not any(c in self.discovery_prefix for c in "+#")), "discovery_prefix",
+               f"must be a topic prefix without wildcards, got {self.discovery_prefix!r}")
+        _check(not self.discovery_prefix or bool(self.result_topic), "result_topic",
+               "must be set when discovery_prefix is (Home Assistant reads the verdicts there)")
+        _check(1 <= self.max_queued <= 1_000_000, "max_queued", f"must be 1 to 1000000, got {self.max_queued}")
         try:
             self.window_spec()
         except ValueError as exc:

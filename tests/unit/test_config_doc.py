@@ -23,7 +23,7 @@ DOC = ROOT / "docs" / "config.md"
 
 # How the doc's type column names each option type the config loader accepts (gossipfl.config._coerce).
 TYPE_NAMES: dict[Any, str] = {str: "string", int: "integer", float: "float", bool: "boolean", Path: "path",
-                              list[str]: "list of strings"}
+                              Path | None: "path", list[str]: "list of strings"}
 
 SECTION_HEADING = re.compile(r"^## \[(\w+)\]\s*$")
 KEY_ROW = re.compile(r"^\|\s*`(?P<key>\w+)`\s*\|\s*(?P<type>[^|]*?)\s*\|\s*`(?P<default>[^`]*)`\s*\|")
@@ -89,8 +89,8 @@ def toml_value(text: str) -> Any:
 
 
 def as_toml(value: Any) -> Any:
-    """A code default as it reads back from TOML: paths are strings there."""
-    return str(value) if isinstance(value, Path) else value
+    """A code default as it reads back from TOML: paths are strings there, and no file is ``""``."""
+    return str(value) if isinstance(value, Path) else "" if value is None else value
 
 
 def test_every_section_has_one_heading():
