@@ -4,21 +4,23 @@ anomaly models) the windows handed to the learner as training rows.
 Each window is judged by the model as it is when the window arrives, before the node has trained on it: that
 is the verdict a device would act on. For an anomaly model (an autoencoder) the score is the window's
 reconstruction error, and the verdict compares it with this node's own threshold: the ``1 - anomaly_rate``
-quantile of its recent scores (``learning.anomaly.ThresholdCalibrator``). The fleet averages the autoencoder by
-gossip, so every node learns what normal looks like from all of them; each node's threshold stays its own,
-because how well the shared model reconstructs one device's normal readings differs from device to device.
-Until ``warmup_scores`` scores are seen there is no threshold worth acting on and the verdict's ``anomaly`` is
-``null``. A batch is judged against the threshold the scores before it set, then its scores join them, so a
-burst of faults does not raise the bar it is measured against while it is judged.
+quantile of the scores the *current* model gives the last ``calibration_scores`` windows judged. The fleet
+averages the autoencoder by gossip, so every node learns what normal looks like from all of them; each node's
+threshold stays its own, because how well the shared model reconstructs one device's normal readings differs
+from device to device. Scores kept from older models would not do: a merge with a peer that trained on other
+machines can lift every score of this one for a while, and a threshold set by such a moment stayed far above
+the faults that followed (a 40% vibration rise scored 0.09 against a stale threshold of 0.24 in the stream
+test). Re-scoring the recent windows moves the threshold with the model. It is done at most once a second
+(``RECALIBRATE_EVERY``); until ``warmup_scores`` windows are judged the verdict's ``anomaly`` is ``null``.
 
 Classifiers and regressors are judged too (class and probabilities, or the value); a stream has no labels, so
 only anomaly models train on it.
 
-What survives a restart (``stream.json`` beside the checkpoint, written atomically at every checkpoint): the
-threshold's recent scores and the number of the last window judged. The source keeps its row buffer
-(``stream-rows.bin``), written just before, so the number never runs ahead of the rows on disk; windows
-numbered at or below it are never judged again, and the ones buffered but not yet judged are judged after the
-restart.
+What survives a restart: the number of the last window judged (``stream.json`` beside the checkpoint, written
+atomically at every checkpoint), and the source's row buffer (``stream-rows.bin``), written just before, so
+the number never runs ahead of the rows on disk. Windows numbered at or below it are never judged again; the
+ones buffered but not judged are judged after the restart. The threshold needs no state of its own: it is
+computed from the buffered windows and the checkpointed model, which both resume.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import trio
 
 from gossipfl.atomic import read_state_bytes, write_bytes_atomic
 from gossipfl.errors import ConfigError, DataError
-from gossipfl.learning.anomaly import ThresholdCalibrator, anomaly_scores, scoring_session
+from gossipfl.learning.anomaly import anomaly_scores, calibrated_threshold, scoring_session
 from gossipfl.learning.quality import class_probabilities, predicted_classes
 from gossipfl.learning.reconstruction import ANOMALY
 from gossipfl.metrics import Counters
@@ -55,6 +57,7 @@ STATE_VERSION = 1
 MAX_STATE_BYTES = 64 * 1024 * 1024
 BATCH = 512  # windows judged in one worker-thread call
 TRAIN_EVERY = 2.0  # seconds between handing the buffer's rows to the learner
+RECALIBRATE_EVERY = 1.0  # seconds: the threshold is computed again from the recent windows at most this often
 VALIDATION_SHARE = 0.1  # of a stream's rows, kept for validation (the pace's evidence), chosen by row number
 
 
@@ -85,7 +88,8 @@ class StreamFeed:
                               f"takes {model.features_per_sample}")
         self.task = model.task
         self.trains = settings.train and self.task == ANOMALY
-        self.calibrator = ThresholdCalibrator(settings.anomaly_rate, settings.calibration_scores)
+        self.threshold: float | None = None
+        self._calibrated_at = -math.inf
         self.judged_through = -1  # the number of the last window judged
         self._session: ort.InferenceSession | None = None
         self.last: dict[str, Any] | None = None
@@ -115,22 +119,16 @@ class StreamFeed:
             judged = state.get("judged_through")
             if isinstance(judged, bool) or not isinstance(judged, int) or not -1 <= judged < 2**63:
                 raise DataError(f"judged_through {judged!r} must be a whole number >= -1")
-            calibrator = ThresholdCalibrator.from_dict(state.get("calibrator"))
         except (ValueError, DataError) as exc:  # json's errors are ValueErrors
             raise DataError(f"{self.state_file}: {exc}; remove it to judge the buffered windows again") from None
-        if (calibrator.rate, calibrator.capacity) != (self.calibrator.rate, self.calibrator.capacity):
-            log.info("stream: anomaly_rate or calibration_scores changed; the threshold starts over")
-        else:
-            self.calibrator = calibrator
         self.judged_through = judged
-        log.info("stream: resuming after window %d with %d scores for the threshold", judged, calibrator.count)
+        log.info("stream: resuming after window %d", judged)
 
     def save(self) -> None:
         """The buffer first, then the number of the last window judged: on disk the number never runs ahead
         of the rows (a crash in between judges a few windows twice at worst, never skips one)."""
         self.source.save()
-        state = {"version": STATE_VERSION, "judged_through": self.judged_through,
-                 "calibrator": self.calibrator.to_dict()}
+        state = {"version": STATE_VERSION, "judged_through": self.judged_through}
         try:
             write_bytes_atomic(self.state_file, json.dumps(state).encode(), mode=0o600)
         except OSError as exc:
@@ -170,7 +168,10 @@ class StreamFeed:
     async def _judge(self, rows: list[Row]) -> None:
         x = np.asarray([r.values for r in rows], np.float32)[:, self.columns]
         if self.task == ANOMALY:
-            scores, age = await self.learner.infer(lambda: anomaly_scores(self.learner.model, x, self._scorer()))
+            recent = self._recent() if trio.current_time() - self._calibrated_at >= RECALIBRATE_EVERY else None
+            (scores, threshold), age = await self.learner.infer(lambda: self._scores(x, recent))
+            if recent is not None:
+                self.threshold, self._calibrated_at = threshold, trio.current_time()
             verdicts = self._anomaly_verdicts(rows, scores)
         else:
             out, age = await self.learner.predict(x)
@@ -187,24 +188,38 @@ class StreamFeed:
                     self.source.publish(self.settings.alert_topic, payload)
         self.last = verdicts[-1]
 
-    def _scorer(self) -> ort.InferenceSession:
+    def _recent(self) -> np.ndarray | None:
+        """The last ``calibration_scores`` windows judged, or None while fewer than ``warmup_scores`` are."""
+        s = self.settings
+        rows = self.source.rows_after(max(self.judged_through - s.calibration_scores, -1))
+        rows = [r for r in rows if r.seq <= self.judged_through]
+        if len(rows) < s.warmup_scores:
+            return None
+        return np.asarray([r.values for r in rows], np.float32)[:, self.columns]
+
+    def _scores(self, x: np.ndarray, recent: np.ndarray | None) -> tuple[np.ndarray, float | None]:
+        """In a worker thread, under the learner's lock: the windows' scores, and the threshold the same model
+        sets on the recent windows (None when not recalibrating, or when the model no longer scores finitely)."""
         if self._session is None:  # parameters are fed per run: one session serves every merge and step
             self._session = scoring_session(self.learner.model)
-        return self._session
+        model = self.learner.model
+        scores = anomaly_scores(model, x, self._session)
+        if recent is None:
+            return scores, self.threshold
+        reference = anomaly_scores(model, recent, self._session)
+        reference = reference[np.isfinite(reference)]
+        if len(reference) < self.settings.warmup_scores:
+            return scores, None
+        return scores, calibrated_threshold(reference, self.settings.anomaly_rate)
 
     def _anomaly_verdicts(self, rows: list[Row], scores: np.ndarray) -> list[dict[str, Any]]:
         finite = np.isfinite(scores)
-        if not finite.all():  # a model that diverged: no verdict, and its scores do not move the threshold
+        if not finite.all():  # a model that diverged: no verdict
             self.counters.add("stream.unscored", int((~finite).sum()))
-        threshold = self.calibrator.threshold if self.calibrator.count >= self.settings.warmup_scores else None
-        verdicts = []
-        for row, score, ok in zip(rows, scores.tolist(), finite.tolist(), strict=True):
-            verdicts.append({"node": self.node_name, "seq": row.seq, "time": row.time,
-                             "score": score if ok else None, "threshold": threshold,
-                             "anomaly": None if threshold is None or not ok else score > threshold})
-        if finite.any():
-            self.calibrator.update(scores[finite])
-        return verdicts
+        threshold = self.threshold
+        return [{"node": self.node_name, "seq": row.seq, "time": row.time, "score": score if ok else None,
+                 "threshold": threshold, "anomaly": None if threshold is None or not ok else score > threshold}
+                for row, score, ok in zip(rows, scores.tolist(), finite.tolist(), strict=True)]
 
     def _model_verdicts(self, rows: list[Row], out: np.ndarray) -> list[dict[str, Any]]:
         model = self.learner.model
@@ -224,7 +239,5 @@ class StreamFeed:
         return verdicts
 
     def status(self) -> dict[str, Any]:
-        threshold = self.calibrator.threshold if self.calibrator.count >= self.settings.warmup_scores else None
         return {**self.source.status(), "task": self.task, "trains": self.trains,
-                "judged_through": self.judged_through, "threshold": threshold,
-                "scores_held": self.calibrator.count, "last": self.last}
+                "judged_through": self.judged_through, "threshold": self.threshold, "last": self.last}

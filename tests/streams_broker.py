@@ -48,7 +48,9 @@ class Broker:
         self.port = port or free_port()
         self.log = directory / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        lines = [f"listener {self.port} {HOST}", "persistence false", "log_dest stderr",
+        # A test publishes thousands of readings in a burst: the broker holds what a subscriber has not taken yet
+        # (mosquitto's default drops QoS 1 messages past 1000 waiting for one client, and says so to nobody).
+        lines = [f"listener {self.port} {HOST}", "persistence false", "max_queued_messages 0", "log_dest stderr",
                  "log_type error", "log_type warning", "log_type notice", "log_type information"]
         if tls is not None:
             ca, cert, key = tls
@@ -123,6 +125,51 @@ class Publisher:
         info = self.client.publish(topic, payload, qos=1)
         info.wait_for_publish(timeout=timeout)
         assert info.is_published(), f"publishing to {topic} timed out"
+
+    def publish_many(self, topic: str, payloads: list[bytes], timeout: float = 60.0) -> None:
+        """Publish in order (QoS 1) and wait until the broker has the last; paho keeps the rest in flight."""
+        infos = [self.client.publish(topic, payload, qos=1) for payload in payloads]
+        if infos:
+            infos[-1].wait_for_publish(timeout=timeout)
+            assert infos[-1].is_published(), f"publishing {len(payloads)} messages to {topic} timed out"
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Subscriber:
+    """A separate paho client that records every message on ``filters`` as (topic, payload, retained)."""
+
+    def __init__(self, port: int, filters: list[str]) -> None:
+        import threading
+
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.subscribed = threading.Event()
+        self.lock = threading.Lock()
+        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="")
+
+        def on_connect(client, userdata, flags, reason, properties):
+            client.subscribe([(f, 1) for f in filters])
+
+        def on_subscribe(client, userdata, mid, reasons, properties):
+            self.subscribed.set()
+
+        def on_message(client, userdata, message):
+            with self.lock:
+                self.messages.append((message.topic, bytes(message.payload), bool(message.retain)))
+
+        self.client.on_connect, self.client.on_subscribe, self.client.on_message = on_connect, on_subscribe, on_message
+        self.client.connect(HOST, port, keepalive=30)
+        self.client.loop_start()
+        assert self.subscribed.wait(15), "the test's subscriber was not subscribed within 15 s"
+
+    def taken(self) -> list[tuple[str, bytes, bool]]:
+        with self.lock:
+            return list(self.messages)
 
     def close(self) -> None:
         self.client.disconnect()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gossipfl.errors import ConfigError
-from gossipfl.streams.payload import CHANNEL_NAME, TopicMap
+from gossipfl.streams.payload import CHANNEL_NAME, TopicMap, topic_matches
 from gossipfl.streams.windows import FEATURES, MAX_LENGTH, MAX_STRIDE, WindowSpec
 
 SECTION = "mqtt"
@@ -151,6 +151,11 @@ class StreamSettings:
                f"must be a topic prefix without wildcards, got {self.discovery_prefix!r}")
         _check(not self.discovery_prefix or bool(self.result_topic), "result_topic",
                "must be set when discovery_prefix is (Home Assistant reads the verdicts there)")
+        for key in ("result_topic", "alert_topic"):
+            topic = getattr(self, key)
+            wider = next((f for f in self.subscriptions() if topic and topic_matches(f, topic)), None)
+            _check(wider is None, key, f"{topic!r} is matched by the subscription {wider!r}: the node would read "
+                                       "its own verdicts back as readings")
         _check(1 <= self.max_queued <= 1_000_000, "max_queued", f"must be 1 to 1000000, got {self.max_queued}")
         try:
             self.window_spec()
