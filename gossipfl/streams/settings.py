@@ -91,12 +91,12 @@ class StreamSettings:
     # What the daemon does with the rows (daemon/streaming.py).
     train: bool = True  # anomaly models: the rows are training rows too (a stream has no labels to train others)
     anomaly_rate: float = 0.01  # the share of windows expected to be anomalies: the threshold's quantile
-    calibration_scores: int = 4096  # the recent scores the threshold is the quantile of
-    warmup_scores: int = 200  # scores seen before the first verdict: an untrained model's threshold means nothing
+    calibration_scores: int = 4096  # the recent windows whose scores (by the current model) set the threshold
+    warmup_scores: int = 200  # windows judged before the first verdict: too few for a quantile to mean anything
     result_topic: str = ""  # each window's verdict (JSON), retained; "": not published
     alert_topic: str = ""  # anomalies only (JSON), not retained; "": not published
     discovery_prefix: str = ""  # Home Assistant MQTT discovery ("homeassistant"); "": no discovery messages
-    max_queued: int = 1000  # verdicts waiting for the broker while it is away; older ones are dropped
+    max_queued: int = 1000  # verdicts waiting for the broker while it is away; past it new ones are dropped
 
     def validate(self) -> None:
         _check(0 < len(self.host) <= 253 and not any(c.isspace() for c in self.host), "host",

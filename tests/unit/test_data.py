@@ -183,3 +183,23 @@ def test_past_max_rows_the_oldest_files_rows_are_left_out(tmp_path):
     assert len(data.train) == 15 and data.rows_over_cap == 15
     np.testing.assert_allclose(data.train.x, x[15:], atol=1e-4)  # the newest 15: half of mid, all of new
     assert data.report()["rows_over_cap"] == 15
+
+
+def test_stream_rows_join_as_the_newest_and_replace_the_last_ones(tmp_path):
+    spec = DataSpec(features=3, task="anomaly")
+    x = np.arange(30, dtype=np.float32).reshape(10, 3)
+    np.savez(tmp_path / "old.npz", x=x[:4])
+    data = LocalData(tmp_path, spec, validation_fraction=0.0, max_rows=8)
+    data.refresh()
+    held = np.zeros(6, bool)
+    held[[1, 4]] = True
+    data.set_stream(x[4:], held)
+    # Under max_rows the stream's rows, the newest, stay; the file's oldest rows go first.
+    np.testing.assert_array_equal(data.train.x, np.concatenate([x[2:4], x[[4, 6, 7, 9]]]))
+    np.testing.assert_array_equal(data.validation.x, x[[5, 8]])
+    assert data.rows_over_cap == 2 and data.report()["stream_rows"] == 6
+    data.set_stream(x[9:], np.zeros(1, bool))  # the buffer moved on: the old stream rows are gone
+    np.testing.assert_array_equal(data.train.x, np.concatenate([x[:4], x[9:]]))
+    assert len(data.validation) == 0
+    data.refresh()  # a rescan keeps the stream's rows
+    assert len(data.train) == 5

@@ -14,6 +14,7 @@ import pytest
 from gossipfl.errors import ConfigError, DataError
 from gossipfl.learning.schema import Schema
 from gossipfl.streams.buffer import RowBuffer
+from gossipfl.streams.homeassistant import Discovery
 from gossipfl.streams.payload import REASONS, PayloadError, Reading, TopicMap, parse_message, topic_matches
 from gossipfl.streams.settings import StreamSettings, split_topic
 from gossipfl.streams.windows import Windower, WindowSpec
@@ -342,9 +343,52 @@ def test_settings_make_the_parts():
     ({"queue": 0}, "mqtt.queue:"),
     ({"max_payload_bytes": 1}, "mqtt.max_payload_bytes:"),
     ({"timestamp_key": "temp"}, "mqtt.timestamp_key:"),
+    ({"anomaly_rate": 0.0}, "mqtt.anomaly_rate:"),
+    ({"anomaly_rate": 0.6}, "mqtt.anomaly_rate:"),
+    ({"calibration_scores": 5}, "mqtt.calibration_scores:"),
+    ({"warmup_scores": 5000}, "mqtt.warmup_scores:"),
+    ({"result_topic": "out/+"}, "mqtt.result_topic:"),
+    ({"alert_topic": "alerts/#"}, "mqtt.alert_topic:"),
+    ({"result_topic": "plant/x/temp"}, "mqtt.result_topic:"),  # read back by the plant/+/temp subscription
+    ({"subscribe": ["plant/#"], "alert_topic": "plant/alerts"}, "mqtt.alert_topic:"),
+    ({"discovery_prefix": "homeassistant"}, "mqtt.result_topic:"),  # discovery needs the verdicts' topic
+    ({"discovery_prefix": "home/+", "result_topic": "out"}, "mqtt.discovery_prefix:"),
+    ({"max_queued": 0}, "mqtt.max_queued:"),
 ])
 def test_settings_refused_naming_the_key(change, key):
     with pytest.raises(ConfigError) as caught:
         settings(**change).validate()
     assert str(caught.value).startswith(key), str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_mqtt_section_checked_only_when_enabled():
+    from gossipfl.config import config_from_dict
+
+    assert config_from_dict({"mqtt": {"window_length": 0}}).mqtt.window_length == 0  # off: not checked
+    with pytest.raises(ConfigError, match=r"^mqtt\.channels:"):
+        config_from_dict({"mqtt": {"enabled": True, "topics": ["a"]}})
+    on = config_from_dict({"mqtt": {"enabled": True, "topics": ["a"], "channels": ["x"], "tls_ca": "ca.pem",
+                                    "password_file": "", "username": "u"}}, base_dir=Path("/etc/g"))
+    assert on.mqtt.tls_ca == Path("/etc/g/ca.pem") and on.mqtt.password_file is None  # "" is no file
+    with pytest.raises(ConfigError, match=r"^mqtt\.tls_ca: must be a path string"):
+        config_from_dict({"mqtt": {"tls_ca": 3}})
+
+
+@pytest.mark.parametrize(("task", "entities"), [
+    ("anomaly", {"sensor/gossipfl_n_1/score", "binary_sensor/gossipfl_n_1/anomaly"}),
+    ("classification", {"sensor/gossipfl_n_1/class"}),
+    ("regression", {"sensor/gossipfl_n_1/value"}),
+])
+def test_home_assistant_discovery_messages(task, entities):
+    import json
+
+    discovery = Discovery("homeassistant", "n.1", "plant/n1/verdict", task)
+    messages = dict(discovery.messages())
+    assert {t.removeprefix("homeassistant/").removesuffix("/config") for t in messages} == entities
+    for payload in messages.values():
+        config = json.loads(payload)
+        assert config["state_topic"] == "plant/n1/verdict"
+        assert config["availability_topic"] == discovery.availability_topic == "plant/n1/verdict/availability"
+        assert config["unique_id"].startswith("gossipfl_n_1_")
+        assert config["device"]["identifiers"] == ["gossipfl_n_1"]  # one device holding every entity
