@@ -120,9 +120,24 @@ def _status_text(s: dict[str, Any]) -> str:
         f"data        {_data_text(s.get('data') or {})}",
         f"pace        {_pace_text(s.get('pace') or {})}",
         f"privacy     {_privacy_text(s.get('privacy') or {})}",
+        *([f"stream      {_stream_text(s['stream'])}"] if s.get("stream") else []),
         f"problems    {'; '.join([*s.get('problems', []), *counted]) or 'none'}",
         f"uptime      {_duration(s['uptime'])}",
     ])
+
+
+def _stream_text(m: dict[str, Any]) -> str:
+    link = "subscribed" if m.get("subscribed") else "connected" if m.get("connected") else "not connected"
+    text = f"MQTT {m.get('broker')} {link}; {m.get('rows', 0)} windows held, last judged {m.get('judged_through')}"
+    if m.get("task") == "anomaly":
+        threshold = m.get("threshold")
+        text += f"; threshold {threshold:.4g}" if threshold is not None else "; threshold warming up"
+        last = m.get("last") or {}
+        if last.get("score") is not None:
+            text += f"; last score {last['score']:.4g}" + (" (ANOMALY)" if last.get("anomaly") else "")
+    if m.get("last_error"):
+        text += f"; last error: {m['last_error']}"
+    return text
 
 
 def _privacy_text(p: dict[str, Any]) -> str:

@@ -161,6 +161,11 @@ def test_three_daemons_learn_normal_by_gossip_and_alert_on_faults_across_a_resta
             assert hits >= 0.9 * total_faults, (hits, total_faults)
             assert false_alarms < 0.02 * normal, (false_alarms, normal)
 
+            shown = subprocess.run([sys.executable, "-m", "gossipfl.cli", "status", "--socket", str(specs[0].socket)],
+                                   capture_output=True, text=True, timeout=60, check=True).stdout
+            line = next(line for line in shown.splitlines() if line.startswith("stream"))
+            assert f"subscribed; {WARM + EVAL} windows held, last judged {last}; threshold " in line, line
+
             # Home Assistant discovery from node 0 (retained, so a Home Assistant that starts later sees it).
             configs = {t: json.loads(p) for t, p, _ in subscriber.taken() if t.endswith("/config")}
             assert set(configs) == {"homeassistant/sensor/gossipfl_node0/score/config",
