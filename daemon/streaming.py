@@ -100,7 +100,7 @@ class StreamFeed:
         self.trains = settings.train and self.task == ANOMALY
         self.threshold: float | None = None
         self._calibrated_on: tuple[float, float] | None = None  # (age, sum of parameters) of the model it was set by
-        self.judged_through = -1  # the number of the last window judged
+        self.judged_through: int | None = -1  # the number of the last window judged; None: unknown (damaged state)
         self.flagged: set[int] = set()  # the numbers of buffered windows judged anomalies: not trained on
         self._session: ort.InferenceSession | None = None
         self.last: dict[str, Any] | None = None
@@ -121,7 +121,8 @@ class StreamFeed:
         except FileNotFoundError:
             return
         except OSError as exc:
-            raise DataError(f"{self.state_file}: {exc}; remove it to judge the buffered windows again") from None
+            self._damaged(str(exc))
+            return
         try:
             state = json.loads(data)
             if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
@@ -135,14 +136,30 @@ class StreamFeed:
                     isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= judged for n in flagged):
                 raise DataError(f"flagged must be a list of at most {MAX_FLAGGED} window numbers up to {judged}")
         except (ValueError, DataError) as exc:  # json's errors are ValueErrors
-            raise DataError(f"{self.state_file}: {exc}; remove it to judge the buffered windows again") from None
+            self._damaged(str(exc))
+            return
         self.judged_through, self.flagged = judged, set(flagged)
         log.info("stream: resuming after window %d", judged)
+
+    def _damaged(self, problem: str) -> None:
+        """An unreadable state: the windows buffered now are taken as judged (none is judged twice; those not yet
+        judged are skipped, and counted), and the file is kept aside for a look, never silently overwritten."""
+        self.judged_through = None
+        self.counters.add("stream.state_damaged")
+        aside = self.state_file.with_name(self.state_file.name + ".damaged")
+        try:
+            self.state_file.replace(aside)
+        except OSError:
+            aside = self.state_file
+        log.error("stream: state unreadable; the buffered windows are taken as judged",
+                  extra=fields(path=str(aside), error=problem[:200]))
 
     def save(self) -> None:
         """The buffer first, then the number of the last window judged: on disk the number never runs ahead
         of the rows (a crash in between judges a few windows twice at worst, never skips one)."""
         self.source.save()
+        if self.judged_through is None:
+            return  # not started since the state was found damaged: nothing known to write
         first = self.source.buffer.first_seq
         self.flagged = {n for n in self.flagged if n >= first}
         state = {"version": STATE_VERSION, "judged_through": self.judged_through, "flagged": sorted(self.flagged)}
@@ -157,7 +174,8 @@ class StreamFeed:
         """Judge every window as it comes (the source must be running); hand rows to the learner."""
         source = self.source
         # A buffer older than the number (a crash between the two writes, or a removed file) starts where it is.
-        self.judged_through = min(self.judged_through, source.buffer.next_seq - 1)
+        self.judged_through = min(self.judged_through if self.judged_through is not None else 2**63,
+                                  source.buffer.next_seq - 1)
         handed = -1
         last_handed = -math.inf
         while True:

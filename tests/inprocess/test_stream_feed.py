@@ -1,6 +1,7 @@
 """A classifier's node judging a stream (daemon/streaming.py): a whole app in this process, a real mosquitto on
-127.0.0.1. Each window's verdict is the class and the probabilities the app's own model gives that row, and a
-stream does not become training rows for a model that needs labels."""
+127.0.0.1. Each window's verdict is the class and the probabilities the app's own model gives that row, a
+stream does not become training rows for a model that needs labels, and a damaged state file does not stop
+the node."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ def test_a_classifier_publishes_class_and_probabilities_per_window(tmp_path, mak
         publisher = Publisher(broker.port)
         got = threading.Event()
 
+        # A damaged state file: one line, a counter, the file kept aside, and the node starts anyway.
+        assert app.stream is not None
+        app.stream.state_file.write_bytes(b'{"version": 1, "judged_through": "many"')
+        app.stream._load()
+        assert app.counters.values.get("stream.state_damaged") == 1
+        assert app.stream.state_file.with_name("stream.json.damaged").exists() and not app.stream.state_file.exists()
+
         async def main() -> None:
             async with trio.open_nursery() as nursery:
                 await nursery.start(app.run)
@@ -50,6 +58,7 @@ def test_a_classifier_publishes_class_and_probabilities_per_window(tmp_path, mak
                 assert app.counters.values.get("stream.windows_judged") == 3
                 got.set()
                 nursery.cancel_scope.cancel()
+            assert json.loads(app.stream.state_file.read_text())["judged_through"] == 2  # written at the stop
 
         try:
             trio.run(main)
