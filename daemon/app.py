@@ -122,7 +122,13 @@ class App:
         self.listener = Listener(self.admission, self.peers, self.counters, lim, wire_limits)
         self.notifier = SystemdNotifier.from_env()
         self.reporter = Reporter(config, self.node_id, self.learner, self.peers, self.counters, self.notifier)
-        self.follower = Follower(config, self.learner, self.peers, self.counters, self.codec)
+        # One history of how far the fleet's models usually are, for gossip merges and a gateway's global models
+        # alike; with the plain age rule (no gossip guard) the rounds keep one of their own.
+        round_guard = guard
+        if round_guard is None:
+            round_guard = MergeGuard(ClipSettings(radius_factor=g.clip_factor, max_age_rate=g.max_age_rate))
+            round_guard.restore(state.get("follower_guard"))
+        self.follower = Follower(config, self.learner, self.peers, self.counters, self.codec, round_guard)
         self.gateway = Gateway(config, self.learner, self.peers, self.dialer, self.counters, self.codec, state) \
             if config.node.role == "gateway" else None
         self.gossip = Gossip(config, self.learner, self.references, self.peers, self.dialer, self.counters,
@@ -161,6 +167,8 @@ class App:
                 "saved_at": time.time(), "paused": self.learner.paused,
                 "blocked": sorted(format_node_id(b) for b in self.peers.blocked),
                 **({"gateway_round": self.gateway.round} if self.gateway is not None else {}),
+                **({"follower_guard": self.follower.guard.state(trio.current_time())}
+                   if self.follower.guard is not self.learner.guard else {}),
                 **({"merge_guard": self.learner.guard.state(trio.current_time())} if self.learner.guard else {})}
 
     async def checkpoint(self) -> None:

@@ -13,6 +13,20 @@ within ``fedavg.fallback_seconds``. In mode ``auto`` a node with no live gateway
 model it has; one round from a gateway brings it back. A node never adopts a global model younger than its
 own, so falling back and returning never loses what it learned.
 
+A global model is checked like a gossip model before it is taken (issue 13): a gateway's certificate can be
+stolen, and the role alone must not let its holder replace every client's model. Within the radius that this
+client's own recent rounds set (``robust.MergeGuard``: ``gossip.clip_factor`` times the median distance of
+recent global steps), the global model is taken whole, as FedAvg wants. Beyond it the client moves a clipped
+step towards it, scaled by the gateway's trust, which halves at every clipped round: a sign-flipping gateway
+then moves a client by at most about twice the radius in all, while local training pulls it back. An honest
+gateway restarted after its clients learned by gossip is far only for its first round: its clients train
+from where they are, their updates carry the difference, and its next global model is theirs. Its claimed
+age is believed as a gossip peer's is (no more than ours at first sight, then a bounded rate). The guard is
+the node's one history of how far the fleet's models usually are: the gossip merge's own (``gossip.merge =
+"clipped"``), or one kept for the rounds alone; either survives restarts. Its weak spot is the start: a client
+with fewer than five recorded steps cannot yet tell a far model from an honest one, and takes it whole (a
+gateway attacking a fleet from its first round is caught only once the history exists).
+
 The uplink delta is coded with error feedback too: what the lossy codec drops from one update is added to
 the next (the residual), so ``int8`` or ``topk`` uplinks do not bias the average.
 """
@@ -27,6 +41,8 @@ import trio
 
 from gossipfl.config import NodeConfig
 from gossipfl.errors import RefusedByUs
+from gossipfl.learning.merge import Merged
+from gossipfl.learning.robust import MergeGuard
 from gossipfl.metrics import Counters
 from gossipfl.protocol import messages
 from gossipfl.protocol.codec import CodecConfig
@@ -47,18 +63,17 @@ MAX_GATEWAYS = 4  # references kept for this many gateways
 
 class Follower:
     def __init__(self, config: NodeConfig, learner: Learner, peers: PeerTable, counters: Counters,
-                 codec: CodecConfig) -> None:
+                 codec: CodecConfig, guard: MergeGuard) -> None:
         self.config = config
         self.learner = learner
         self.peers = peers
         self.counters = counters
         self.codec = codec
         count = learner.model.num_params
-        # The global model is not checked against ours yet: the outlier rule refused an honest gateway restarted
-        # after clients had learned by gossip ("15.7 away, recent median 0.19") and stopped every round after
-        # its return. The gateway role is granted by config (fedavg.gateways); a check that tells a stolen
-        # gateway from a restarted one is still open (issue 13).
+        # No outlier rule on the references: it refused an honest gateway restarted after clients had learned by
+        # gossip ("15.7 away, recent median 0.19") and stopped every round after its return. The guard clips.
         self.references = GossipState(count, codec, MAX_GATEWAYS, outlier_factor=math.inf)
+        self.guard = guard
         self.residual = np.zeros(count, np.float32)  # what the uplink codec has not delivered yet
         self.gateway: bytes | None = None  # the gateway whose round we took last
         self.last_round = 0
@@ -117,13 +132,14 @@ class Follower:
             self.residual[:] = 0  # a new gateway holds none of what the last one was still owed
         self.gateway = gateway_id
         our_age = self.learner.age
-        start, base_age = (global_params, message.age) if message.age >= our_age else (None, our_age)
+        point, age = await self._checked(gateway_id, global_params, message.age)
+        start, base_age = (point, age) if age >= our_age else (None, our_age)
         with trio.fail_after(message.deadline):
             trained, samples = await self.learner.train_from(start, message.epochs)
         if not samples:  # no data, or training that diverged: nothing worth a place in the average
             # It still learns from the fleet: the global model is taken (a client with no rows once stayed at the
             # untrained model, 0.53 where the others reached 0.97), and the round is told why no update comes.
-            await self.learner.adopt(global_params, message.age)
+            await self.learner.adopt(point, age)
             refused = RefusedByUs("no-update", "this node has no update for the round (no data, or it diverged)")
             await link.refuse(messages.ErrorCode.REFUSED, refused)
             raise refused
@@ -157,8 +173,29 @@ class Follower:
         assert isinstance(message, messages.GatewayRound)
         return received.model.copy(), message
 
+    async def _checked(self, gateway_id: bytes, global_params: np.ndarray, claimed_age: float
+                       ) -> tuple[np.ndarray, float]:
+        """What this client takes of a gateway's global model, and the age it believes: the whole model within
+        the radius, a clipped step scaled by the gateway's trust beyond it (keeping our own age then)."""
+        local, our_age = await self.learner.snapshot()
+        now = trio.current_time()
+        age = self.guard.believed_age(gateway_id, claimed_age, our_age, now)
+        diff = global_params - local
+        distance = float(np.linalg.norm(diff))
+        radius = self.guard.radius(float(np.linalg.norm(local)))
+        if radius is None or distance <= radius:
+            self.guard.record(gateway_id, Merged(age, 1.0, distance, distance), radius)
+            return global_params, age
+        share = self.guard.share(gateway_id) * radius / distance
+        self.guard.record(gateway_id, Merged(our_age, share, share * distance, distance, clipped=True), radius)
+        self.counters.add("fedavg.global_clipped")
+        log.warning("a global model beyond the radius: a clipped step taken", extra=fields(
+            gateway=short(gateway_id), distance=round(distance, 4), radius=round(radius, 4), share=round(share, 4)))
+        return local + np.float32(share) * diff, our_age
+
     async def _adopt(self, link: Link, gateway_id: bytes, message: messages.GatewayRound, params: np.ndarray) -> None:
-        await self.learner.adopt(params, message.age)
+        params, age = await self._checked(gateway_id, params, message.age)
+        await self.learner.adopt(params, age)
         await link.send(messages.Ack(message.new_seq))
         log.debug("round adopted", extra=fields(gateway=short(gateway_id), round=message.round,
                                                 age=self.learner.age))

@@ -216,3 +216,32 @@ def test_two_gateways_clients_follow_the_lowest_id_and_gateways_gossip(tmp_path,
     other_metrics, _, _ = evaluate_checkpoint(other, x_test, y_test)
     # The idle gateway learned the leader's global model by gossip alone.
     assert other_metrics.accuracy > 0.8 and abs(other_metrics.accuracy - lead_metrics.accuracy) < 0.05
+
+
+def test_a_gateway_with_a_stolen_certificate_cannot_take_over_its_clients(tmp_path, split):
+    """A granted gateway whose certificate was stolen sends sign-flipped global models claiming an age of 1e12.
+    Without a check every client adopted them (accuracy 0.95 to 0.38 in issue 13's trial); now each client moves a
+    clipped step that shrinks with the gateway's trust, and keeps what gossip and its rows taught it."""
+    _, _, x_test, y_test = split
+    x_train, y_train, _, _ = split
+    plan = ClusterPlan(nodes=5, gateways=1, mode="auto", split="iid", base_port=free_port_base(),
+                       training={"lr": 0.05, "duty_cycle": 0.5}, gossip={"period": 0.3},
+                       fedavg={"epochs": 1, "deadline": 3.0, "round_pause": 0.2})
+    specs = prepare(tmp_path, plan, x_train, y_train)
+    gateway, clients = specs[0], specs[1:]
+    gateway.program = (str(BYZANTINE), "gateway-flip")
+    cluster = Cluster(clients)
+    with cluster:
+        # The fleet learns by gossip first: the history that tells a far model from a usual one.
+        wait_for(lambda: all((s := status(c)) and s["counters"].get("merges", 0) >= 30 for c in clients), 120,
+                 "30 merges at every client")
+        before = np.mean([accuracy(c, x_test, y_test) for c in clients])
+        cluster.start(gateway)
+        wait_for(lambda: all((s := status(c)) and s["fedavg"]["rounds"] >= 8 for c in clients), 180,
+                 "8 rounds of the stolen gateway at every client")
+        after = [accuracy(c, x_test, y_test) for c in clients]
+        clipped = [status(c)["counters"].get("fedavg.global_clipped", 0) for c in clients]
+        codes = cluster.stop_all()
+    assert all(code == 0 for code in codes.values()), codes
+    assert min(after) > before - 0.05, (before, after)
+    assert all(n >= 8 for n in clipped), clipped  # every flipped model was seen for what it is
