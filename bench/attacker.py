@@ -17,7 +17,9 @@ Attacks (``ATTACKS``):
   received minus ``ALIE_Z`` times their per-parameter spread, claiming the largest age it has seen; a shift
   inside the honest spread, so no distance rule tells it apart;
 - ``fake-gateway``: sign-flip, run with ``node.role = "gateway"`` by bench/byzantine.py: a member certificate
-  claiming a role the cluster never granted.
+  claiming a role the cluster never granted;
+- ``stolen-gateway``: sign-flip, run by bench/byzantine.py as a gateway the cluster did grant (its id is in
+  every node's ``fedavg.gateways``): the certificate of a real gateway, stolen.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class Forger:
         self.seen_ages.append(float(age))
 
     def forge(self, params: np.ndarray, age: float) -> tuple[np.ndarray, float]:
-        if self.attack in ("sign-flip", "fake-gateway"):
+        if self.attack in ("sign-flip", "fake-gateway", "stolen-gateway"):
             return -params, age
         if self.attack == "scaled":
             return params * np.float32(SCALE), age
@@ -69,7 +71,7 @@ class Forger:
         raise ValueError(f"unknown attack {self.attack!r}")
 
 
-ATTACKS = ("sign-flip", "scaled", "constant", "age-inflation", "alie", "fake-gateway")
+ATTACKS = ("sign-flip", "scaled", "constant", "age-inflation", "alie", "fake-gateway", "stolen-gateway")
 
 
 def install(forger: Forger) -> None:

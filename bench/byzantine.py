@@ -1,14 +1,20 @@
 """Honest daemons against compromised ones: each merge rule (defence) against each attack, on loopback.
 
     .venv/bin/python bench/byzantine.py [--honest 8] [--attackers 1] [--seconds 60]
-        [--attacks sign-flip,scaled,constant,age-inflation,alie,fake-gateway] [--defences age,clipped]
+        [--attacks sign-flip,scaled,constant,age-inflation,alie,fake-gateway,stolen-gateway]
+        [--defences age,clipped]
 
 Every run is a fresh cluster of ``--honest`` real gossipfld daemons plus ``--attackers`` compromised ones
 (bench/attacker.py: the real daemon with a valid certificate of the cluster, whose shared model is forged),
 all found by mDNS on loopback and learning digits split by a Dirichlet draw. The honest nodes run
 ``node.mode = "auto"``, so a peer that claims the gateway role would be followed if the claim were
-believed; ``fake-gateway`` makes that claim. Each defence is ``gossip.merge``: ``age`` (the age-weighted
-merge with the outlier rule) or ``clipped`` (gossipfl/learning/robust.py).
+believed; ``fake-gateway`` makes that claim. ``stolen-gateway`` is a gateway the cluster did grant (the
+attackers are the cluster's gateways, without data of their own): its rounds are followed, and its global
+models are checked as gossip models are (daemon/follower.py); its honest nodes' shards are drawn for
+``--honest`` nodes, not ``--honest + --attackers`` as in the other runs, so its "vs no attack" compares two
+draws of the shards. Each defence is ``gossip.merge``: ``age`` (the age-weighted merge with the outlier rule)
+or ``clipped`` (gossipfl/learning/robust.py). "clipped merges" counts gossip merges and a gateway's global
+models alike.
 
 The baselines, measured in the same run: the same honest daemons with the attackers' slots left empty
 ("none": the attacker's shard is simply absent, so every run shares the honest shards), and each honest
@@ -59,18 +65,22 @@ def run_one(args: argparse.Namespace, attack: str, defence: str, root: Path, x_t
     if attack == "fake-gateway":
         for i in range(honest, honest + args.attackers):
             per_node[i] = {"node": {"role": "gateway", "mode": "gossip"}}
+    stolen = attack == "stolen-gateway"  # the granted gateways come first in a plan
     plan = ClusterPlan(nodes=honest + args.attackers, split="dirichlet", alpha=args.alpha, mode="auto",
                        base_port=free_port_base(honest + args.attackers), per_node=per_node,
+                       gateways=args.attackers if stolen else 0,
                        gossip={"period": args.period, "merge": defence, "clip_factor": args.clip_factor},
                        training={"duty_cycle": args.duty_cycle, "lr": args.lr},
+                       fedavg={"epochs": 1, "deadline": 3.0, "round_pause": 0.5},
                        extra={"data": {"validation_fraction": 0.0}})
     specs = prepare(root, plan, x_train, y_train)
-    for spec in specs[honest:]:
+    bad, good = (specs[:args.attackers], specs[args.attackers:]) if stolen else (specs[honest:], specs[:honest])
+    for spec in bad:
         spec.program = (str(ATTACKER), attack)
     outcome = Outcome(attack, defence)
-    with Cluster(specs[:honest + attackers]) as cluster:
+    with Cluster(good + bad[:attackers]) as cluster:
         time.sleep(args.seconds)
-        for spec in specs[:honest]:
+        for spec in good:
             state = node_state(spec)
             outcome.models.append(state[0] if state is not None else None)
             outcome.counters.append(state[1]["counters"] if state is not None else {})
@@ -132,7 +142,8 @@ def main() -> None:
             mean, low = float(np.nanmean(o.final)), float(np.nanmin(o.final))
             below = sum(1 for f, lo in zip(o.final, local, strict=True) if not f >= lo)
             print(f"| {attack:<13} | {defence:<7} | {mean:.4f} ({low:.4f})       | {100 * (mean - clean):+6.2f} pts "
-                  f"| {below:>7} of {len(o.final):<6} | {o.total('refused'):>7} | {o.total('merges_clipped'):>14} "
+                  f"| {below:>7} of {len(o.final):<6} | {o.total('refused'):>7} "
+                  f"| {o.total('merges_clipped') + o.total('fedavg.global_clipped'):>14} "
                   f"| {o.total('fedavg.adopted'):>18} |")
     if len(defences) > 1:
         base = float(np.nanmean(outcomes["none", defences[0]].final))
