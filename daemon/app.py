@@ -3,7 +3,7 @@
 As Syncthing's ``lib/syncthing/syncthing.go`` does, this is where services are wired, and only here: the
 learner (model, age, training), the peer table, admission and the dialer, the listener with its handlers
 (gossip for ``ModelDelta``, the follower for ``GatewayRound``), the gateway when the node is one, mDNS
-discovery, a sensor stream over MQTT when ``[mqtt]`` is on, persistence, reporting, the control socket,
+discovery, a sensor stream over MQTT when ``[mqtt]`` is on, the power watch, persistence, reporting, the control socket,
 Prometheus metrics and systemd. The parts know one another only through what they are handed here, so none
 imports another's owner and each is tested alone.
 
@@ -53,6 +53,7 @@ from .notify import SystemdNotifier, watchdog_task
 from .pacing import Pacer
 from .peering import Admission, Dialer
 from .persistence import Persistence
+from .power import PowerWatch
 from .privacy import LEDGER, PrivateTraining
 from .reporting import Reporter, short
 from .streaming import StreamFeed
@@ -98,9 +99,10 @@ class App:
                                             max_age_rate=g.max_age_rate))
             guard.restore(state.get("merge_guard"))
         self.pacer = Pacer(Pace(config.quiet, g.period, t.duty_cycle, now=0.0), self.counters)
+        self.power = PowerWatch(config.power, self.counters) if config.power.enabled else None
         self.learner = Learner(model, trainer, data, t, self.counters, self.pacer, float(state.get("age", 0.0)),
                                paused=state.get("paused", False), guard=guard,  # a pause survives restarts
-                               private=self.private)
+                               private=self.private, power=self.power)
         self.codec = CodecConfig(scheme=g.scheme, topk_fraction=g.topk_fraction, int8_block=256, nthreads=1)
         # The clipped rule merges a far model a bounded step instead of refusing it as an outlier.
         outlier_factor = config.limits.outlier_factor if g.merge == "age" else math.inf
@@ -137,6 +139,7 @@ class App:
         self.listener.handle(messages.GatewayRound, self.follower.session)
         self.reporter.sections["fedavg"] = self._fedavg_status
         self.reporter.sections["pace"] = self.pacer.report
+        self.reporter.sections["power"] = self.power.report if self.power else lambda: {"enabled": False}
         self.reporter.sections["privacy"] = self.private.report if self.private else lambda: {"enabled": False}
         self.stream = StreamFeed(config.mqtt, self.learner, self.counters, config.node.state_dir, config.node.name) \
             if config.mqtt.enabled else None
@@ -220,6 +223,9 @@ class App:
             await nursery.start(self.stream.source.run)
             nursery.start_soon(self.stream.run)
         self.pacer.begin()
+        if self.power is not None:
+            await self.power.check()  # before the first slice: a hot or flat device does not train at all
+            nursery.start_soon(self.power.run)
         nursery.start_soon(self.gossip.run)
         if self.gateway is not None:
             nursery.start_soon(self.gateway.run)

@@ -140,7 +140,8 @@ class Follower:
             # It still learns from the fleet: the global model is taken (a client with no rows once stayed at the
             # untrained model, 0.53 where the others reached 0.97), and the round is told why no update comes.
             await self.learner.adopt(point, age)
-            refused = RefusedByUs("no-update", "this node has no update for the round (no data, or it diverged)")
+            refused = RefusedByUs("no-update", "this node has no update for the round (no data, training "
+                                               "diverged, or its power or temperature stops training)")
             await link.refuse(messages.ErrorCode.REFUSED, refused)
             raise refused
         payload = await trio.to_thread.run_sync(self._code_update, trained - global_params)

@@ -35,6 +35,7 @@ from gossipfl.metrics import Counters
 
 from .logs import fields
 from .pacing import Pacer
+from .power import PowerWatch
 from .privacy import PrivateTraining
 
 T = TypeVar("T")
@@ -57,7 +58,8 @@ class BeforeMerge:
 class Learner:
     def __init__(self, model: Model, trainer: Trainer, data: LocalData, settings: TrainingSection,
                  counters: Counters, pacer: Pacer, age: float = 0.0, paused: bool = False,
-                 guard: MergeGuard | None = None, private: PrivateTraining | None = None) -> None:
+                 guard: MergeGuard | None = None, private: PrivateTraining | None = None,
+                 power: PowerWatch | None = None) -> None:
         self.model = model
         self.trainer = trainer
         self.data = data
@@ -69,6 +71,7 @@ class Learner:
         self.guard = guard  # None: the plain age-weighted merge; else the clipped rule and what it remembers
         self.pacer = pacer  # how fast to train: slower once the model stopped changing (gossipfl.protocol.pace)
         self.private = private  # None: plain training; else DP-SGD within a budget (docs/privacy.md)
+        self.power = power  # None: train whatever the battery and temperature; else only when they allow
         self.validation: Metrics | None = None
         self.train_loss: float | None = None
         self.training_active = False
@@ -195,8 +198,10 @@ class Learner:
         return max(busy * (1 - duty) / duty, 0.001)
 
     async def may_train(self, steps: int) -> bool:
-        """Whether ``steps`` steps on the local rows may run: always without DP; within the budget with it
-        (the ledger on disk counts them before they run)."""
+        """Whether ``steps`` steps on the local rows may run: when the device's power allows (``[power]``), and
+        under DP within the budget (the ledger on disk counts them before they run)."""
+        if self.power is not None and not self.power.allowed:
+            return False  # the device's power or temperature (gossipfld.power); gossip and merges go on
         if self.private is None:
             return True
         rows = len(self.data.train)

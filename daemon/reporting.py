@@ -92,6 +92,9 @@ class Reporter:
             found.append(f"no usable data in {data.directory}")
         if data.skipped:
             found.append(f"{len(data.skipped)} data files skipped ({next(iter(data.skipped.values()))})")
+        power = self.learner.power
+        if power is not None and not power.allowed:
+            found.append(f"training stopped: {power.policy.reason}")
         skipped = data.skipped_rows
         bad = sum(n for reason, n in skipped.items() if reason != "unterminated")
         if bad:

@@ -21,6 +21,7 @@ from typing import Any
 from gossipfl.errors import ConfigError
 from gossipfl.learning.schema import DELIMITERS
 from gossipfl.protocol.pace import PaceSettings
+from gossipfl.protocol.power import PowerSettings
 from gossipfl.streams.settings import StreamSettings
 
 if typing.TYPE_CHECKING:
@@ -202,6 +203,7 @@ class NodeConfig:
     fedavg: FedavgSection = field(default_factory=FedavgSection)
     quiet: PaceSettings = field(default_factory=PaceSettings)  # the section is the pace's own settings
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    power: PowerSettings = field(default_factory=PowerSettings)  # the section is the power policy's own settings
     mqtt: StreamSettings = field(default_factory=StreamSettings)  # a sensor stream: the streams package's settings
     limits: LimitsSection = field(default_factory=LimitsSection)
     state: StateSection = field(default_factory=StateSection)
@@ -424,6 +426,10 @@ def _validate(c: NodeConfig) -> None:
     _check(p.noise_multiplier == 0 or 0.1 <= p.noise_multiplier <= 1000, "privacy.noise_multiplier",
            f"must be 0 (derived from the budget) or 0.1 to 1000, got {p.noise_multiplier:g}")
     _within(p.epochs, "privacy.epochs", 0.01, 1e6, " passes")
+    w = c.power
+    _within(w.min_battery, "power.min_battery", 0, 100, "%")
+    _within(w.max_temperature, "power.max_temperature", 20, 150, " C")
+    _within(w.check_seconds, "power.check_seconds", 0.05, 3600, " s")
     if c.mqtt.enabled:
         c.mqtt.validate()
     lim = c.limits

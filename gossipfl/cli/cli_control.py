@@ -120,10 +120,17 @@ def _status_text(s: dict[str, Any]) -> str:
         f"data        {_data_text(s.get('data') or {})}",
         f"pace        {_pace_text(s.get('pace') or {})}",
         f"privacy     {_privacy_text(s.get('privacy') or {})}",
+        f"power       {_power_text(s.get('power') or {})}",
         *([f"stream      {_stream_text(s['stream'])}"] if s.get("stream") else []),
         f"problems    {'; '.join([*s.get('problems', []), *counted]) or 'none'}",
         f"uptime      {_duration(s['uptime'])}",
     ])
+
+
+def _power_text(p: dict[str, Any]) -> str:
+    if not p.get("enabled"):
+        return "not checked (power.enabled is false)"
+    return f"{'training allowed' if p.get('training_allowed') else 'TRAINING STOPPED'}: {p.get('reason')}"
 
 
 def _stream_text(m: dict[str, Any]) -> str:
