@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,7 @@ from .notify import SystemdNotifier
 log = logging.getLogger("gossipfld.reporting")
 
 STATUS_EVERY = 10.0  # seconds between STATUS= lines to systemd
+RECENT_SECONDS = 600.0  # "recent" problems: the counters' growth over about this long
 LAG_PROBE = 0.05
 
 
@@ -75,6 +77,10 @@ class Reporter:
         # Named sections of the status that other parts own: "fedavg", and counters of the control socket.
         self.sections: dict[str, Callable[[], Any]] = {}
         self.extra_counters: list[Callable[[], dict[str, float]]] = []
+        # (when, counters) every STATUS_EVERY, back RECENT_SECONDS: counters only grow (a node with a year of
+        # uptime showed "refused 4,112" for a problem fixed months ago), so problems are shown as recent too.
+        self._snapshots: deque[tuple[float, dict[str, float]]] = deque(
+            maxlen=int(RECENT_SECONDS / STATUS_EVERY) + 1)
 
     def summary(self) -> str:
         """The one line ``systemctl status`` shows."""
@@ -104,6 +110,14 @@ class Reporter:
             found.append(f"no peers of this cluster; {others:.0f} adverts of other clusters (other CAs) ignored")
         return found
 
+    def recent(self) -> dict[str, Any]:
+        """How much each counter grew over the last ``RECENT_SECONDS`` (or since the start, if sooner)."""
+        if not self._snapshots:
+            return {"seconds": 0.0, "counters": {}}
+        since, then = self._snapshots[0]
+        grown = {k: v - then.get(k, 0) for k, v in self.counters.values.items() if v != then.get(k, 0)}
+        return {"seconds": round(trio.current_time() - since, 1), "counters": grown}
+
     def status(self) -> dict[str, Any]:
         learner, m = self.learner, self.learner.model
         v = learner.validation
@@ -122,7 +136,7 @@ class Reporter:
             "train_loss": learner.train_loss, "lr": learner.trainer.lr, "problems": self.problems(),
             "peers": len(self.peers.live()), "blocked": sorted(format_node_id(b) for b in self.peers.blocked),
             "max_loop_lag": self.max_lag, "param_norm": float(np.linalg.norm(m.params)),
-            "counters": counters,
+            "counters": counters, "recent": self.recent(),
             **{name: section() for name, section in self.sections.items()},
         }
 
@@ -155,6 +169,7 @@ class Reporter:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._lag_monitor)
             while True:
+                self._snapshots.append((trio.current_time(), dict(self.counters.values)))
                 await trio.sleep(STATUS_EVERY)
                 self.notifier.status(self.summary())
 

@@ -70,16 +70,22 @@ def _print(args: argparse.Namespace, result: Any, human: Callable[[Any], str]) -
 _PROBLEMS = (("refused", "refused"), ("failed", "failed pushes"), ("dropped", "dropped links"))
 
 
-def _problems(counters: dict[str, Any]) -> str:
-    """One line an operator can scan: what was refused, failed or dropped, and the commonest reasons."""
+def _problems(counters: dict[str, Any], recent: dict[str, Any] | None = None) -> str:
+    """One line an operator can scan: what was refused, failed or dropped, and the commonest reasons; with
+    ``recent`` (status's growth of the counters lately), how many of each family are recent, since the totals
+    never reset."""
     parts = []
+    grown = (recent or {}).get("counters") or {}
+    window = _duration((recent or {}).get("seconds") or 0)
     for family, label in _PROBLEMS:
         reasons = {k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith(family + ".")}
         if reasons:
             top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
             more = ", ..." if len(reasons) > 3 else ""
+            lately = sum(v for k, v in grown.items() if k.startswith(family + "."))
             parts.append(f"{label} {sum(reasons.values()):.0f} ("
-                         + ", ".join(f"{k} {v:.0f}" for k, v in top) + more + ")")
+                         + ", ".join(f"{k} {v:.0f}" for k, v in top) + more + ")"
+                         + (f", {lately:.0f} in the last {window}" if recent is not None else ""))
     return "; ".join(parts) or "none"
 
 
@@ -105,7 +111,7 @@ def _status_text(s: dict[str, Any]) -> str:
         quality = "not evaluated yet"
     training = "paused" if s["paused"] else "running" if s["training"] else "idle (no data or disabled)"
     c = s.get("counters", {})
-    counted = [] if _problems(c) == "none" else [_problems(c)]
+    counted = [] if _problems(c) == "none" else [_problems(c, s.get("recent"))]
     return "\n".join([
         f"node        {s['node_id']}  ({s['name']})",
         f"role        {s['role']}, mode {s['mode']}",

@@ -118,6 +118,11 @@ def test_status_problems_line_sums_each_family_and_names_the_commonest_reasons()
                 "failed.link": 1, "dropped.link": 3, "merges": 9}
     assert _problems(counters) == ("refused 9 (blocked 5, tls 2, codec 1, ...); failed pushes 1 (link 1); "
                                    "dropped links 3 (link 3)")
+    # Totals never reset; status's "recent" says how many are new (the counters' growth over ~10 minutes).
+    recent = {"seconds": 600.0, "counters": {"refused.tls": 2, "merges": 4}}
+    assert _problems(counters, recent) == ("refused 9 (blocked 5, tls 2, codec 1, ...), 2 in the last 10m 0s; "
+                                           "failed pushes 1 (link 1), 0 in the last 10m 0s; "
+                                           "dropped links 3 (link 3), 0 in the last 10m 0s")
 
 
 def test_output_cut_short_by_the_reader_ends_quietly(tmp_path, small_model):

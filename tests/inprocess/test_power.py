@@ -45,6 +45,7 @@ def test_a_low_battery_stops_training_and_mains_brings_it_back(tmp_path, make_ap
             await until(lambda: app.power.checks >= checks + 20, "twenty more readings")
             assert steps() == stopped_at  # no slice while on a low battery
             assert app.counters.values.get("power.stopped") == 1
+            assert app.reporter.recent()["counters"].get("power.stopped") == 1  # grown since the first snapshot
             online.write_text("1\n")
             await until(lambda: steps() > stopped_at, "training again on mains")
             assert app.counters.values.get("power.resumed") == 1
