@@ -15,17 +15,19 @@ own, so falling back and returning never loses what it learned.
 
 A global model is checked like a gossip model before it is taken (issue 13): a gateway's certificate can be
 stolen, and the role alone must not let its holder replace every client's model. Within the radius that this
-client's own recent rounds set (``robust.MergeGuard``: ``gossip.clip_factor`` times the median distance of
-recent global steps), the global model is taken whole, as FedAvg wants. Beyond it the client moves a clipped
-step towards it, scaled by the gateway's trust, which halves at every clipped round: a sign-flipping gateway
-then moves a client by at most about twice the radius in all, while local training pulls it back. An honest
-gateway restarted after its clients learned by gossip is far only for its first round: its clients train
-from where they are, their updates carry the difference, and its next global model is theirs. Its claimed
-age is believed as a gossip peer's is (no more than ours at first sight, then a bounded rate). The guard is
-the node's one history of how far the fleet's models usually are: the gossip merge's own (``gossip.merge =
-"clipped"``), or one kept for the rounds alone; either survives restarts. Its weak spot is the start: a client
-with fewer than five recorded steps cannot yet tell a far model from an honest one, and takes it whole (a
-gateway attacking a fleet from its first round is caught only once the history exists).
+client's recent history sets (``robust.MergeGuard``, the node's one history of how far the fleet's models
+usually are: ``gossip.clip_factor`` times the median distance of recent merges and global steps) the global
+model is taken whole, as FedAvg wants. Beyond it the client takes a clipped step towards it, scaled by the
+gateway's trust, which halves at every clipped round. Before there is a history (a fresh client, or a fleet
+whose gateway was compromised from its first round) the radius is the size of the models themselves, the
+larger of our own and the global's norm: an honest round moves a model by a fraction of its size, a
+sign-flipped, scaled or constant one by more than all of it. A gateway clipped ``DISTRUST_AFTER`` rounds in a
+row is not followed for ``DISTRUST_SECONDS`` (its rounds are refused as ``untrusted``; in mode ``auto`` the
+node learns by gossip meanwhile): in bench/byzantine.py a stolen gateway certificate used from the first
+round took the honest nodes to chance when they only clipped. An honest gateway restarted after its clients
+learned by gossip is far for one round: the clients train from where they are, their updates carry the
+difference, and its next global model is theirs. An honest newcomer is clipped for a round or two while it
+catches up. A gateway's claimed age is believed as a gossip peer's is.
 
 The uplink delta is coded with error feedback too: what the lossy codec drops from one update is added to
 the next (the residual), so ``int8`` or ``topk`` uplinks do not bias the average.
@@ -59,6 +61,8 @@ from .transfer import receive_model, refusal_code
 log = logging.getLogger("gossipfld.follower")
 
 MAX_GATEWAYS = 4  # references kept for this many gateways
+DISTRUST_AFTER = 3  # clipped global models in a row after which a gateway is not followed
+DISTRUST_SECONDS = 600.0
 
 
 class Follower:
@@ -74,6 +78,8 @@ class Follower:
         # gossip ("15.7 away, recent median 0.19") and stopped every round after its return. The guard clips.
         self.references = GossipState(count, codec, MAX_GATEWAYS, outlier_factor=math.inf)
         self.guard = guard
+        self.clipped_in_a_row: dict[bytes, int] = {}
+        self.distrusted: dict[bytes, float] = {}  # gateway -> until when its rounds are refused
         self.residual = np.zeros(count, np.float32)  # what the uplink codec has not delivered yet
         self.gateway: bytes | None = None  # the gateway whose round we took last
         self.last_round = 0
@@ -81,10 +87,14 @@ class Follower:
 
     # ------------------------------------------------------------------ which gateway
 
+    def trusted(self, gateway_id: bytes, now: float) -> bool:
+        return self.distrusted.get(gateway_id, -math.inf) <= now
+
     def live_gateways(self, now: float) -> list[bytes]:
         window = self.config.fedavg.fallback_seconds
         return sorted(p.key for p in self.peers
                       if p.role == "gateway" and p.proven_id is not None and not self.peers.is_blocked(p.key)
+                      and self.trusted(p.key, now)
                       and p.stats.last_seen is not None and now - p.stats.last_seen < window)
 
     def following(self, now: float) -> bool:
@@ -99,7 +109,8 @@ class Follower:
         live = self.live_gateways(now)
         return {"following": live[0].hex() if live and self.following(now) else None,
                 "learning_by": "rounds" if self.following(now) else "gossip",
-                "rounds": self.rounds, "last_round": self.last_round}
+                "rounds": self.rounds, "last_round": self.last_round,
+                "distrusted": {g.hex(): round(until - now, 1) for g, until in self.distrusted.items() if until > now}}
 
     def _check_gateway(self, gateway_id: bytes) -> None:
         mode = self.config.node.mode
@@ -110,7 +121,12 @@ class Follower:
         peer = self.peers.get(gateway_id)
         if peer is None or peer.role != "gateway":  # the role the cluster granted (fedavg.gateways), not a claim
             raise RefusedByUs("not-a-gateway", "this node follows only the gateways listed in fedavg.gateways")
-        live = self.live_gateways(trio.current_time())
+        now = trio.current_time()
+        if not self.trusted(gateway_id, now):
+            raise RefusedByUs("untrusted", f"this node does not follow gateway {short(gateway_id)} for "
+                                           f"{self.distrusted[gateway_id] - now:.0f} s more: its global models "
+                                           f"were clipped {DISTRUST_AFTER} rounds in a row")
+        live = self.live_gateways(now)
         if live and live[0] != gateway_id:
             raise RefusedByUs("not-following", f"this node follows gateway {short(live[0])}")
 
@@ -184,14 +200,25 @@ class Follower:
         diff = global_params - local
         distance = float(np.linalg.norm(diff))
         radius = self.guard.radius(float(np.linalg.norm(local)))
-        if radius is None or distance <= radius:
+        if radius is None:  # no history yet: no honest round moves a model by more than its own size
+            radius = max(float(np.linalg.norm(local)), float(np.linalg.norm(global_params)))
+        if distance <= radius:
             self.guard.record(gateway_id, Merged(age, 1.0, distance, distance), radius)
+            self.clipped_in_a_row[gateway_id] = 0
             return global_params, age
         share = self.guard.share(gateway_id) * radius / distance
         self.guard.record(gateway_id, Merged(our_age, share, share * distance, distance, clipped=True), radius)
         self.counters.add("fedavg.global_clipped")
+        streak = self.clipped_in_a_row[gateway_id] = self.clipped_in_a_row.get(gateway_id, 0) + 1
         log.warning("a global model beyond the radius: a clipped step taken", extra=fields(
-            gateway=short(gateway_id), distance=round(distance, 4), radius=round(radius, 4), share=round(share, 4)))
+            gateway=short(gateway_id), distance=round(distance, 4), radius=round(radius, 4), share=round(share, 4),
+            in_a_row=streak))
+        if streak >= DISTRUST_AFTER and self.trusted(gateway_id, now):
+            self.distrusted[gateway_id] = now + DISTRUST_SECONDS
+            self.clipped_in_a_row[gateway_id] = DISTRUST_AFTER - 1  # after the pause, one more clip is enough
+            self.counters.add("fedavg.gateway_distrusted")
+            log.error("gateway not followed: its global models were clipped rounds in a row", extra=fields(
+                gateway=short(gateway_id), rounds=streak, seconds=DISTRUST_SECONDS))
         return local + np.float32(share) * diff, our_age
 
     async def _adopt(self, link: Link, gateway_id: bytes, message: messages.GatewayRound, params: np.ndarray) -> None:

@@ -220,8 +220,8 @@ def test_two_gateways_clients_follow_the_lowest_id_and_gateways_gossip(tmp_path,
 
 def test_a_gateway_with_a_stolen_certificate_cannot_take_over_its_clients(tmp_path, split):
     """A granted gateway whose certificate was stolen sends sign-flipped global models claiming an age of 1e12.
-    Without a check every client adopted them (accuracy 0.95 to 0.38 in issue 13's trial); now each client moves a
-    clipped step that shrinks with the gateway's trust, and keeps what gossip and its rows taught it."""
+    Without a check every client adopted them (0.975 to 0.087 in this test); now each client takes clipped steps
+    that shrink with the gateway's trust, stops following it after three, and learns by gossip again."""
     _, _, x_test, y_test = split
     x_train, y_train, _, _ = split
     plan = ClusterPlan(nodes=5, gateways=1, mode="auto", split="iid", base_port=free_port_base(),
@@ -237,11 +237,16 @@ def test_a_gateway_with_a_stolen_certificate_cannot_take_over_its_clients(tmp_pa
                  "30 merges at every client")
         before = np.mean([accuracy(c, x_test, y_test) for c in clients])
         cluster.start(gateway)
-        wait_for(lambda: all((s := status(c)) and s["fedavg"]["rounds"] >= 8 for c in clients), 180,
-                 "8 rounds of the stolen gateway at every client")
+        wait_for(lambda: all((s := status(c)) and s["counters"].get("fedavg.gateway_distrusted", 0) >= 1
+                             for c in clients), 120, "every client to stop following the stolen gateway")
+        merges = {c.name: status(c)["counters"]["merges"] for c in clients}
+        wait_for(lambda: all(status(c)["counters"]["merges"] >= merges[c.name] + 10 for c in clients), 60,
+                 "gossip again")
         after = [accuracy(c, x_test, y_test) for c in clients]
-        clipped = [status(c)["counters"].get("fedavg.global_clipped", 0) for c in clients]
+        states = [status(c) for c in clients]
         codes = cluster.stop_all()
     assert all(code == 0 for code in codes.values()), codes
     assert min(after) > before - 0.05, (before, after)
-    assert all(n >= 8 for n in clipped), clipped  # every flipped model was seen for what it is
+    for s in states:
+        assert s["counters"].get("fedavg.global_clipped", 0) >= 3, s["counters"]
+        assert s["fedavg"]["learning_by"] == "gossip" and gateway.node_id.hex() in s["fedavg"]["distrusted"]
