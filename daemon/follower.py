@@ -13,21 +13,22 @@ within ``fedavg.fallback_seconds``. In mode ``auto`` a node with no live gateway
 model it has; one round from a gateway brings it back. A node never adopts a global model younger than its
 own, so falling back and returning never loses what it learned.
 
-A global model is checked like a gossip model before it is taken (issue 13): a gateway's certificate can be
-stolen, and the role alone must not let its holder replace every client's model. Within the radius that this
-client's recent history sets (``robust.MergeGuard``, the node's one history of how far the fleet's models
-usually are: ``gossip.clip_factor`` times the median distance of recent merges and global steps) the global
-model is taken whole, as FedAvg wants. Beyond it the client takes a clipped step towards it, scaled by the
-gateway's trust, which halves at every clipped round. Before there is a history (a fresh client, or a fleet
-whose gateway was compromised from its first round) the radius is the size of the models themselves, the
-larger of our own and the global's norm: an honest round moves a model by a fraction of its size, a
-sign-flipped, scaled or constant one by more than all of it. A gateway clipped ``DISTRUST_AFTER`` rounds in a
-row is not followed for ``DISTRUST_SECONDS`` (its rounds are refused as ``untrusted``; in mode ``auto`` the
-node learns by gossip meanwhile): in bench/byzantine.py a stolen gateway certificate used from the first
-round took the honest nodes to chance when they only clipped. An honest gateway restarted after its clients
-learned by gossip is far for one round: the clients train from where they are, their updates carry the
-difference, and its next global model is theirs. An honest newcomer is clipped for a round or two while it
-catches up. A gateway's claimed age is believed as a gossip peer's is.
+A global model is checked before it is taken (issue 13): a gateway's certificate can be stolen, and the role
+alone must not let its holder replace every client's model. A global model is suspect when it is both far
+from ours and worse on our own rows. Far: beyond the radius the node's one history of gossip merges sets
+(``robust.MergeGuard``: ``gossip.clip_factor`` times the median distance of recent merges), and never less
+than half our model's norm (``NORM_FLOOR``). Distance alone could not tell: an honest first round of five
+epochs moved a model by its whole size, as far as a sign flip does. Worse: its loss on up to 256 of our
+training rows above ``LOSS_FACTOR`` times our model's, plus ``LOSS_MARGIN`` (as in Zeno, Xie, Koyejo and Gupta
+2019: a server's step judged by the data the client holds). A suspect model is not taken whole: the client
+takes a clipped step towards it, scaled by the gateway's trust, which halves at every suspect round; a gateway
+suspect ``DISTRUST_AFTER`` rounds in a row is not followed for ``DISTRUST_SECONDS`` (its rounds are refused as
+``untrusted``; in mode ``auto`` the node learns by gossip meanwhile). A stolen gateway certificate used from the
+first round took every honest node of bench/byzantine.py to chance when clients only clipped by distance. An
+honest gateway restarted after its clients learned by gossip is suspect for a round at most: the clients train
+from where they are, their updates carry the difference, and its next global model is theirs. Without rows,
+or under DP (a decision that read the rows would be a release the accountant does not count), a client cannot
+judge, and takes the global model whole. A suspect model is taken with our own age, never the gateway's claim.
 
 The uplink delta is coded with error feedback too: what the lossy codec drops from one update is added to
 the next (the residual), so ``int8`` or ``topk`` uplinks do not bias the average.
@@ -63,6 +64,8 @@ log = logging.getLogger("gossipfld.follower")
 MAX_GATEWAYS = 4  # references kept for this many gateways
 DISTRUST_AFTER = 3  # clipped global models in a row after which a gateway is not followed
 DISTRUST_SECONDS = 600.0
+NORM_FLOOR = 0.5  # the radius is never below this share of our own model's norm
+LOSS_FACTOR, LOSS_MARGIN = 1.5, 0.1  # a far global model is suspect when its loss on our rows is above this
 
 
 class Follower:
@@ -192,27 +195,32 @@ class Follower:
 
     async def _checked(self, gateway_id: bytes, global_params: np.ndarray, claimed_age: float
                        ) -> tuple[np.ndarray, float]:
-        """What this client takes of a gateway's global model, and the age it believes: the whole model within
-        the radius, a clipped step scaled by the gateway's trust beyond it (keeping our own age then)."""
+        """What this client takes of a gateway's global model, and the age it believes: the whole model unless
+        it is suspect, a clipped step scaled by the gateway's trust if it is (keeping our own age then)."""
         local, our_age = await self.learner.snapshot()
         now = trio.current_time()
-        age = self.guard.believed_age(gateway_id, claimed_age, our_age, now)
+        self.guard.believed_age(gateway_id, claimed_age, our_age, now)  # registers the gateway (its trust)
+        age = claimed_age  # a granted gateway's age is the fleet's; the learner caps it like any (MAX_AGE)
         diff = global_params - local
         distance = float(np.linalg.norm(diff))
-        radius = self.guard.radius(float(np.linalg.norm(local)))
-        if radius is None:  # no history yet: no honest round moves a model by more than its own size
-            radius = max(float(np.linalg.norm(local)), float(np.linalg.norm(global_params)))
-        if distance <= radius:
-            self.guard.record(gateway_id, Merged(age, 1.0, distance, distance), radius)
+        norm = float(np.linalg.norm(local))
+        radius = max(self.guard.radius(norm) or 0.0, NORM_FLOOR * norm) if norm > 0 else math.inf
+        losses = await self.learner.losses([local, global_params]) if distance > radius else None
+        suspect = losses is not None and not losses[1] <= LOSS_FACTOR * losses[0] + LOSS_MARGIN
+        # The gateway's trust moves with each verdict; its distances stay out of the history (moved=0): a global
+        # step is no gossip merge, and honest ones are large enough to widen the gossip radius for everyone.
+        if not suspect:
+            self.guard.record(gateway_id, Merged(age, 1.0, 0.0, distance), radius)
             self.clipped_in_a_row[gateway_id] = 0
             return global_params, age
+        assert losses is not None
         share = self.guard.share(gateway_id) * radius / distance
-        self.guard.record(gateway_id, Merged(our_age, share, share * distance, distance, clipped=True), radius)
+        self.guard.record(gateway_id, Merged(our_age, share, 0.0, distance, clipped=True), radius)
         self.counters.add("fedavg.global_clipped")
         streak = self.clipped_in_a_row[gateway_id] = self.clipped_in_a_row.get(gateway_id, 0) + 1
-        log.warning("a global model beyond the radius: a clipped step taken", extra=fields(
+        log.warning("a global model far from ours and worse on our rows: a clipped step taken", extra=fields(
             gateway=short(gateway_id), distance=round(distance, 4), radius=round(radius, 4), share=round(share, 4),
-            in_a_row=streak))
+            loss=round(losses[1], 4), our_loss=round(losses[0], 4), in_a_row=streak))
         if streak >= DISTRUST_AFTER and self.trusted(gateway_id, now):
             self.distrusted[gateway_id] = now + DISTRUST_SECONDS
             self.clipped_in_a_row[gateway_id] = DISTRUST_AFTER - 1  # after the pause, one more clip is enough

@@ -43,6 +43,7 @@ T = TypeVar("T")
 log = logging.getLogger("gossipfld.learner")
 
 EVAL_EVERY = 5.0  # seconds between validation runs
+CHECK_ROWS = 256  # rows a gateway's global model is judged on
 EXPLODED = 100.0  # a slice's loss this many times the recent median has diverged
 
 
@@ -315,6 +316,29 @@ class Learner:
         the age of the model it read."""
         async with self.lock:
             return await trio.to_thread.run_sync(function), self._age
+
+    async def losses(self, candidates: list[np.ndarray]) -> list[float] | None:
+        """Each candidate parameter vector's loss on (up to ``CHECK_ROWS`` of) this node's training rows: how a
+        client judges a gateway's global model by what it knows. None without rows, and under DP, where a
+        decision that read the rows would be a release the accountant does not count."""
+        train = self.data.train
+        if len(train) == 0 or self.private is not None:
+            return None
+        step = max(1, len(train) // CHECK_ROWS)  # the same rows for every candidate, spread over the data
+        x, y = train.x[::step][:CHECK_ROWS], train.y[::step][:CHECK_ROWS]
+
+        def run() -> list[float]:
+            saved = self.model.params.copy()
+            try:
+                out = []
+                for params in candidates:
+                    self.model.set_params(params)
+                    out.append(self.trainer.evaluate(x, y).loss)
+                return out
+            finally:
+                self.model.set_params(saved)
+
+        return (await self.infer(run))[0]
 
     async def predict(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         return await self.infer(functools.partial(self.trainer.predict, x))
