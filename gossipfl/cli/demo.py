@@ -41,7 +41,7 @@ from gossipfl.cli.offline import register_model, register_train_eval
 from gossipfl.control import MAX_SOCKET_PATH
 from gossipfl.errors import ControlError, DaemonNotRunning, GossipflError
 from gossipfl.learning.checkpoint import load_checkpoint
-from gossipfl.learning.datasets import load_digits, train_test_split, write_csv
+from gossipfl.learning.datasets import dirichlet_shards, load_digits, train_test_split, write_csv
 from gossipfl.testing.cluster import (
     CONTROL_SOCKET,
     Cluster,
@@ -136,8 +136,14 @@ def poll(view: NodeView, cluster: Cluster, held_out: HeldOut, ours: set[str], el
 
 
 def sparkline(values: Sequence[float], width: int = 16) -> str:
+    """The last ``width`` values, scaled to their own range: on a 0-1 scale every bar was full after ten
+    seconds (accuracy above 0.9), and the history said nothing."""
     tail = list(values)[-width:]
-    return "".join(SPARK[min(int(v * len(SPARK)), len(SPARK) - 1)] for v in tail)
+    if not tail:
+        return ""
+    lo, hi = min(tail), max(tail)
+    span = hi - lo if hi - lo > 1e-9 else 1.0
+    return "".join(SPARK[min(int((v - lo) / span * len(SPARK)), len(SPARK) - 1)] for v in tail)
 
 
 @dataclass
@@ -287,6 +293,7 @@ class Final:
     bytes_out: float
     exchanges: float
     code: int | None
+    alone: float | None = None  # the same model trained on this node's shard only (None: a gateway)
 
 
 def fresh_directory(root: Path) -> None:
@@ -315,9 +322,19 @@ def plan_for(args: argparse.Namespace) -> ClusterPlan:
     )
 
 
-def final_results(views: list[NodeView], held_out: HeldOut, codes: dict[str, int | None]) -> list[Final]:
+def alone_accuracies(root: Path, plan: ClusterPlan, x_train: np.ndarray, y_train: np.ndarray,
+                     held_out: HeldOut) -> list[float]:
+    """Each learner's shard (the draw ``prepare`` made) trained alone, centrally, scored on the held-out set:
+    what a node would reach without the fleet, the question every operator asks first."""
+    shards = dirichlet_shards(y_train, plan.nodes - plan.gateways, plan.alpha, plan.seed)
+    return [held_out.accuracy(train_centrally(root / "model.onnx", x_train[s], y_train[s]).params) for s in shards]
+
+
+def final_results(views: list[NodeView], held_out: HeldOut, codes: dict[str, int | None],
+                  alone: list[float]) -> list[Final]:
     """Each node's last checkpoint (written at SIGTERM), scored on the held-out set; live values as a fallback."""
     results = []
+    learners = iter(alone)
     for v in views:
         accuracy, sent, exch = v.accuracy, v.bytes_out, v.exchanges
         with contextlib.suppress(GossipflError, OSError):
@@ -325,7 +342,8 @@ def final_results(views: list[NodeView], held_out: HeldOut, codes: dict[str, int
             accuracy = held_out.accuracy(model.params)
             counters = state.get("counters", {})
             sent, exch = float(counters.get("bytes_out", sent)), exchanges(counters)
-        results.append(Final(v.name, v.role, accuracy, sent, exch, codes.get(v.name)))
+        results.append(Final(v.name, v.role, accuracy, sent, exch, codes.get(v.name),
+                             None if v.role == "gateway" else next(learners, None)))
     return results
 
 
@@ -336,17 +354,27 @@ def summary_lines(args: argparse.Namespace, results: list[Final], untrained: flo
             else f"1 gateway + {learners} client gossipfld daemons in FedAvg rounds")
     lines = [f"summary: {what} on 127.0.0.1 for {elapsed:.0f} s, digits split Dirichlet({ALPHA}), "
              f"accuracy on {held_out_rows} held-out rows",
-             f"  {'node':<7}{'role':<9}{'accuracy':>9}{'vs central':>12}{'sent':>12}{'exchanges':>11}  exit"]
+             f"  {'node':<7}{'role':<9}{'accuracy':>9}{'vs central':>12}{'alone':>8}{'vs alone':>11}{'sent':>12}"
+             f"{'exchanges':>11}  exit"]
     for r in results:
         acc = "-" if r.accuracy is None else f"{r.accuracy:.4f}"
         gap = "-" if r.accuracy is None else f"{100 * (r.accuracy - central):+.2f} pt"
+        alone = "-" if r.alone is None else f"{r.alone:.4f}"
+        gain = "-" if r.alone is None or r.accuracy is None else f"{100 * (r.accuracy - r.alone):+.2f} pt"
         code = "killed" if r.code is None else str(r.code)
         sent = human_size(r.bytes_out)
-        lines.append(f"  {r.name:<7}{r.role:<9}{acc:>9}{gap:>12}{sent:>12}{r.exchanges:>11.0f}  {code}")
+        lines.append(f"  {r.name:<7}{r.role:<9}{acc:>9}{gap:>12}{alone:>8}{gain:>11}{sent:>12}"
+                     f"{r.exchanges:>11.0f}  {code}")
     accs = [r.accuracy for r in results if r.accuracy is not None and r.role != "gateway"]
     if accs:
         lines.append(f"  mean of the {'nodes' if args.mode == 'gossip' else 'clients'}: {np.mean(accs):.4f} "
                      f"({100 * (np.mean(accs) - central):+.2f} pt vs central), worst {min(accs):.4f}")
+    alone_accs = [r.alone for r in results if r.alone is not None]
+    if alone_accs:
+        lines.append(f"  each node trained alone on its own shard (same model, this run): mean "
+                     f"{np.mean(alone_accs):.4f}, worst {min(alone_accs):.4f}"
+                     + (f"; learning together gained {100 * (np.mean(accs) - np.mean(alone_accs)):+.2f} pt"
+                        if accs else ""))
     lines.append(f"  untrained model: {untrained:.4f}; central training on all the nodes' data "
                  f"(reference, this run): {central:.4f}")
     lines.append("  (accuracy: each node's last checkpoint; exchanges: gossip pushes sent and merged, "
@@ -354,7 +382,8 @@ def summary_lines(args: argparse.Namespace, results: list[Final], untrained: flo
     return lines
 
 
-def plot(path: Path, title: str, views: list[NodeView], untrained: float, central: float) -> None:
+def plot(path: Path, title: str, views: list[NodeView], untrained: float, central: float,
+         alone: list[float]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a display
@@ -362,18 +391,27 @@ def plot(path: Path, title: str, views: list[NodeView], untrained: float, centra
 
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     by_time, by_bytes = fig.subplots(1, 2, sharey=True)
+    learners = iter(alone)
     for v in views:
         if not v.history:
             continue
         t, acc, sent = (np.array(col, dtype=float) for col in zip(*v.history, strict=True))
         label = f"{v.name} ({v.role})" if v.role == "gateway" else v.name
-        by_time.plot(t, acc, marker=".", linewidth=1.2, label=label)
+        (line,) = by_time.plot(t, acc, marker=".", linewidth=1.2, label=label)
         by_bytes.plot(sent / 1024, acc, marker=".", linewidth=1.2, label=label)
+        own = None if v.role == "gateway" else next(learners, None)
+        if own is not None:  # the same node trained alone: a dotted line in its colour
+            by_time.axhline(own, color=line.get_color(), linestyle=":", linewidth=1)
+    # Zoomed to where the nodes and their alone levels are: on 0-1, everything after the first seconds was a
+    # flat band at the top. The untrained start, below, is named in the legend.
+    finals = [v.history[-1][1] for v in views if v.history]
+    low = max(0.0, min([*alone, *finals, central]) - 0.05)
     for ax in (by_time, by_bytes):
         ax.axhline(central, color="black", linestyle="--", linewidth=1, label=f"central training {central:.3f}")
-        ax.axhline(untrained, color="grey", linestyle=":", linewidth=1, label=f"untrained {untrained:.3f}")
+        ax.plot([], [], color="grey", linestyle=":", label="each node trained alone (its colour)")
+        ax.plot([], [], " ", label=f"untrained {untrained:.3f}" + (" (below the axis)" if untrained < low else ""))
         ax.grid(alpha=0.3)
-        ax.set_ylim(0, 1.02)
+        ax.set_ylim(low, 1.0 + (1.0 - low) * 0.02)
     by_time.set_xlabel("seconds since the daemons started")
     by_time.set_ylabel("accuracy on the common held-out set")
     by_bytes.set_xlabel("KiB sent by the node")
@@ -413,6 +451,7 @@ def run(args: argparse.Namespace) -> int:
     held_out = HeldOut(root / "model.onnx", x_test, y_test)
     untrained = held_out.accuracy()
     central = held_out.accuracy(train_centrally(root / "model.onnx", x_train, y_train).params)
+    alone = alone_accuracies(root, plan, x_train, y_train, held_out)
     learner = "client" if args.mode == "fedavg" else "node"
     views = [NodeView(s, "gateway" if i < plan.gateways else learner, rows=_shard_rows(s),
                       history=[(0.0, untrained, 0.0)])  # every node starts from the same untrained model
@@ -459,22 +498,31 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 128 + interrupted
 
-    results = final_results(views, held_out, codes)
+    results = final_results(views, held_out, codes, alone)
     lines = summary_lines(args, results, untrained, central, elapsed, len(y_test))
     png = out / "accuracy.png"
-    plot(png, title, views, untrained, central)
+    plot(png, title, views, untrained, central, alone)
     write_samples(out / "samples.csv", views)
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     print()
     print("\n".join(lines))
     print(f"plot: {png}\nsamples: {out / 'samples.csv'}\nlogs: {root}/node*/gossipfld.log\n"
-          f"held-out set: {out / 'held-out'} (gossipfl eval --model {root}/node0/state/checkpoint.onnx "
+          f"held-out set: {out / 'held-out'} ({_cli_name()} eval --model {root}/node0/state/checkpoint.onnx "
           f"--data {out / 'held-out'})")
     failed = [r.name for r in results if r.code != 0]
     if failed:
         print(f"gossipfl demo: {', '.join(failed)} did not stop cleanly; see their logs", file=sys.stderr)
         return 1
     return 0
+
+
+def _cli_name() -> str:
+    """How to run the CLI from here: ``gossipfl`` when it is on PATH (an activated venv, a system install),
+    else its path beside this interpreter (``make demo`` runs .venv/bin/python; .venv/bin is seldom on PATH)."""
+    if shutil.which("gossipfl"):
+        return "gossipfl"
+    beside = Path(sys.executable).parent / "gossipfl"
+    return str(beside) if beside.exists() else f"{sys.executable} -m gossipfl.cli"
 
 
 def _shard_rows(spec: NodeSpec) -> int:

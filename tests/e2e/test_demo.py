@@ -58,6 +58,10 @@ def test_demo_runs_a_cluster_plots_it_and_stops_every_daemon(tmp_path):
     central = float(re.search(r"\(reference, this run\): ([01]\.\d+)", summary)[1])
     assert untrained < 0.3 and central > 0.9, summary
     assert all(acc > untrained + 0.3 for acc in finals.values()), summary
+    # Beside each node, the same model trained on its shard alone: what the fleet is worth to it.
+    alone = float(re.search(r"trained alone on its own shard \(same model, this run\): mean ([01]\.\d+)", summary)[1])
+    assert untrained < alone < central, summary
+    assert "learning together gained" in summary and summary.count(" pt ") >= 3, summary
     assert (out / "summary.txt").read_text().splitlines()[0] == summary.splitlines()[0]
     # Not a terminal: compact progress lines, not a redrawn table.
     progress = [line for line in stdout.splitlines() if "held-out acc" in line]
@@ -142,3 +146,4 @@ def test_command_line_options():
         with pytest.raises(SystemExit):
             build_parser().parse_args(["demo", *bad])
     assert sparkline([0.0, 0.5, 1.0]) == "▁▅█"
+    assert sparkline([0.95, 0.96, 0.97]) == "▁▅█"  # its own range: late history is not a solid bar

@@ -208,6 +208,14 @@ def test_two_gateways_clients_follow_the_lowest_id_and_gateways_gossip(tmp_path,
         updates_before = status(other)["counters"].get("fedavg.updates_received", 0)
         wait_for(lambda: status(other)["counters"].get("merges", 0) > 0
                  and status(leader)["counters"].get("merges", 0) > 0, 60, "gossip between the gateways")
+
+        def caught_up() -> bool:  # the idle gateway learns the leader's global model by gossip alone
+            ours, theirs = accuracy(other, x_test, y_test), accuracy(leader, x_test, y_test)
+            return ours > 0.8 and abs(ours - theirs) < 0.05
+
+        # One merge is not enough (CI once stopped after the first, at 0.58): the clipped rule takes a bounded
+        # share of a peer's model at first, so the idle gateway gets there over a few merges.
+        wait_for(caught_up, 90, "the idle gateway to learn the leader's model by gossip")
         other_counters = status(other)["counters"]
         client_counters = [status(spec)["counters"] for spec in clients]
         codes = cluster.stop_all()
@@ -216,10 +224,6 @@ def test_two_gateways_clients_follow_the_lowest_id_and_gateways_gossip(tmp_path,
     assert other_counters.get("fedavg.updates_received", 0) == updates_before, other_counters
     assert other_counters.get("fedavg.client_failed.peer-refused", 0) > 0, other_counters
     assert sum(c.get("refused.not-following", 0) for c in client_counters) > 0, client_counters
-    lead_metrics, _, _ = evaluate_checkpoint(leader, x_test, y_test)
-    other_metrics, _, _ = evaluate_checkpoint(other, x_test, y_test)
-    # The idle gateway learned the leader's global model by gossip alone.
-    assert other_metrics.accuracy > 0.8 and abs(other_metrics.accuracy - lead_metrics.accuracy) < 0.05
 
 
 def test_a_gateway_with_a_stolen_certificate_cannot_take_over_its_clients(tmp_path, split):
