@@ -26,7 +26,7 @@ import trio
 
 from gossipfl.config import TrainingSection
 from gossipfl.errors import GossipflError
-from gossipfl.learning.data import LocalData
+from gossipfl.learning.data import BySource, LocalData, Table
 from gossipfl.learning.merge import MAX_AGE, age_weighted_merge, clipped_merge
 from gossipfl.learning.model import Model
 from gossipfl.learning.robust import MergeGuard
@@ -82,6 +82,7 @@ class Learner:
         # that training or a merge turned to NaN or infinity rolls back to, instead of being kept or saved.
         self._good: tuple[np.ndarray, float] = (model.params.copy(), age)
         self._recent_losses: deque[float] = deque(maxlen=20)  # of training slices: what "exploded" is against
+        self._subset: tuple[BySource, tuple[str, ...], Table] | None = None  # the last rows of some files only
 
     @property
     def age(self) -> float:
@@ -199,26 +200,38 @@ class Learner:
         return max(busy * (1 - duty) / duty, 0.001)
 
     async def may_train(self, steps: int) -> bool:
-        """Whether ``steps`` steps on the local rows may run: when the device's power allows (``[power]``), and
-        under DP within the budget (the ledger on disk counts them before they run)."""
+        """Whether ``steps`` steps on the local rows may run now (see ``rows_to_train``)."""
+        return await self.rows_to_train(steps) is not None
+
+    async def rows_to_train(self, steps: int) -> Table | None:
+        """The rows ``steps`` steps may train on now, or None: when the device's power allows (``[power]``),
+        and under DP within the budget, the ledger on disk counting them before they run. Under DP these are
+        the rows the reservation paid for (with per-file budgets, of the files that could pay), read once:
+        rows that a rescan adds meanwhile wait for a reservation of their own."""
         if self.power is not None and not self.power.allowed:
-            return False  # the device's power or temperature (gossipfld.power); gossip and merges go on
+            return None  # the device's power or temperature (gossipfld.power); gossip and merges go on
         if self.private is None:
-            return True
-        rows = len(self.data.train)
+            return self.data.train
+        view = self.data.train_by_source
+        if len(view.table) == 0:
+            return None
         try:
-            noise = self.private.plan(rows, self.settings.batch_size)
+            noise = self.private.plan(len(view.table), self.settings.batch_size)
         except GossipflError as exc:
             if not self.private.stopped:
                 log.error("no private training: the privacy budget cannot be met", extra=fields(error=str(exc)))
             self.private.stopped = True
-            return False
+            return None
         self.trainer.set_noise(noise)
-        return await self.private.reserve(min(1.0, self.settings.batch_size / rows), steps)
+        names = await self.private.reserve(view.rows(), self.settings.batch_size, steps)
+        if not names:
+            return None
+        if self._subset is None or self._subset[0] is not view or self._subset[1] != names:
+            self._subset = (view, names, view.of(names))  # a copy when some files are left out: made once
+        return self._subset[2]
 
-    async def _slice(self, steps: int) -> int:
-        """One slice in a worker thread; the caller holds the lock. Returns the samples seen."""
-        train = self.data.train
+    async def _slice(self, steps: int, train: Table) -> int:
+        """One slice on ``train`` in a worker thread; the caller holds the lock. Returns the samples seen."""
         loss, samples = await trio.to_thread.run_sync(self.trainer.train_steps, train.x, train.y, steps)
         self.train_loss = loss if math.isfinite(loss) or self.private is None else self.train_loss
         self.counters.add("train_steps", steps)
@@ -235,7 +248,8 @@ class Learner:
                 self.training_active = self.round_training
                 await trio.sleep(0.5)
                 continue
-            if not await self.may_train(t.slice_steps):
+            train = await self.rows_to_train(t.slice_steps)
+            if train is None or len(train) == 0:
                 self.training_active = self.round_training
                 await trio.sleep(0.5)
                 continue
@@ -243,7 +257,7 @@ class Learner:
             start = trio.current_time()
             async with self.lock:
                 before = self.model.params.copy()
-                samples = await self._slice(t.slice_steps)
+                samples = await self._slice(t.slice_steps, train)
                 if self._diverged():
                     self._undo_slice(before)
                 else:
@@ -265,9 +279,10 @@ class Learner:
         Returns the trained parameters and the samples seen, and leaves the model as it was: a client keeps
         the global model between rounds, a gateway its aggregate. The lock is held for the whole run, pauses
         included, so no merge lands in the middle of a round's training."""
-        t, train = self.settings, self.data.train
-        steps = math.ceil(len(train) / t.batch_size) * epochs
-        if not t.enabled or len(train) == 0 or not await self.may_train(steps):
+        t = self.settings
+        steps = math.ceil(len(self.data.train) / t.batch_size) * epochs
+        train = await self.rows_to_train(steps) if t.enabled and len(self.data.train) else None
+        if train is None or len(train) == 0:
             async with self.lock:
                 return (self.model.params.copy() if start is None else start.copy()), 0
         samples = 0
@@ -282,7 +297,7 @@ class Learner:
                 while done < steps:
                     began = trio.current_time()
                     count = min(t.slice_steps, steps - done)
-                    samples += await self._slice(count)
+                    samples += await self._slice(count, train)
                     done += count
                     await trio.sleep(self._pause_after(trio.current_time() - began))
                 if not np.isfinite(self.model.params).all():

@@ -7,12 +7,17 @@ a time) and each reservation is written, atomically, before its first step; a cr
 unused part of a reservation, which stays counted: the ledger may overstate what was spent, never
 understate it. The ledger has its own file (``privacy.json``), so moving a damaged checkpoint away does not
 forget it; a ledger that cannot be read stops private training (what was spent is unknown) and says so.
+
+With ``privacy.rows = "disjoint_files"`` the file holds a ledger per data file (``LedgerBook``), and a
+reservation names the files whose rows it paid for: the learner trains on those rows only, so a file that
+arrives between the reservation and the slice is never trained on before its own ledger counts the steps.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,7 @@ import trio
 from gossipfl.atomic import read_state_bytes, write_bytes_atomic
 from gossipfl.config import PrivacySection
 from gossipfl.errors import ConfigError
-from gossipfl.learning.privacy_budget import Ledger, PrivacyBudget, planned_noise
+from gossipfl.learning.privacy_budget import LedgerBook, PrivacyBudget, planned_noise
 from gossipfl.metrics import Counters
 
 from .logs import fields
@@ -29,22 +34,22 @@ from .logs import fields
 log = logging.getLogger("gossipfld.privacy")
 
 LEDGER = "privacy.json"
-MAX_LEDGER_BYTES = 64 * 1024
+MAX_LEDGER_BYTES = 8 * 1024 * 1024  # a ledger per data file: up to MAX_LEDGERS of them, a few hundred bytes each
 RESERVE_SLICES = 10  # slices of steps reserved (and written) at a time
 
 
-def load_ledger(path: Path) -> tuple[Ledger, str]:
-    """The ledger on disk (empty on a first start), and why it could not be read ("" when it could)."""
+def load_ledger(path: Path) -> tuple[LedgerBook, str]:
+    """The ledgers on disk (none on a first start), and why they could not be read ("" when they could)."""
     try:
         data = read_state_bytes(path, MAX_LEDGER_BYTES)
     except FileNotFoundError:
-        return Ledger(), ""
+        return LedgerBook(), ""
     except OSError as exc:
-        return Ledger(), f"cannot read {path}: {exc.strerror or exc}"
+        return LedgerBook(), f"cannot read {path}: {exc.strerror or exc}"
     try:
-        return Ledger.from_dict(json.loads(data)), ""
+        return LedgerBook.from_dict(json.loads(data)), ""
     except (ValueError, RecursionError, ConfigError) as exc:
-        return Ledger(), f"{path}: {exc}"
+        return LedgerBook(), f"{path}: {exc}"
 
 
 class PrivateTraining:
@@ -54,14 +59,18 @@ class PrivateTraining:
         self.settings = settings
         self.path = path
         self.counters = counters
-        ledger, damaged = load_ledger(path)
+        book, damaged = load_ledger(path)
         if damaged:
             log.error("privacy ledger unreadable: no training on this node's rows until it is repaired or an "
                       "operator accepts a fresh budget by removing it", extra=fields(error=damaged))
-        self.budget = PrivacyBudget(settings, ledger, settings.noise_multiplier, damaged)
+        if settings.rows == "shared":
+            book = book.shared()  # ledgers kept per file, added up: no file's spend is forgotten
+        self.budget = PrivacyBudget(settings, book, settings.noise_multiplier, damaged)
         self.sample_rate: float | None = None
-        self._left = 0  # reserved steps not yet taken, at ``self.sample_rate``
-        self.stopped = self.budget.exhausted
+        self._reserved: tuple[dict[str, int], tuple[str, ...]] | None = None  # the rows and names of the block
+        self._left = 0  # reserved steps not yet taken, on ``self._reserved``
+        # Shared: stopped for good once the budget is spent. Per file: while no file can pay (a new one may).
+        self.stopped = self.budget.exhausted if not self.budget.per_file else bool(damaged)
         self._said_stopped = False
 
     def plan(self, rows: int, batch: int) -> float:
@@ -73,22 +82,36 @@ class PrivateTraining:
                                                            epsilon=self.settings.epsilon, rows=rows))
         return self.budget.noise_multiplier
 
-    async def reserve(self, sample_rate: float, steps: int) -> bool:
-        """Whether ``steps`` private steps at ``sample_rate`` may run now; the ledger on disk already counts
-        them when True. False once the budget is spent (for good: the rows' spend never shrinks)."""
-        if self.stopped:
-            return False
-        if sample_rate == self.sample_rate and self._left >= steps:
+    async def reserve(self, rows: Mapping[str, int], batch: int, steps: int) -> tuple[str, ...]:
+        """The sources (of ``rows``: source name -> training rows) whose rows ``steps`` private steps may train
+        on now, the ledger on disk already counting them; none once the budget is spent (for good with one
+        shared ledger; per file, until a new file brings a budget of its own)."""
+        if self.budget.damaged or (self.stopped and not self.budget.per_file):
+            return ()
+        rows = dict(rows)
+        if self._reserved is not None and self._reserved[0] == rows and self._left >= steps:
             self._left -= steps
-            return True
-        for block in (RESERVE_SLICES * steps, steps):  # a whole block, or what is left of the budget
-            if self.budget.allows(sample_rate, block):
-                self.budget.ledger.record(self.budget.noise_multiplier, sample_rate, block)
-                await self._save()
-                self.sample_rate, self._left = sample_rate, block - steps
-                return True
-        self._stop()
-        return False
+            return self._reserved[1]
+        taken = self.budget.take(rows, batch, (RESERVE_SLICES * steps, steps))
+        if taken.changed:
+            await self._save()
+        for name in taken.closed:
+            self.counters.add("privacy.files_spent")
+            log.warning("privacy budget of a data file spent: no more training on its rows",
+                        extra=fields(file=name, epsilon=round(self.budget.book.ledger(name).spent(
+                            self.settings.delta).epsilon, 4), budget=self.settings.epsilon))
+        if not taken.names:
+            self._reserved, self._left = None, 0
+            if self.budget.present:  # rows to train on, and none of them may be
+                self._stop()
+            return ()
+        if self.stopped:
+            self.stopped, self._said_stopped = False, False
+            log.info("privacy: a new data file brings a budget of its own; training on its rows",
+                     extra=fields(files=len(taken.names)))
+        self.sample_rate = taken.sample_rate
+        self._reserved, self._left = (rows, taken.names), taken.steps - steps
+        return taken.names
 
     def _stop(self) -> None:
         self.stopped = True
@@ -96,12 +119,12 @@ class PrivateTraining:
             self._said_stopped = True
             self.counters.add("privacy.budget_spent")
             spent = self.budget.spent()
-            log.warning("privacy budget spent: no more training on this node's rows; gossip, merges and "
-                        "predictions go on", extra=fields(epsilon=round(spent.epsilon, 4),
-                                                          budget=self.settings.epsilon, steps=spent.steps))
+            log.warning("privacy budget spent" + (" on every data file" if self.budget.per_file else "")
+                        + ": no more training on this node's rows; gossip, merges and predictions go on",
+                        extra=fields(epsilon=round(spent.epsilon, 4), budget=self.settings.epsilon, steps=spent.steps))
 
     async def _save(self) -> None:
-        data = json.dumps(self.budget.ledger.to_dict()).encode()
+        data = json.dumps(self.budget.book.to_dict()).encode()
         await trio.to_thread.run_sync(lambda: write_bytes_atomic(self.path, data, mode=0o600))
 
     def report(self) -> dict[str, Any]:

@@ -70,6 +70,10 @@ _PRIVACY = (
     ("gossipfl_privacy_epsilon_budget", "epsilon_budget", "The privacy budget (privacy.epsilon)."),
     ("gossipfl_privacy_steps", "steps", "Private training steps counted (reserved before they run)."),
     ("gossipfl_privacy_budget_spent", "budget_spent", "1 once training on the node's rows has stopped."),
+    ("gossipfl_privacy_files_in_budget", "files_in_budget", "Data files still trained on (privacy.rows = "
+                                                            "disjoint_files)."),
+    ("gossipfl_privacy_files_out_of_budget", "files_out_of_budget", "Data files whose own budget is spent "
+                                                                    "(privacy.rows = disjoint_files)."),
 )
 _NAME = re.compile(r"[^a-zA-Z0-9_]")
 

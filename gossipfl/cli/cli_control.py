@@ -157,8 +157,13 @@ def _privacy_text(p: dict[str, Any]) -> str:
     if not p.get("enabled"):
         return "off (no differential privacy: peers receive models trained on the rows as they are)"
     spent = "unknown" if p["epsilon_spent"] is None else f"{p['epsilon_spent']:.3g}"
-    return (f"epsilon {spent} of {p['epsilon_budget']:g} spent at delta {p['delta']:g} (noise multiplier "
-            f"{p['noise_multiplier']:.3g}, clip {p['clip']:g}, {p['steps']} steps); {p['state']}")
+    per_file = p.get("rows") == "disjoint_files"
+    text = (f"epsilon {spent}{' (the most of any file)' if per_file else ''} of {p['epsilon_budget']:g} spent at "
+            f"delta {p['delta']:g} (noise multiplier {p['noise_multiplier']:.3g}, clip {p['clip']:g}, "
+            f"{p['steps']} steps)")
+    if per_file and "files" in p:
+        text += f"; {p['files_out_of_budget']} of {p['files']} files out of budget"
+    return f"{text}; {p['state']}"
 
 
 def _pace_text(p: dict[str, Any]) -> str:

@@ -2,7 +2,9 @@
 
 Files that appear later are picked up by ``refresh()``, and a changed file is re-read. Each row is
 held out for validation or used for training by a hash of its file name and row number, so the split
-is the same after a restart and does not move when files are added.
+is the same after a restart and does not move when files are added. The training rows are also known by
+source (``train_by_source``: each file's name, and ``<stream>`` for a sensor stream's rows), so that private
+training can charge each file's rows to a budget of its own (``privacy.rows = "disjoint_files"``).
 
 Data files are input from outside and are checked like any other: a malformed file names the file
 and the line. A daemon skips it with a warning and goes on (``strict=False``); the offline CLI stops
@@ -18,7 +20,7 @@ import logging
 import math
 import os
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -70,6 +72,36 @@ class Table:
 
     def __len__(self) -> int:
         return len(self.x)
+
+
+STREAM = "<stream>"  # the source name of a sensor stream's rows (set_stream): never a data file's name
+
+
+@dataclass(frozen=True)
+class BySource:
+    """The training rows with the source each came from, in one object so that a reader in another thread
+    never pairs one refresh's rows with another's sources: private training pays for each source's rows in
+    its own ledger (``privacy.rows = "disjoint_files"``), so it must know exactly whose rows it trains on."""
+
+    table: Table
+    counts: tuple[tuple[str, int], ...] = ()  # (file name, or STREAM; rows) in the table's order, none empty
+
+    def rows(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def of(self, names: Collection[str]) -> Table:
+        """The rows of these sources only (the whole table, uncopied, when they are all of them)."""
+        if all(name in names for name, _ in self.counts):
+            return self.table
+        xs, ys, start = [], [], 0
+        for name, count in self.counts:
+            if name in names:
+                xs.append(self.table.x[start:start + count])
+                ys.append(self.table.y[start:start + count])
+            start += count
+        if not xs:
+            return Table(self.table.x[:0], self.table.y[:0])
+        return Table(np.concatenate(xs), np.concatenate(ys))
 
 
 @dataclass
@@ -371,6 +403,7 @@ class LocalData:
             raise DataError(f"validation fraction {self.validation_fraction} must be in [0, 1)")
         self.train = _concat([], self.spec)
         self.validation = _concat([], self.spec)
+        self.train_by_source = BySource(self.train)
 
     def refresh(self) -> list[Path]:
         """Read new and changed files, forget deleted ones; returns the files (re)loaded."""
@@ -423,14 +456,16 @@ class LocalData:
     def _gather(self) -> None:
         """Join the files' rows, oldest file first; past ``max_rows`` the oldest rows are left out (a small
         device's memory is the bound, and the newest readings are the ones that describe it now)."""
-        ordered = [self._files[p] for p in sorted(self._files, key=lambda p: (self._files[p].stamp, p))]
-        ordered += [self._stream] if self._stream is not None else []
+        ordered = [(p.name, self._files[p]) for p in sorted(self._files, key=lambda p: (self._files[p].stamp, p))]
+        ordered += [(STREAM, self._stream)] if self._stream is not None else []
         budget = self.max_rows or math.inf
         trains: list[Table] = []
         validations: list[Table] = []
+        names: list[str] = []
         self.rows_over_cap = 0
-        for loaded in reversed(ordered):
+        for name, loaded in reversed(ordered):
             rows = len(loaded.train) + len(loaded.validation)
+            names.append(name)
             if rows <= budget:
                 trains.append(loaded.train)
                 validations.append(loaded.validation)
@@ -445,7 +480,10 @@ class LocalData:
             validations.append(Table(loaded.validation.x[tail_val:], loaded.validation.y[tail_val:]))
             self.rows_over_cap += rows - n_train - min(n_val, len(loaded.validation))
             budget = 0
-        self.train = _concat(trains[::-1], self.spec)
+        train = _concat(trains[::-1], self.spec)
+        counts = tuple((name, len(t)) for name, t in zip(names[::-1], trains[::-1], strict=True) if len(t))
+        self.train_by_source = BySource(train, counts)
+        self.train = train
         self.validation = _concat(validations[::-1], self.spec)
 
     @property
