@@ -113,7 +113,7 @@ class App:
         allowlist = parse_allowlist(config.tls.allowlist) if config.tls.allowlist else None
         self.admission = Admission.for_node(identity, model.fingerprint, config.node.role, g.scheme, g.push_pull,
                                             self.peers, allowlist, lambda: self.learner.paused,
-                                            parse_allowlist(config.fedavg.gateways))
+                                            parse_allowlist(config.fedavg.gateways), keep_alive=g.keep_alive > 0)
         wire_limits = framing.Limits.for_model(model.num_params)
         if wire_limits.max_frame_size > config.limits.max_frame_bytes:
             raise ConfigError(f"limits.max_frame_bytes: {config.limits.max_frame_bytes} bytes cannot carry this "
@@ -121,7 +121,7 @@ class App:
                               "bytes); raise it, or train a smaller model")
         lim = config.limits
         self.dialer = Dialer(self.admission, wire_limits, lim.connect_timeout, lim.read_timeout, self.counters)
-        self.listener = Listener(self.admission, self.peers, self.counters, lim, wire_limits)
+        self.listener = Listener(self.admission, self.peers, self.counters, lim, wire_limits, g.keep_alive)
         self.notifier = SystemdNotifier.from_env()
         self.reporter = Reporter(config, self.node_id, self.learner, self.peers, self.counters, self.notifier)
         # One history of how far the fleet's models usually are, for gossip merges and a gateway's global models

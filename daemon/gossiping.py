@@ -24,17 +24,18 @@ from collections.abc import Callable
 import trio
 
 from gossipfl.config import NodeConfig
-from gossipfl.errors import RefusedByPeer, RefusedByUs
+from gossipfl.errors import LinkBroken, RefusedByPeer, RefusedByUs
 from gossipfl.metrics import Counters
 from gossipfl.protocol import messages
 from gossipfl.protocol.budget import PeerBudget
 from gossipfl.protocol.peers import Peer, PeerTable
 from gossipfl.protocol.references import GossipState
 
+from .keepalive import KeptConnections
 from .learner import BeforeMerge, Learner
 from .link import EXCHANGE_FAILURES, Link, failure_reason, peer_error
 from .logs import fields
-from .peering import Dialer
+from .peering import Dialer, Met
 from .reporting import account, refusal, short
 from .transfer import receive_model, refusal_code, send_model
 
@@ -61,6 +62,7 @@ class Gossip:
         # One lock per authenticated peer we ever exchanged with: bounded by the cluster's size. Never pruned
         # while running, since a task may hold a lock it has not acquired yet.
         self._sending: dict[bytes, trio.Lock] = {}
+        self.kept = KeptConnections(config.gossip.keep_alive, config.gossip.max_peers, self._close_kept)
 
     def _send_lock(self, peer_id: bytes) -> trio.Lock:
         return self._sending.setdefault(peer_id, trio.Lock())
@@ -74,6 +76,8 @@ class Gossip:
         g, role = self.config.gossip, self.config.node.role
         in_flight: dict[bytes, Peer] = {}
         async with trio.open_nursery() as nursery:
+            if self.kept.enabled:
+                nursery.start_soon(self.kept.run)
             while True:
                 await self.learner.pacer.sleep(self.learner.pacer.period * (1 + self.rng.uniform(-g.jitter, g.jitter)))
                 if self.learner.paused or not self.learns_by_gossip():
@@ -120,20 +124,49 @@ class Gossip:
             return False
 
     async def _exchange(self, peer: Peer) -> None:
+        """One exchange on the connection kept from the last one with this peer, else on a new one."""
+        kept = self.kept.take(peer.proven_id, trio.current_time()) if peer.proven_id is not None else None
+        if kept is not None:
+            if await self._exchange_on(kept.link, kept.met, reused=True):
+                self.counters.add("connections_reused")
+                return
+            self.counters.add("connections_stale")  # the peer had closed it: no answer lost, dial anew
         link, met = await self.dialer.dial(peer)
+        await self._exchange_on(link, met, reused=False)
+
+    async def _exchange_on(self, link: Link, met: Met, *, reused: bool) -> bool:
+        """Push (and pull) over ``link``; False when a kept connection broke before the peer said anything in
+        this exchange (it was closed at the other end while idle)."""
         peer_id = met.peer_id
+        answers_before = link.messages_in
+        keep = False
         try:
-            async with self._send_lock(peer_id):
-                params, age = await self.learner.snapshot()
-                push, _ = await send_model(link, self.references, peer_id, params, self._wrap(age), self.counters)
-                self.references.commit_push(push)
+            try:
+                async with self._send_lock(peer_id):
+                    params, age = await self.learner.snapshot()
+                    push, _ = await send_model(link, self.references, peer_id, params, self._wrap(age), self.counters)
+                    self.references.commit_push(push)
+            except LinkBroken:
+                if reused and link.messages_in == answers_before:
+                    return False
+                raise
             self.peers.succeeded(peer_id, trio.current_time())
             self.counters.add("exchanges_out")
             if self.config.gossip.push_pull and link.conversation.peer_pulls:
                 await self._pull(link, peer_id)
+            keep = self.kept.enabled and link.conversation.reusable and not self.peers.is_blocked(peer_id)
+            return True
         finally:
-            await link.aclose()  # first: its close_notify is part of what the exchange cost
-            account(self.counters, self.peers, peer_id, link.traffic)
+            if keep:
+                account(self.counters, self.peers, peer_id, link.traffic.take())
+                await self.kept.keep(peer_id, link, met, trio.current_time())
+            else:
+                await link.aclose()  # first: its close_notify is part of what the exchange cost
+                account(self.counters, self.peers, peer_id, link.traffic.take())
+
+    async def _close_kept(self, peer_id: bytes, link: Link) -> None:
+        await link.aclose()
+        account(self.counters, self.peers, peer_id, link.traffic.take(), exchanges=0)
 
     async def _pull(self, link: Link, peer_id: bytes) -> None:
         """The pull half of push-pull: ask for the peer's pre-merge model and merge it as it merged ours."""

@@ -57,6 +57,12 @@ class Traffic:
     wire_in: int = 0
     wire_out: int = 0
 
+    def take(self) -> Traffic:
+        """The bytes since the last take: a kept-alive connection is accounted exchange by exchange."""
+        taken = Traffic(self.bytes_in, self.bytes_out, self.wire_in, self.wire_out)
+        self.bytes_in = self.bytes_out = self.wire_in = self.wire_out = 0
+        return taken
+
 
 class CountedStream(trio.abc.Stream):
     """The TCP stream under TLS, counting every byte it carries: for this connection (``traffic``) and for

@@ -12,11 +12,17 @@ that, at least 8), so idle connections from hosts without a certificate never ta
 peers. (No per-address share among strangers: nodes started together on one address, as on loopback, meet
 each other first as strangers.) The TLS handshake must end within ``limits.connect_timeout``; the Hellos and
 the first message after them, within the read timeout each.
+
+Keep-alive: a gossip exchange that ended where another may follow (the conversation's table says where)
+leaves the connection open for the peer's next push, for ``gossip.keep_alive`` plus the read timeout; the
+peer is admitted again at each exchange. An idle kept connection holds its slot only until a new connection
+needs it: when a pool (or a host's share) is full, the oldest idle one is closed to make room.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -29,7 +35,7 @@ from gossipfl.protocol.peers import PeerTable
 
 from .link import EXCHANGE_FAILURES, Link, failure_reason
 from .logs import fields
-from .peering import Admission, meet, server_link
+from .peering import Admission, Met, meet, readmit, server_link
 from .reporting import account, refusal, short
 
 log = logging.getLogger("gossipfld.listener")
@@ -39,7 +45,7 @@ Handler = Callable[[Link, bytes, messages.Message], Awaitable[None]]
 
 class Listener:
     def __init__(self, admission: Admission, peers: PeerTable, counters: Counters, limits: LimitsSection,
-                 wire_limits: framing.Limits) -> None:
+                 wire_limits: framing.Limits, keep_alive: float = 0.0) -> None:
         self.admission = admission
         self.peers = peers
         self.counters = counters
@@ -50,11 +56,18 @@ class Listener:
         self.open_by_host: dict[str, int] = {}
         self.strangers = 0  # connections from addresses of no peer we have met
         self.strangers_by_host: dict[str, int] = {}
+        self.keep_alive = keep_alive  # seconds (plus the read timeout) an idle gossip connection is kept
+        self._idle: dict[trio.CancelScope, tuple[bool, str]] = {}  # kept-alive connections waiting: pool, host
 
     @property
     def serving(self) -> int:
         """Connections being served now, from peers and strangers."""
         return self.open_connections + self.strangers
+
+    @property
+    def busy(self) -> int:
+        """Connections in an exchange now (not waiting, kept alive, for the peer's next push)."""
+        return self.serving - len(self._idle)
 
     @property
     def stranger_pool(self) -> int:
@@ -88,13 +101,15 @@ class Listener:
         known = bool(remote) and self.peers.is_verified_host(remote)
         count, by_host, pool = ((self.open_connections, self.open_by_host, self.limits.max_connections) if known
                                 else (self.strangers, self.strangers_by_host, self.stranger_pool))
-        if not remote or count >= pool or (known and by_host.get(remote, 0) >= (pool + 1) // 2):
+        host_full = known and by_host.get(remote, 0) >= (pool + 1) // 2
+        if not remote or ((count >= pool or host_full)
+                          and not self._evict_idle(known, remote if host_full else None)):
             self.counters.add("refused.overloaded")
             await tcp.aclose()
             return
         self._count(known, remote, +1)
         try:
-            await self._handle(tcp, remote)
+            await self._handle(tcp, remote, known)
         finally:
             self._count(known, remote, -1)
 
@@ -109,9 +124,10 @@ class Listener:
         if not by_host[remote]:
             del by_host[remote]
 
-    async def _handle(self, tcp: trio.abc.Stream, remote: str) -> None:
+    async def _handle(self, tcp: trio.abc.Stream, remote: str, known: bool) -> None:
         link = server_link(tcp, self.admission, self.wire_limits, self.limits.read_timeout, self.counters)
         peer_id = b""
+        unaccounted = False  # an exchange began whose bytes are not yet accounted
         try:
             # TLS within connect_timeout (inside meet): past it, the peer holds a cluster certificate.
             with trio.fail_after(self.limits.connect_timeout + 2 * self.limits.read_timeout):
@@ -122,14 +138,17 @@ class Listener:
                 peer.role = self.admission.role_of(peer_id, met.hello.role)  # granted, never taken
                 peer.name = met.name
                 first = await link.next()
-            if first is None:
-                return
-            handler = self.handlers.get(type(first))
-            if handler is None:  # the table allows it, but this node serves no such exchange
-                refused = RefusedByUs("unsupported", f"this node serves no {type(first).__name__}")
-                await link.refuse(messages.ErrorCode.REFUSED, refused)
-                raise refused
-            await handler(link, peer_id, first)
+            while first is not None:
+                unaccounted = True
+                handler = self.handlers.get(type(first))
+                if handler is None:  # the table allows it, but this node serves no such exchange
+                    refused = RefusedByUs("unsupported", f"this node serves no {type(first).__name__}")
+                    await link.refuse(messages.ErrorCode.REFUSED, refused)
+                    raise refused
+                await handler(link, peer_id, first)
+                account(self.counters, self.peers, peer_id, link.traffic.take())
+                unaccounted = False
+                first = await self._next_exchange(link, met, known, remote)
         except (LinkBroken, trio.BrokenResourceError, OSError) as exc:
             # The link broke under an exchange we were willing to finish: not a refusal of the peer.
             self.counters.add("dropped.link")
@@ -143,4 +162,33 @@ class Listener:
         finally:
             await link.aclose()  # first: its close_notify is part of what the exchange cost
             if peer_id:
-                account(self.counters, self.peers, peer_id, link.traffic)
+                account(self.counters, self.peers, peer_id, link.traffic.take(), exchanges=int(unaccounted))
+
+    async def _next_exchange(self, link: Link, met: Met, known: bool, remote: str) -> messages.Message | None:
+        """The first message of the next exchange on a kept-alive connection, or None to close it: the
+        exchange did not end where another may follow, the peer went quiet for ``keep_alive`` plus the read
+        timeout or closed, or its slot was wanted by a new connection. The peer is admitted again (blocked or
+        paused since its Hello: refused)."""
+        if self.keep_alive <= 0 or not link.conversation.reusable:
+            return None
+        scope = trio.CancelScope(deadline=trio.current_time() + self.keep_alive + self.limits.read_timeout)
+        self._idle[scope] = (known, remote)
+        try:
+            with scope:
+                first = await link.next(timeout=math.inf)
+        finally:
+            del self._idle[scope]
+        if scope.cancelled_caught or first is None:
+            return None
+        await readmit(link, self.admission, met)
+        return first
+
+    def _evict_idle(self, known: bool, host: str | None) -> bool:
+        """Close the oldest idle kept-alive connection in this pool (from ``host``, when given) to make room
+        for a new one; False when there is none."""
+        for scope, (pool_known, remote) in self._idle.items():
+            if pool_known == known and host in (None, remote) and not scope.cancel_called:
+                scope.cancel()
+                self.counters.add("connections_yielded")
+                return True
+        return False

@@ -21,7 +21,7 @@ from gossipfl.identity.ids import check_peer, peer_name
 from gossipfl.identity.node import NodeIdentity
 from gossipfl.metrics import Counters
 from gossipfl.protocol import framing, messages
-from gossipfl.protocol.exchange import PUSH_PULL, Party
+from gossipfl.protocol.exchange import KEEP_ALIVE, PUSH_PULL, Party
 from gossipfl.protocol.peers import Peer, PeerTable
 
 from .link import CountedStream, Link, Traffic
@@ -49,8 +49,8 @@ class Admission:
     @classmethod
     def for_node(cls, identity: NodeIdentity, fingerprint: bytes, role: str, scheme: str, push_pull: bool,
                  peers: PeerTable, allowlist: frozenset[bytes] | None, is_paused: Callable[[], bool],
-                 gateways: frozenset[bytes] = frozenset()) -> Admission:
-        caps = (scheme, PUSH_PULL) if push_pull else (scheme,)
+                 gateways: frozenset[bytes] = frozenset(), keep_alive: bool = False) -> Admission:
+        caps = (scheme,) + ((PUSH_PULL,) if push_pull else ()) + ((KEEP_ALIVE,) if keep_alive else ())
         return cls(identity, fingerprint, role, caps, peers, allowlist, is_paused, gateways)
 
     @property
@@ -110,16 +110,23 @@ async def meet(link: Link, admission: Admission, tls_timeout: float, expected: b
         admission.check(hello, peer_id)  # type: ignore[arg-type]
     else:
         hello = await link.receive(messages.Hello)
-        try:
-            admission.check(hello, peer_id)  # type: ignore[arg-type]
-        except RefusedByUs as exc:
-            codes = messages.ErrorCode
-            code = {"fingerprint": codes.FINGERPRINT_MISMATCH, "paused": codes.PAUSED}.get(exc.reason, codes.REFUSED)
-            await link.refuse(code, exc)
-            raise
+        assert isinstance(hello, messages.Hello)
+        await readmit(link, admission, Met(peer_id, hello, name))
         await link.send(admission.hello)
     assert isinstance(hello, messages.Hello)
     return Met(peer_id, hello, name)
+
+
+async def readmit(link: Link, admission: Admission, met: Met) -> None:
+    """Admission on the listener's side, at the Hellos and again at each exchange on a kept-alive connection
+    (the operator may have blocked the peer or paused this node since): a refused peer is told why."""
+    try:
+        admission.check(met.hello, met.peer_id)
+    except RefusedByUs as exc:
+        codes = messages.ErrorCode
+        code = {"fingerprint": codes.FINGERPRINT_MISMATCH, "paused": codes.PAUSED}.get(exc.reason, codes.REFUSED)
+        await link.refuse(code, exc)
+        raise
 
 
 class Dialer:

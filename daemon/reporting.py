@@ -40,14 +40,15 @@ def short(node_id: bytes) -> str:
     return node_id.hex()[:12]
 
 
-def account(counters: Counters, peers: PeerTable, key: bytes, traffic: Traffic) -> None:
-    """Count an exchange's frame bytes for the node and, when the table knows the peer, its frame and wire
-    bytes for that peer (the node's wire bytes are counted as they pass, by ``link.CountedStream``)."""
+def account(counters: Counters, peers: PeerTable, key: bytes, traffic: Traffic, exchanges: int = 1) -> None:
+    """Count a connection's frame bytes since it was last accounted (``Traffic.take``) for the node and, when
+    the table knows the peer, its frame and wire bytes for that peer (the node's wire bytes are counted as
+    they pass, by ``link.CountedStream``). ``exchanges`` is 0 for the close of a kept-alive connection."""
     counters.add("bytes_out", traffic.bytes_out)
     counters.add("bytes_in", traffic.bytes_in)
     peer = peers.get(key)
     if peer is not None:
-        peer.stats.exchanges += 1
+        peer.stats.exchanges += exchanges
         peer.stats.bytes_out += traffic.bytes_out
         peer.stats.bytes_in += traffic.bytes_in
         peer.stats.wire_out += traffic.wire_out

@@ -32,6 +32,7 @@ MODES = ("gossip", "fedavg", "auto")
 SCHEMES = ("float32", "float16", "int8", "topk")
 MERGES = ("age", "clipped")
 LOG_FORMATS = ("text", "json")
+PRIVACY_ROWS = ("shared", "disjoint_files")  # shared: one ledger for every row (the safe reading; docs/privacy.md)
 MAX_CONFIG_BYTES = 1024 * 1024
 
 
@@ -104,6 +105,11 @@ class GossipSection:
     max_peers: int = 16  # peers we keep delta references for (least recently used go first)
     failures_to_evict: int = 3
     max_backoff: float = 30.0
+    # Seconds a connection to a peer is kept open after an exchange, for the next one (up to max_peers of
+    # them): each new connection costs a mutual TLS handshake, about as many bytes as an int8 delta of a small
+    # model. 0 opens a new connection for every exchange. The listener keeps a peer's connection this long
+    # plus its read timeout, and closes idle ones first when its connection slots run out.
+    keep_alive: float = 120.0
     # How a peer's model is merged: "clipped" (the default: the peer's claimed age believed only as far as it
     # could have trained, its share capped at max_share times its trust, the step cut to clip_factor times the
     # median of recent merges; far models are merged a bounded step, never refused) or "age" (the plain
@@ -188,6 +194,9 @@ class PrivacySection:
     clip: float = 1.0  # C: the L2 bound on each row's gradient
     noise_multiplier: float = 0.0  # sigma; 0: the least noise that lets `epochs` passes fit in the budget
     epochs: float = 30.0  # passes over the rows the budget is planned for, when the noise is derived
+    # "disjoint_files": the operator states that no person or record is in two data files, so each file has a
+    # budget (ledger) of its own and a new file brings a fresh one. "shared" assumes nothing: one ledger.
+    rows: str = "shared"
 
 
 @dataclass(frozen=True)
@@ -388,6 +397,7 @@ def _validate(c: NodeConfig) -> None:
     _within(g.failures_to_evict, "gossip.failures_to_evict", 1, 1000)
     _check(g.max_backoff >= g.period, "gossip.max_backoff", "must be at least gossip.period")
     _within(g.max_backoff, "gossip.max_backoff", 0.05, 86400, " s")
+    _within(g.keep_alive, "gossip.keep_alive", 0, 3600, " s")
     _check(g.merge in MERGES, "gossip.merge", f"must be one of {', '.join(MERGES)}, got {g.merge!r}")
     _within(g.max_share, "gossip.max_share", 0.01, 1)
     _within(g.clip_factor, "gossip.clip_factor", 1, 1000)
@@ -426,6 +436,7 @@ def _validate(c: NodeConfig) -> None:
     _check(p.noise_multiplier == 0 or 0.1 <= p.noise_multiplier <= 1000, "privacy.noise_multiplier",
            f"must be 0 (derived from the budget) or 0.1 to 1000, got {p.noise_multiplier:g}")
     _within(p.epochs, "privacy.epochs", 0.01, 1e6, " passes")
+    _check(p.rows in PRIVACY_ROWS, "privacy.rows", f"must be one of {', '.join(PRIVACY_ROWS)}, got {p.rows!r}")
     w = c.power
     _within(w.min_battery, "power.min_battery", 0, 100, "%")
     _within(w.max_temperature, "power.max_temperature", 20, 150, " C")

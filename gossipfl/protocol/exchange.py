@@ -18,6 +18,10 @@ Three exchanges share the opening and the model transfer:
   ``PullRequest``; the listener answers with its pre-merge model as a ``ModelDelta`` (the same transfer,
   in the other direction) or an ``Error`` (``OVERLOADED``: it is sending to us at that moment, the push
   stands);
+- keep-alive: when the listener said ``keep-alive`` in its Hello, a finished gossip exchange (``acked``
+  with no pull, or ``done``) may be followed by another push on the same connection, which starts the
+  push's table over; the Hellos (and the TLS handshake) are then paid once for many exchanges. Either side
+  may end the connection there instead, and does after an idle time of its own;
 - a gateway round: the gateway dials and sends ``GatewayRound`` (with need-full as above, the resend
   keeping the round and the epochs); with ``epochs`` above zero the client trains and answers with a
   ``GatewayUpdate`` for that round against that global model, and the gateway later sends the round's
@@ -45,6 +49,7 @@ from gossipfl.errors import LocalProtocolError, RemoteProtocolError
 from gossipfl.protocol import framing, messages
 
 __all__ = [
+    "KEEP_ALIVE",
     "NEED_DATA",
     "PUSH_PULL",
     "TRANSITIONS",
@@ -55,6 +60,7 @@ __all__ = [
 ]
 
 PUSH_PULL: Final = "push-pull"  # Hello capability: this node answers (and asks for) pulls after a push
+KEEP_ALIVE: Final = "keep-alive"  # Hello capability: this listener takes another push on a finished connection
 
 
 class Party(enum.Enum):
@@ -109,6 +115,9 @@ TRANSITIONS: Final[dict[tuple[Phase, Party, type[messages.Message]], Phase]] = {
     (P.PULL_SENT, D, messages.NeedFull): P.PULL_FULL_ASKED,
     (P.PULL_FULL_ASKED, L, messages.ModelDelta): P.PULL_FULL_SENT,
     (P.PULL_FULL_SENT, D, messages.Ack): P.DONE,
+    # keep-alive: a finished gossip exchange (a push nobody pulled, or a push-pull) is followed by another push
+    (P.ACKED, D, messages.ModelDelta): P.PUSHED,
+    (P.DONE, D, messages.ModelDelta): P.PUSHED,
     # a gateway round (epochs > 0), or a bare adoption (epochs 0: straight to RESULT_SENT)
     (P.READY, D, messages.GatewayRound): P.ROUND_SENT,
     (P.ROUND_SENT, L, messages.GatewayUpdate): P.UPDATED,
@@ -212,6 +221,16 @@ class Conversation:
     def finished(self) -> bool:
         return self.phase in (Phase.DONE, Phase.CLOSED)
 
+    def _listener_offers(self, capability: str) -> bool:
+        listener = self.their_hello if self.party is Party.DIALER else self.our_hello
+        return listener is not None and capability in listener.capabilities
+
+    @property
+    def reusable(self) -> bool:
+        """Whether another push may follow on this connection now: an exchange just ended cleanly and the
+        listener offered keep-alive."""
+        return self.phase in (Phase.ACKED, Phase.DONE) and self._listener_offers(KEEP_ALIVE)
+
     @property
     def peer_pulls(self) -> bool:
         """Whether the listener said it answers pulls (read by the dialler after the Hellos)."""
@@ -267,10 +286,9 @@ class Conversation:
             return None if message.base_seq == sent.base_seq else \
                 f"NeedFull of base {message.base_seq}, but the model sent was against base {sent.base_seq}"
         if isinstance(message, messages.PullRequest):
-            listener = self.their_hello if self.party is Party.DIALER else self.our_hello
-            if listener is None or PUSH_PULL not in listener.capabilities:
-                return "the listener did not offer push-pull in its Hello"
-            return None
+            return None if self._listener_offers(PUSH_PULL) else "the listener did not offer push-pull in its Hello"
+        if isinstance(message, messages.ModelDelta) and self.phase in (Phase.ACKED, Phase.DONE):
+            return None if self._listener_offers(KEEP_ALIVE) else "the listener did not offer keep-alive in its Hello"
         if isinstance(message, messages.ModelDelta | messages.GatewayRound) and following in _RESENDS:
             assert sent is not None
             if message.base_seq != 0:

@@ -35,7 +35,7 @@ def _attack(make_apps, merge: str) -> tuple[float, float, dict]:
 
             await send_model(link, attacker.references, met.peer_id, flipped, wrap, attacker.counters)
             await link.aclose()
-            while victim.listener.serving:
+            while victim.listener.busy:
                 await trio.sleep(0.01)
             result["moved"] = float(np.linalg.norm(victim.learner.model.params - before))
             result["scale"] = float(np.linalg.norm(before))

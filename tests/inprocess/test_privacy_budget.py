@@ -51,7 +51,7 @@ def test_a_spent_budget_stops_training_but_not_merging_or_predicting(make_apps, 
             b.learner._age = a.learner.age
             b.peers.seen(a.node_id, a.config.listen.address, a.config.listen.port, "mdns", trio.current_time())
             assert await b.gossip.push_to(b.peers.get(a.node_id))
-            while a.listener.serving:
+            while a.listener.busy:
                 await trio.sleep(0.01)
             assert a.counters.values["merges"] >= 1
             assert not np.array_equal(a.learner.model.params, a_before)

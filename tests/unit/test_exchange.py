@@ -17,6 +17,7 @@ from gossipfl.protocol import framing
 from gossipfl.protocol.codec import encode_delta
 from gossipfl.protocol.exchange import (
     CLEAN_ENDS,
+    KEEP_ALIVE,
     NEED_DATA,
     PUSH_PULL,
     TRANSITIONS,
@@ -64,6 +65,7 @@ def update(number: int, base: int, samples: int = 12) -> GatewayUpdate:
 
 
 OPENING = [(D, hello(1)), (L, hello(2))]
+KEPT = [(D, hello(1)), (L, hello(2, caps=("int8", PUSH_PULL, KEEP_ALIVE)))]  # the listener offers keep-alive
 # Each script: the steps of one whole conversation, and after each step whether the stream may end there.
 SCRIPTS: dict[str, list[tuple[Party, Message]]] = {
     "push, no pull": [*OPENING, (D, delta(5, 6)), (L, Ack(6))],
@@ -79,7 +81,12 @@ SCRIPTS: dict[str, list[tuple[Party, Message]]] = {
                                    (D, gateway_round(7, 50, 51, 0)), (L, NeedFull(50)),
                                    (D, gateway_round(7, 0, 60, 0)), (L, Ack(60))],
     "bare adoption": [*OPENING, (D, gateway_round(8, 5, 6, 0)), (L, Ack(6))],
+    "kept alive: push-pull, then a push": [*KEPT, (D, delta(5, 6)), (L, Ack(6)), (D, PullRequest(3)),
+                                           (L, delta(3, 4)), (D, Ack(4)), (D, delta(6, 7)), (L, Ack(7))],
+    "kept alive: a push, then push-pull": [*KEPT, (D, delta(5, 6)), (L, Ack(6)), (D, delta(6, 7)), (L, Ack(7)),
+                                           (D, PullRequest(4)), (L, delta(4, 5)), (D, Ack(5))],
 }
+ENDS_ACKED = {"push, no pull", "kept alive: push-pull, then a push"}  # the other scripts end done
 # Where each script may be cut without anything lost: index k is "after k steps".
 CLEAN_AFTER: dict[str, str] = {
     "push, no pull": "--+-+",
@@ -88,6 +95,8 @@ CLEAN_AFTER: dict[str, str] = {
     "round": "--+-+-+",
     "round with need-full twice": "--+---+---+",
     "bare adoption": "--+-+",
+    "kept alive: push-pull, then a push": "--+-+--+-+",
+    "kept alive: a push, then push-pull": "--+-+-+--+",
 }
 SAMPLES: list[Message] = [hello(9), delta(1, 2), NeedFull(1), Ack(2), PullRequest(0),
                                gateway_round(1, 1, 2, 1), update(1, 2), Ping(1), Pong(1)]
@@ -136,7 +145,7 @@ def test_the_scripts_walk_every_transition_of_the_table():
 def test_each_script_ends_done_or_where_it_may_end(name):
     pair = Pair().play(SCRIPTS[name])
     assert pair.phase in CLEAN_ENDS
-    assert pair.phase is (Phase.ACKED if name == "push, no pull" else Phase.DONE)
+    assert pair.phase is (Phase.ACKED if name in ENDS_ACKED else Phase.DONE)
 
 
 def test_a_bare_adoption_goes_straight_to_the_result():
@@ -238,6 +247,10 @@ BAD_FIELDS = [
      "must be the whole model"),
     ("a pull the listener did not offer", [(D, hello(1)), (L, hello(2, caps=("int8",))), (D, delta(5, 6)),
                                            (L, Ack(6)), (D, PullRequest(0))], "did not offer push-pull"),
+    ("a second push the listener did not offer", [*OPENING, (D, delta(5, 6)), (L, Ack(6)), (D, delta(6, 7))],
+     "did not offer keep-alive"),
+    ("a push after push-pull the listener did not offer", SCRIPTS["push-pull"] + [(D, delta(6, 7))],
+     "did not offer keep-alive"),
     ("an update for another round", [*OPENING, (D, gateway_round(7, 2, 3, 1)), (L, update(6, 3))],
      "update for round 6"),
     ("an update against another global", [*OPENING, (D, gateway_round(7, 2, 3, 1)), (L, update(7, 2))],

@@ -1,0 +1,162 @@
+"""Keep-alive between two real apps in one process: the next push rides the last exchange's connection.
+
+TLS, the Hellos, the conversation's table, the references and the merge are the daemon's own; only TCP is a
+memory stream. Each exchange is awaited to its end, and the tests wait for the listener to be idle (waiting
+for the next push), never for a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import trio
+
+from gossipfl.protocol.budget import PeerBudget
+
+from .memnet import MemoryNet
+from .test_gossip_exchange import _expected_average, _meet, _train
+
+
+def _count_dials(app) -> list[int]:
+    """Dials made by ``app`` from now on (one entry each)."""
+    dials: list[int] = []
+    connect = app.dialer.connect
+
+    async def counting(host: str, port: int):
+        dials.append(port)
+        return await connect(host, port)
+
+    app.dialer.connect = counting
+    return dials
+
+
+async def _wait_idle(app, connections: int = 1) -> None:
+    """Until ``app``'s listener holds ``connections`` connections, all waiting for a next push."""
+    while app.listener.busy or app.listener.serving != connections:
+        await trio.sleep(0.01)
+
+
+def _overhead(app) -> int:
+    """Bytes on the wire beyond the protocol's frames, both ways: TLS records, and handshakes."""
+    c = app.counters.values
+    return c.get("wire_out", 0) + c.get("wire_in", 0) - c.get("bytes_out", 0) - c.get("bytes_in", 0)
+
+
+def _apps(make_apps, n: int = 2, **plan):
+    apps = make_apps(n, gossip={"scheme": "float32", "merge": "age"}, **plan)  # exact averages, computed here
+    for app in apps:
+        app.gossip.budget = PeerBudget(rate=1e6, burst=1e6, full_every=0)  # these tests are not about rates
+    return apps
+
+
+async def _exchange_checked(a, b, peer) -> None:
+    """One push-pull from A to B that must give both the exact age-weighted average."""
+    await _train(a, 5)
+    pa, age_a = a.learner.model.params.copy(), a.learner.age
+    pb, age_b = b.learner.model.params.copy(), b.learner.age
+    assert await a.gossip.push_to(peer)
+    expected, _ = _expected_average(pb, age_b, pa, age_a)
+    np.testing.assert_allclose(b.learner.model.params, expected, atol=1e-6)
+    np.testing.assert_allclose(a.learner.model.params, b.learner.model.params, atol=1e-6)
+
+
+def test_the_next_push_reuses_the_connection_and_pays_no_second_handshake(make_apps):
+    a, b = _apps(make_apps)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            net = MemoryNet(nursery)
+            net.add(a), net.add(b)
+            dials = _count_dials(a)
+            await _train(a), await _train(b, 35)
+            _meet(a, b, trio.current_time())
+            peer = a.peers.get(b.node_id)
+            overheads = []
+            for _ in range(3):
+                before = _overhead(a)
+                await _exchange_checked(a, b, peer)
+                await _wait_idle(b)
+                overheads.append(_overhead(a) - before)
+            nursery.cancel_scope.cancel()
+        assert len(dials) == 1 and a.counters.values["connections_reused"] == 2
+        assert b.counters.values["exchanges_in"] == 3 and b.counters.values["pulls_answered"] == 3
+        # The first exchange carried the TLS handshake (two certificates); the others only record framing.
+        assert overheads[0] > 2000, overheads
+        assert max(overheads[1:]) < 400, overheads
+        assert b.peers.get(a.node_id).stats.exchanges == 3 and a.peers.get(b.node_id).stats.exchanges == 3
+
+    trio.run(main)
+
+
+def test_a_connection_the_listener_closed_while_idle_is_dialled_anew(make_apps):
+    a, b = _apps(make_apps)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            net = MemoryNet(nursery)
+            net.add(a), net.add(b)
+            dials = _count_dials(a)
+            await _train(a), await _train(b, 35)
+            _meet(a, b, trio.current_time())
+            peer = a.peers.get(b.node_id)
+            b.listener.keep_alive = 0  # B offered keep-alive in its Hello, but closes each connection at once
+            await _exchange_checked(a, b, peer)
+            while b.listener.serving:  # B closed it; A still holds its end, kept for the next push
+                await trio.sleep(0.01)
+            assert len(a.gossip.kept) == 1
+            failed = {k: v for k, v in a.counters.values.items() if k.startswith("failed.")}
+            await _exchange_checked(a, b, peer)
+            nursery.cancel_scope.cancel()
+        assert len(dials) == 2 and a.counters.values["connections_stale"] == 1
+        assert {k: v for k, v in a.counters.values.items() if k.startswith("failed.")} == failed
+        assert not any(k.startswith(("refused.", "dropped.")) for k in b.counters.values)
+
+    trio.run(main)
+
+
+def test_a_peer_blocked_after_the_hellos_is_refused_on_its_kept_connection(make_apps):
+    a, b = _apps(make_apps)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            net = MemoryNet(nursery)
+            net.add(a), net.add(b)
+            await _train(a), await _train(b, 35)
+            _meet(a, b, trio.current_time())
+            peer = a.peers.get(b.node_id)
+            await _exchange_checked(a, b, peer)
+            await _wait_idle(b)
+            b.peers.blocked.add(a.node_id)  # what `gossipfl peer block` does
+            merges = b.counters.values["merges"]
+            assert not await a.gossip.push_to(peer)
+            while b.listener.serving:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert b.counters.values["refused.blocked"] == 1 and b.counters.values["merges"] == merges
+        assert a.counters.values["failed.peer-refused"] == 1
+        assert len(a.gossip.kept) == 0  # a refused exchange's connection is never kept
+
+    trio.run(main)
+
+
+def test_an_idle_connection_yields_its_slot_to_a_new_one(make_apps):
+    # One connection slot per host (max_connections 2: a host may hold half): A's idle one holds it.
+    a, b, c = _apps(make_apps, 3, extra={"limits": {"max_connections": 2}})
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            net = MemoryNet(nursery)
+            net.add(a), net.add(b), net.add(c)
+            await _train(a), await _train(b, 35), await _train(c, 15)
+            now = trio.current_time()
+            _meet(a, b, now), _meet(c, b, now)
+            b.peers.seen(c.node_id, "127.0.0.1", 1, "static", now)  # every dial comes from a host B knows
+            await _exchange_checked(a, b, a.peers.get(b.node_id))
+            await _wait_idle(b)
+            await _exchange_checked(c, b, c.peers.get(b.node_id))  # takes the slot A's idle connection held
+            await _exchange_checked(a, b, a.peers.get(b.node_id))  # A finds its connection closed: dials anew
+            nursery.cancel_scope.cancel()
+        assert b.counters.values["connections_yielded"] >= 1
+        assert "refused.overloaded" not in b.counters.values
+        assert a.counters.values["connections_stale"] == 1
+
+    trio.run(main)
