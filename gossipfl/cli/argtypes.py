@@ -66,3 +66,15 @@ def name_list(text: str) -> list[str]:
     if not text.strip() or any(not n for n in names):
         raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
     return names
+
+
+def value_range(text: str) -> tuple[float, float]:
+    """``LO:HI``, two finite numbers with LO below HI: ``0:1``, ``-40:85``."""
+    lo_text, colon, hi_text = text.partition(":")
+    try:
+        lo, hi = float(lo_text), float(hi_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO:HI, two numbers, got {text!r}") from None
+    if not colon or not (abs(lo) < float("inf") and abs(hi) < float("inf")) or not lo < hi:
+        raise argparse.ArgumentTypeError(f"expected LO:HI with finite LO below HI, got {text!r}")
+    return lo, hi

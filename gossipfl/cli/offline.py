@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from gossipfl.cli.argtypes import int_list, name_list, positive_float, positive_int
+from gossipfl.cli.argtypes import int_list, name_list, positive_float, positive_int, value_range
 from gossipfl.cli.certs import describe_certificate, init_ca, issue_node_cert
 from gossipfl.cli.cli_anomaly import (
     add_threshold_options,
@@ -34,7 +34,7 @@ from gossipfl.learning.optim import OPTIMIZERS, OptimizerConfig
 from gossipfl.learning.privacy_budget import PRIVACY_KEY
 from gossipfl.learning.quality import class_probabilities, predicted_classes
 from gossipfl.learning.trainer import Metrics, TrainConfig, Trainer, predict
-from gossipfl.learning.zoo import ARCHITECTURES, ArchSpec, autoencoder_hidden, build
+from gossipfl.learning.zoo import ARCHITECTURES, ArchSpec, autoencoder_hidden, build, range_scaling
 
 
 def _data_spec(model: Model, label_column: str | None) -> DataSpec:
@@ -106,10 +106,12 @@ def cmd_model_init(args: argparse.Namespace) -> int:
         classes = inputs
     hidden = args.hidden if args.hidden is not None else (
         [8, 16] if args.arch == "cnn1d" else list(autoencoder_hidden(inputs)) if args.arch == "autoencoder" else [128])
+    if args.input_range is not None and args.no_scaling:
+        raise DataError("--input-range sets the scaling: drop --no-scaling")
+    scaling = range_scaling(*args.input_range, inputs) if args.input_range is not None else \
+        (survey.mean, survey.scale) if survey and not args.no_scaling else None
     spec = ArchSpec(arch=args.arch, inputs=inputs, classes=classes, hidden=hidden, input_shape=shape,  # type: ignore[arg-type]
-                    task=task, seed=args.seed,
-                    schema=survey.schema if survey else None,
-                    scaling=(survey.mean, survey.scale) if survey and not args.no_scaling else None)
+                    task=task, seed=args.seed, schema=survey.schema if survey else None, scaling=scaling)
     model = build(spec)
     Trainer(model)  # proves the new model trains before it is written
     model.save(args.out)
@@ -119,8 +121,12 @@ def cmd_model_init(args: argparse.Namespace) -> int:
         print(f"  features ({inputs}): {', '.join(survey.schema.features)}")
         print(f"  label {survey.schema.label!r}" + (f", classes ({len(names)}): {', '.join(names)}" if names else "")
               + (" (not needed to train; never a feature; eval --anomaly-label reads it)" if task == "anomaly" else ""))
-        print(f"  {'no scaling' if args.no_scaling else 'standardised with the mean and spread of'} "
-              f"{survey.rows} rows" + (f"; skipped rows: {survey.skipped}" if survey.skipped else ""))
+        how = "no scaling of" if args.no_scaling else "read" if args.input_range else \
+            "standardised with the mean and spread of"
+        print(f"  {how} {survey.rows} rows" + (f"; skipped rows: {survey.skipped}" if survey.skipped else ""))
+    if args.input_range is not None:
+        print(f"  every feature scaled from {args.input_range[0]:g}..{args.input_range[1]:g} to -1..1 "
+              "(fixed constants: no row read for them)")
     return 0
 
 
@@ -321,6 +327,9 @@ def register_model(sub: Any, parser_class: type[argparse.ArgumentParser]) -> Any
     init.add_argument("--exclude", type=name_list, help="with --data: columns that are not features (a timestamp)")
     init.add_argument("--delimiter", choices=(",", ";", "\t"), help="with --data: default, detected")
     init.add_argument("--no-scaling", action="store_true", help="with --data: no standardisation step in the model")
+    init.add_argument("--input-range", type=value_range, metavar="LO:HI",
+                      help="scale every feature from its known range LO..HI to -1..1 instead of standardising "
+                           "with the data's mean and spread: constants that read no row (use it under [privacy])")
     init.add_argument("--inputs", type=positive_int, help="features per sample (without --data)")
     init.add_argument("--classes", type=positive_int, help="classes (or outputs, for --task regression)")
     init.add_argument("--task", choices=("classification", "regression", "anomaly"),

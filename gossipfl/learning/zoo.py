@@ -128,6 +128,12 @@ def _standardise(w: _GraphWriter, spec: ArchSpec, dims: tuple[int, ...]) -> str:
     return w.node("Div", [centred, "scaler.scale"], "scaler.out")
 
 
+def range_scaling(low: float, high: float, inputs: int) -> tuple[np.ndarray, np.ndarray]:
+    """A scaler that maps every feature's known range [low, high] to [-1, 1]: constants that read no row, so
+    unlike a mean and spread fitted on the data they reveal nothing about any record (docs/privacy.md)."""
+    return (np.full(inputs, (low + high) / 2, np.float32), np.full(inputs, (high - low) / 2, np.float32))
+
+
 def build(spec: ArchSpec) -> Model:
     spec.validate()
     w = _GraphWriter(np.random.default_rng(spec.seed))

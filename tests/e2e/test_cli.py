@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 from gossipfl.cli.cli_control import _problems
 from gossipfl.learning.datasets import write_csv
@@ -45,6 +47,27 @@ def test_model_zoo_variants(tmp_path):
         gossipfl("model", "init", *args, "--out", str(out))
         info = json.loads(gossipfl("model", "info", str(out), "--json").stdout)
         assert info["parameters"] > 0 and len(info["fingerprint"]) == 64
+
+
+def test_a_fixed_input_range_scales_without_reading_rows(tmp_path):
+    """--input-range builds the scaler from public constants: [lo, hi] maps to [-1, 1] whatever the data holds."""
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "a.csv").write_text("x,y,label\n0,10,a\n0,30,b\n0,20,a\n")  # x never moves: a fitted scaler would
+    out = tmp_path / "m.onnx"
+    said = gossipfl("model", "init", "--arch", "logreg", "--data", str(data), "--input-range=-40:85",
+                    "--out", str(out)).stdout
+    assert "scaled from -40..85 to -1..1" in said and "standardised" not in said
+    inits = {t.name: t for t in onnx.load(out).graph.initializer}
+    assert np.allclose(numpy_helper.to_array(inits["scaler.mean"]), 22.5)
+    assert np.allclose(numpy_helper.to_array(inits["scaler.scale"]), 62.5)
+    for bad, problem in (("1:0", "LO below HI"), ("0:inf", "finite"), ("5", "LO:HI")):
+        line = one_line_error(gossipfl("model", "init", "--arch", "logreg", "--inputs", "2", "--classes", "2",
+                                       "--input-range", bad, "--out", str(out), check=False))
+        assert "--input-range" in line and problem in line, line
+    line = one_line_error(gossipfl("model", "init", "--arch", "logreg", "--data", str(data), "--input-range",
+                                   "0:1", "--no-scaling", "--out", str(out), check=False))
+    assert "drop --no-scaling" in line
 
 
 def test_regression_train_and_predict(tmp_path):
