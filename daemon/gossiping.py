@@ -195,8 +195,10 @@ class Gossip:
         if not self.learns_by_gossip():
             raise RefusedByUs("following", "this node follows a gateway and takes no gossip now")
 
-    async def serve(self, link: Link, peer_id: bytes, push: messages.Message) -> None:
-        """A push from ``peer_id`` (the listener's handler for ModelDelta), then perhaps its pull."""
+    async def serve(self, link: Link, peer_id: bytes, push: messages.Message) -> messages.Message | None:
+        """A push from ``peer_id`` (the listener's handler for ModelDelta), then its pull when both Hellos
+        offered push-pull. Returns the message after the push that is not a pull (the next push on a kept
+        connection, from a peer that chose not to pull), for the listener to serve as a new exchange."""
         assert isinstance(push, messages.ModelDelta)
         with trio.fail_after(self.config.limits.read_timeout * 3):
             try:
@@ -210,13 +212,15 @@ class Gossip:
                 raise refused
             before = await self._take(link, peer_id, push, keep_before=self.config.gossip.push_pull)
             if before is None:
-                return
+                return None
             self.counters.add("exchanges_in")
+            if not link.conversation.both_pull:
+                return None  # the pusher will not pull: the connection ends, or waits for its next push
             request = await link.next()
-            if request is None:
-                return  # the pusher did not pull
-            assert isinstance(request, messages.PullRequest)
+            if not isinstance(request, messages.PullRequest):
+                return request  # it did not pull after all: the end, or (kept alive) its next push
             await self._answer_pull(link, peer_id, request, before)
+            return None
 
     async def _take(self, link: Link, peer_id: bytes, delta: messages.ModelDelta, *,
                     keep_before: bool) -> BeforeMerge | None:

@@ -40,7 +40,8 @@ from .reporting import account, refusal, short
 
 log = logging.getLogger("gossipfld.listener")
 
-Handler = Callable[[Link, bytes, messages.Message], Awaitable[None]]
+# A handler serves one exchange; it may return a message it read that begins the next one (kept alive).
+Handler = Callable[[Link, bytes, messages.Message], Awaitable[messages.Message | None]]
 
 
 class Listener:
@@ -145,10 +146,10 @@ class Listener:
                     refused = RefusedByUs("unsupported", f"this node serves no {type(first).__name__}")
                     await link.refuse(messages.ErrorCode.REFUSED, refused)
                     raise refused
-                await handler(link, peer_id, first)
+                following = await handler(link, peer_id, first)
                 account(self.counters, self.peers, peer_id, link.traffic.take())
                 unaccounted = False
-                first = await self._next_exchange(link, met, known, remote)
+                first = await self._next_exchange(link, met, known, remote, following)
         except (LinkBroken, trio.BrokenResourceError, OSError) as exc:
             # The link broke under an exchange we were willing to finish: not a refusal of the peer.
             self.counters.add("dropped.link")
@@ -164,24 +165,26 @@ class Listener:
             if peer_id:
                 account(self.counters, self.peers, peer_id, link.traffic.take(), exchanges=int(unaccounted))
 
-    async def _next_exchange(self, link: Link, met: Met, known: bool, remote: str) -> messages.Message | None:
-        """The first message of the next exchange on a kept-alive connection, or None to close it: the
-        exchange did not end where another may follow, the peer went quiet for ``keep_alive`` plus the read
-        timeout or closed, or its slot was wanted by a new connection. The peer is admitted again (blocked or
-        paused since its Hello: refused)."""
-        if self.keep_alive <= 0 or not link.conversation.reusable:
-            return None
-        scope = trio.CancelScope(deadline=trio.current_time() + self.keep_alive + self.limits.read_timeout)
-        self._idle[scope] = (known, remote)
-        try:
-            with scope:
-                first = await link.next(timeout=math.inf)
-        finally:
-            del self._idle[scope]
-        if scope.cancelled_caught or first is None:
-            return None
+    async def _next_exchange(self, link: Link, met: Met, known: bool, remote: str,
+                             read: messages.Message | None) -> messages.Message | None:
+        """The first message of the next exchange on a kept-alive connection (``read``, when the last
+        handler already read it), or None to close it: the exchange did not end where another may follow,
+        the peer went quiet for ``keep_alive`` plus the read timeout or closed, or its slot was wanted by a
+        new connection. The peer is admitted again (blocked or paused since its Hello: refused)."""
+        if read is None:
+            if self.keep_alive <= 0 or not link.conversation.reusable:
+                return None
+            scope = trio.CancelScope(deadline=trio.current_time() + self.keep_alive + self.limits.read_timeout)
+            self._idle[scope] = (known, remote)
+            try:
+                with scope:
+                    read = await link.next(timeout=math.inf)
+            finally:
+                del self._idle[scope]
+            if scope.cancelled_caught or read is None:
+                return None
         await readmit(link, self.admission, met)
-        return first
+        return read
 
     def _evict_idle(self, known: bool, host: str | None) -> bool:
         """Close the oldest idle kept-alive connection in this pool (from ``host``, when given) to make room

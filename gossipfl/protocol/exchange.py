@@ -232,6 +232,11 @@ class Conversation:
         return self.phase in (Phase.ACKED, Phase.DONE) and self._listener_offers(KEEP_ALIVE)
 
     @property
+    def both_pull(self) -> bool:
+        """Whether both Hellos offered push-pull: the dialler pulls after each push it had acknowledged."""
+        return all(h is not None and PUSH_PULL in h.capabilities for h in (self.our_hello, self.their_hello))
+
+    @property
     def peer_pulls(self) -> bool:
         """Whether the listener said it answers pulls (read by the dialler after the Hellos)."""
         return self.their_hello is not None and PUSH_PULL in self.their_hello.capabilities

@@ -160,3 +160,27 @@ def test_an_idle_connection_yields_its_slot_to_a_new_one(make_apps):
         assert a.counters.values["connections_stale"] == 1
 
     trio.run(main)
+
+
+def test_push_only_pushes_follow_each_other_on_one_connection(make_apps):
+    # No pulls: after its Ack the listener waits for the next push, not for a pull that will not come.
+    a, b = make_apps(2, gossip={"scheme": "float32", "push_pull": False})
+    b.gossip.budget = PeerBudget(rate=1e6, burst=1e6, full_every=0)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            net = MemoryNet(nursery)
+            net.add(a), net.add(b)
+            dials = _count_dials(a)
+            await _train(a), await _train(b, 35)
+            _meet(a, b, trio.current_time())
+            for _ in range(3):
+                await _train(a, 5)
+                assert await a.gossip.push_to(a.peers.get(b.node_id))
+                await _wait_idle(b)
+            nursery.cancel_scope.cancel()
+        assert len(dials) == 1 and b.counters.values["merges"] == 3
+        assert not [k for k in {**a.counters.values, **b.counters.values} if k.startswith(("failed.", "refused.",
+                                                                                             "dropped.", "pulls"))]
+
+    trio.run(main)
