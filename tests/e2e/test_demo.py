@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gossipfl.cli.demo import MARKER, DemoError, fresh_directory, kill_leftovers, pids_mentioning, sparkline
+from gossipfl.cli.demo import MARKER, DemoError, fresh_directory, sparkline
+from gossipfl.cli.demo_processes import kill_leftovers, pids_mentioning
 
 from ..conftest import wait_for
 
