@@ -59,16 +59,25 @@ async def _exchange_checked(a, b, peer) -> None:
     np.testing.assert_allclose(a.learner.model.params, b.learner.model.params, atol=1e-6)
 
 
+async def _joined(nursery, *apps) -> MemoryNet:
+    """The apps on one memory network, each trained apart, all but the second knowing the second's address."""
+    net = MemoryNet(nursery)
+    for app in apps:
+        net.add(app)
+    for app, steps in zip(apps, (20, 35, 15), strict=False):
+        await _train(app, steps)
+    for app in apps[:1] + apps[2:]:
+        _meet(app, apps[1], trio.current_time())
+    return net
+
+
 def test_the_next_push_reuses_the_connection_and_pays_no_second_handshake(make_apps):
     a, b = _apps(make_apps)
 
     async def main():
         async with trio.open_nursery() as nursery:
-            net = MemoryNet(nursery)
-            net.add(a), net.add(b)
+            await _joined(nursery, a, b)
             dials = _count_dials(a)
-            await _train(a), await _train(b, 35)
-            _meet(a, b, trio.current_time())
             peer = a.peers.get(b.node_id)
             overheads = []
             for _ in range(3):
@@ -92,11 +101,8 @@ def test_a_connection_the_listener_closed_while_idle_is_dialled_anew(make_apps):
 
     async def main():
         async with trio.open_nursery() as nursery:
-            net = MemoryNet(nursery)
-            net.add(a), net.add(b)
+            await _joined(nursery, a, b)
             dials = _count_dials(a)
-            await _train(a), await _train(b, 35)
-            _meet(a, b, trio.current_time())
             peer = a.peers.get(b.node_id)
             b.listener.keep_alive = 0  # B offered keep-alive in its Hello, but closes each connection at once
             await _exchange_checked(a, b, peer)
@@ -118,10 +124,7 @@ def test_a_peer_blocked_after_the_hellos_is_refused_on_its_kept_connection(make_
 
     async def main():
         async with trio.open_nursery() as nursery:
-            net = MemoryNet(nursery)
-            net.add(a), net.add(b)
-            await _train(a), await _train(b, 35)
-            _meet(a, b, trio.current_time())
+            await _joined(nursery, a, b)
             peer = a.peers.get(b.node_id)
             await _exchange_checked(a, b, peer)
             await _wait_idle(b)
@@ -144,12 +147,9 @@ def test_an_idle_connection_yields_its_slot_to_a_new_one(make_apps):
 
     async def main():
         async with trio.open_nursery() as nursery:
-            net = MemoryNet(nursery)
-            net.add(a), net.add(b), net.add(c)
-            await _train(a), await _train(b, 35), await _train(c, 15)
-            now = trio.current_time()
-            _meet(a, b, now), _meet(c, b, now)
-            b.peers.seen(c.node_id, "127.0.0.1", 1, "static", now)  # every dial comes from a host B knows
+            await _joined(nursery, a, b, c)
+            # Every dial comes from a host B knows: the known pool, where a host may hold one slot.
+            b.peers.seen(c.node_id, "127.0.0.1", 1, "static", trio.current_time())
             await _exchange_checked(a, b, a.peers.get(b.node_id))
             await _wait_idle(b)
             await _exchange_checked(c, b, c.peers.get(b.node_id))  # takes the slot A's idle connection held
@@ -169,11 +169,8 @@ def test_push_only_pushes_follow_each_other_on_one_connection(make_apps):
 
     async def main():
         async with trio.open_nursery() as nursery:
-            net = MemoryNet(nursery)
-            net.add(a), net.add(b)
+            await _joined(nursery, a, b)
             dials = _count_dials(a)
-            await _train(a), await _train(b, 35)
-            _meet(a, b, trio.current_time())
             for _ in range(3):
                 await _train(a, 5)
                 assert await a.gossip.push_to(a.peers.get(b.node_id))
