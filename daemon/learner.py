@@ -263,8 +263,11 @@ class Learner:
                 else:
                     self._age += samples
                     self._recent_losses.append(self.train_loss or 0.0)
-                    if len(self.data.validation) == 0 and self.train_loss is not None and self.private is None:
-                        self.pacer.loss(self.train_loss)  # no validation rows: the training loss says it
+                    if self.train_loss is not None and self.private is None:
+                        # The pace judges the training loss: averaged over a window it covers thousands of
+                        # rows, where the validation loss of a few dozen rows jumps 25-90% between windows and
+                        # rises while the accuracy still improves (bench/idle.py's loss-change column).
+                        self.pacer.loss(self.train_loss)
             pause = self._pause_after(trio.current_time() - start)
             if self.private is not None:
                 # A budget is a fixed number of steps. Spent flat out it is gone in seconds, before any merge: each
@@ -321,7 +324,6 @@ class Learner:
         # Under DP the pace hears nothing computed from rows: its timing is visible to peers, and a loss is not
         # covered by the privacy mechanism (docs/privacy.md). Peers' distances, from private models, still count.
         if self.private is None:
-            self.pacer.loss(self.validation.loss)
             if self.validation.accuracy is not None:
                 self.pacer.accuracy(self.validation.accuracy)
         return self.validation
