@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 import trio
 
+from gossipfl.protocol import messages
 from gossipfl.protocol.budget import PeerBudget
+from gossipfld.transfer import send_model
 
 from .memnet import MemoryNet
 from .test_gossip_exchange import _expected_average, _meet, _train
@@ -179,5 +181,30 @@ def test_push_only_pushes_follow_each_other_on_one_connection(make_apps):
         assert len(dials) == 1 and b.counters.values["merges"] == 3
         assert not [k for k in {**a.counters.values, **b.counters.values} if k.startswith(("failed.", "refused.",
                                                                                              "dropped.", "pulls"))]
+
+    trio.run(main)
+
+
+def test_a_peer_that_offered_pulls_may_push_again_instead_of_pulling(make_apps):
+    """Both Hellos offer push-pull, so B waits for a pull after its Ack; a second push comes instead. The table
+    allows it on a kept-alive connection: B serves it as the next exchange (this once ended the daemon)."""
+    a, b = _apps(make_apps)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await _joined(nursery, a, b)
+            link, met = await a.dialer.dial(a.peers.get(b.node_id))
+            for _ in range(2):
+                params, age = await a.learner.snapshot()
+                push, answer = await send_model(link, a.references, met.peer_id, params, a.gossip._wrap(age),
+                                                a.counters)
+                a.references.commit_push(push)
+                assert isinstance(answer, messages.Ack)
+            await link.aclose()
+            while b.listener.serving:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert b.counters.values["merges"] == 2 and b.counters.values["exchanges_in"] == 2
+        assert not [k for k in b.counters.values if k.startswith(("refused.", "dropped.", "pulls"))]
 
     trio.run(main)
