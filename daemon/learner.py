@@ -323,9 +323,8 @@ class Learner:
             self.validation = await trio.to_thread.run_sync(self.trainer.evaluate, validation.x, validation.y)
         # Under DP the pace hears nothing computed from rows: its timing is visible to peers, and a loss is not
         # covered by the privacy mechanism (docs/privacy.md). Peers' distances, from private models, still count.
-        if self.private is None:
-            if self.validation.accuracy is not None:
-                self.pacer.accuracy(self.validation.accuracy)
+        if self.private is None and self.validation.accuracy is not None:
+            self.pacer.accuracy(self.validation.accuracy)
         return self.validation
 
     async def infer(self, function: Callable[[], T]) -> tuple[T, float]:

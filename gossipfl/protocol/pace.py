@@ -2,8 +2,8 @@
 
 A converged cluster that keeps gossiping at its learning pace spends a battery and a data plan on nothing:
 three daemons that had long agreed kept 20-29% of a core each, and eight sent 30 kB/s each, long after their
-accuracy stopped moving. So a node watches for the sign that it has stopped learning: its loss (validation
-loss, or the training loss where it keeps no validation rows), averaged over a window of gossip periods, no
+accuracy stopped moving. So a node watches for the sign that it has stopped learning: its training loss,
+averaged over the slices of a window of gossip periods (validation rows are too few to judge by), no
 longer beats the best window since it last woke by more than ``tolerance``. After each stable
 window it steps down one level: the gossip period doubles and the training duty cycle halves, down to the
 configured floors. Anything that means there is something to learn again brings it back to full speed at
@@ -143,8 +143,8 @@ class Pace:
     def tick(self, now: float) -> bool:
         """Judge the window once it is long enough. A window whose mean loss beats the best one since the last
         wake by ``tolerance`` is progress (and the new best); one that does not is rest, a step down. Judged on
-        window means, so the jitter of single evaluations on a few validation rows neither rests nor wakes a
-        node. True when the level changed."""
+        window means, so the jitter of single slices' losses neither rests nor wakes a node. True when the level
+        changed."""
         if now - self._window_start < self.window_seconds or not self._losses:
             return False
         loss = statistics.fmean(self._losses)
