@@ -48,6 +48,7 @@ class Run:
     samples: list[Sample] = field(default_factory=list)
     final: list[float] = field(default_factory=list)
     wakes: float = 0.0
+    wakes_by_kind: dict[str, int] = field(default_factory=dict)  # over all nodes
 
     def rate(self, since: float) -> tuple[float, float]:
         """CPU (% of a core) and wire bytes a second per daemon between ``since`` and the last sample."""
@@ -61,7 +62,8 @@ def run_cluster(args: argparse.Namespace, name: str, quiet: bool, root: Path, da
     x_train, y_train, x_test, y_test = data
     plan = ClusterPlan(nodes=args.nodes, split="dirichlet", alpha=0.5, base_port=free_port_base(args.nodes),
                        gossip={"period": args.period}, training={"duty_cycle": args.duty_cycle, "lr": 0.05},
-                       extra={"quiet": {"enabled": quiet}})
+                       # the daemon's default checkpoint period: the test clusters' 5 s is a cost no device pays
+                       extra={"quiet": {"enabled": quiet}, "state": {"checkpoint_seconds": 30.0}})
     specs = prepare(root, plan, x_train, y_train)
     score = HeldOut(root / "model.onnx", x_test, y_test).accuracy
     run = Run(name)
@@ -85,6 +87,9 @@ def run_cluster(args: argparse.Namespace, name: str, quiet: bool, root: Path, da
         finals = [s for s in map(node_state, specs) if s is not None]
         run.final = [score(params) for params, _ in finals]
         run.wakes = float(np.mean([st["counters"].get("pace.wakes", 0) for _, st in finals]))
+        for _, st in finals:
+            for kind, count in st.get("pace", {}).get("wakes_by_kind", {}).items():
+                run.wakes_by_kind[kind] = run.wakes_by_kind.get(kind, 0) + count
         cluster.stop_all()
     return run
 
@@ -119,6 +124,8 @@ def main() -> None:
             span = s.seconds - before.seconds
             print(f"{s.seconds / 60:6.1f} {s.accuracy:9.4f} {100 * (s.cpu - before.cpu) / span:11.2f} "
                   f"{(s.wire - before.wire) / span:10.0f} {s.quiet:>6}/{args.nodes} {100 * s.change:11.2f}%")
+        kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(run.wakes_by_kind.items())) or "none"
+        print(f"wakes over all nodes, by kind: {kinds}")
     if len(runs) < 2:
         return
     since = (args.minutes - args.tail) * 60

@@ -8,7 +8,11 @@ longer beats the best window since it last woke by more than ``tolerance``. Afte
 window it steps down one level: the gossip period doubles and the training duty cycle halves, down to the
 configured floors. Anything that means there is something to learn again brings it back to full speed at
 once: new rows, a peer whose model is far from ours (a newcomer, a changed world), validation accuracy that
-drops, or a loss that rises.
+drops, or a loss that rises. A wake that found nothing to learn (its first judged window at full speed did not
+beat the first) goes straight back to the level it woke from: a wake is cheap to be wrong about, so the signals
+that wake a node can stay sensitive, and a false alarm costs two windows at full speed, not the whole way down
+again (bench/idle.py: the way down from full speed to the floors takes minutes, and a node that woke at
+minute 9 of 10 spent them all at full speed).
 
 Time is passed in, nothing here sleeps: the daemon (``gossipfld.pacing``) turns a wake into an interrupted
 sleep, and the tests drive this class with made-up clocks.
@@ -24,7 +28,7 @@ from typing import Any
 FULL, SLOWING, QUIET = "full", "slowing", "quiet"
 LOSS_RISE = 0.5  # a window's loss this far above the median window since the last wake wakes the node
 DISTANCE_FLOOR = 0.05  # a peer's model nearer than this (of our model's norm) never wakes the node
-MIN_WINDOW_PERIODS = 3  # a window holds at least this many periods at the current pace
+MIN_WINDOW_PERIODS = 2  # a window holds at least this many periods at the current pace
 RECENT_WINDOWS = 8  # window means kept for the median a rising loss is measured against
 
 
@@ -63,6 +67,7 @@ class Pace:
     wake_kinds: dict[str, int] = field(default_factory=dict)  # wakes by kind: new_rows, far_peer, accuracy, loss
     _usual_distance: float | None = None  # the median relative distance of peers when we went quiet
     _quiet_accuracy: float | None = None  # the window mean when we first stepped down
+    _woke_from: int = 0  # the level the last wake left, until a window at full speed shows what it was worth
 
     def __post_init__(self) -> None:
         self.since = self._window_start = self.now
@@ -134,7 +139,7 @@ class Pace:
         self._recent.clear()
         if self.level == 0:
             return False
-        self.level, self.reason, self.since = 0, f"woken: {reason}", now
+        self.level, self.reason, self.since, self._woke_from = 0, f"woken: {reason}", now, self.level
         self._usual_distance = self._quiet_accuracy = None
         self.wakes += 1
         self.wake_kinds[kind] = self.wake_kinds.get(kind, 0) + 1
@@ -167,6 +172,7 @@ class Pace:
             if accuracy is not None and self._quiet_accuracy is not None and accuracy < self._quiet_accuracy - drop:
                 return self.wake(f"validation accuracy fell from {self._quiet_accuracy:.3f} to {accuracy:.3f}", now,
                                  "accuracy")
+        woke_from, self._woke_from = self._woke_from, 0  # judged once: the first window after a wake
         if change < -self.settings.tolerance:
             self._best_loss = loss  # still learning
             return False
@@ -174,15 +180,20 @@ class Pace:
             return False
         if self.level == 0:
             self._usual_distance, self._quiet_accuracy = distances, accuracy
-        self.level += 1
-        self.reason = (f"the loss has not beaten its best by {100 * self.settings.tolerance:g}% for a window "
-                       f"of {self.settings.window} periods")
+        if woke_from > self.level + 1:
+            self.level = min(woke_from, self.max_level)
+            self._recent.clear()  # the full-speed windows are no measure of the loss at the floor
+            self.reason = f"the wake found nothing to learn: back to level {self.level}"
+        else:
+            self.level += 1
+            self.reason = (f"the loss has not beaten its best by {100 * self.settings.tolerance:g}% for a window "
+                           f"of {self.settings.window} periods")
         self.since = now
         return True
 
     def restart(self, now: float) -> None:
         """A fresh start at full speed from ``now``, as after a restart of the node."""
-        self.level, self.since, self._best_loss = 0, now, None
+        self.level, self.since, self._best_loss, self._woke_from = 0, now, None, 0
         self._recent.clear()
         self._start_window(now)
 

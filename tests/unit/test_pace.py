@@ -32,8 +32,8 @@ def _windows(pace: Pace, losses, now: float = 0.0, distance: float = 0.1, accura
 def test_a_quiet_node_judges_longer_windows_but_reaches_its_floor_in_a_few():
     pace = _pace(window=10)  # 10 s windows at full speed
     assert pace.window_seconds == 10
-    pace.level = pace.max_level  # 16 s periods: a window holds three of them
-    assert pace.window_seconds == 48
+    pace.level = pace.max_level  # 16 s periods: a window holds two of them
+    assert pace.window_seconds == 32
 
 
 def test_a_stable_loss_steps_down_to_the_floors_and_no_further():
@@ -101,6 +101,39 @@ def test_a_rising_loss_wakes_it():
     _windows(pace, [1.6], now)
     assert pace.level == 0 and "loss rose 60% above its usual level" in pace.reason
     assert pace.wake_kinds == {"loss": 1}
+
+
+def test_a_wake_that_finds_nothing_to_learn_goes_straight_back_to_its_level():
+    pace = _pace()
+    now = _windows(pace, [1.0] * 8)
+    assert pace.state == QUIET
+    pace.new_data(1, now)
+    assert pace.level == 0
+    now = _windows(pace, [1.0], now)  # the mark the next window must beat
+    assert pace.level == 0
+    _windows(pace, [1.0], now)  # it did not: the new rows taught nothing
+    assert pace.state == QUIET and "the wake found nothing to learn: back to level 5" in pace.reason
+
+
+def test_a_wake_that_finds_something_to_learn_stays_and_comes_down_step_by_step():
+    pace = _pace()
+    now = _windows(pace, [1.0] * 8)
+    pace.new_data(1, now)
+    now = _windows(pace, [2.0, 1.5, 1.2], now)  # the new rows are being learned
+    assert pace.level == 0
+    _windows(pace, [1.2], now)  # learned: the way down is the usual one, a step at a time
+    assert pace.level == 1
+
+
+def test_a_false_alarm_after_a_wake_judges_the_loss_at_the_floor_afresh():
+    pace = _pace()
+    now = _windows(pace, [1.0] * 8)
+    now = _windows(pace, [1.6], now)  # a rising loss wakes it ...
+    assert pace.level == 0
+    now = _windows(pace, [0.5, 0.5], now)  # ... full speed lowers the loss, but does not keep lowering it
+    assert pace.state == QUIET
+    _windows(pace, [1.0, 1.0, 1.0], now)  # at the floor the loss is back where it was: no wake
+    assert pace.state == QUIET and pace.wakes == 1
 
 
 def test_quieting_off_stays_at_full_speed():
