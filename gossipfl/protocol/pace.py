@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FULL, SLOWING, QUIET = "full", "slowing", "quiet"
-LOSS_RISE = 0.5  # a window's loss this far above the median window since the last wake wakes the node
+LOSS_RISE = 0.5  # a window's loss this far above the median window since the last wake, ...
+RISE_WINDOWS = 2  # ... in this many windows in a row, wakes the node: after each merge a resting node's training
+# loss jumps by what its peers learned elsewhere, and single windows rose 50% often enough to wake each node of
+# bench/idle.py twice in 5 minutes (16 wakes, all "loss"), each found nothing to learn
 DISTANCE_FLOOR = 0.05  # a peer's model nearer than this (of our model's norm) never wakes the node
 MIN_WINDOW_PERIODS = 2  # a window holds at least this many periods at the current pace
 RECENT_WINDOWS = 8  # window means kept for the median a rising loss is measured against
@@ -43,6 +46,7 @@ class PaceSettings:
     accuracy_drop: float = 0.05  # a window's validation accuracy this far below the one it went quiet at
     max_period: float = 60.0  # the longest gossip period when quiet, seconds
     min_duty_cycle: float = 0.01  # the smallest share of wall time spent training when quiet
+    lr_decay: float = 0.5  # the training step size is multiplied by this at each level down (1: kept)
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Pace:
     _usual_distance: float | None = None  # the median relative distance of peers when we went quiet
     _quiet_accuracy: float | None = None  # the window mean when we first stepped down
     _woke_from: int = 0  # the level the last wake left, until a window at full speed shows what it was worth
+    _rising: int = 0  # windows in a row whose loss rose LOSS_RISE above the median
 
     def __post_init__(self) -> None:
         self.since = self._window_start = self.now
@@ -90,6 +95,13 @@ class Pace:
     @property
     def duty_cycle(self) -> float:
         return min(max(self.base_duty / 2**self.level, self.settings.min_duty_cycle), self.base_duty)
+
+    @property
+    def lr_scale(self) -> float:
+        """The share of the configured step size a node trains with at this level: a loss that has stopped
+        falling at one step size is the plateau that a smaller one goes below (as ReduceLROnPlateau does), and
+        a resting node's few slices between rare merges then pull its model less far towards its own rows."""
+        return self.settings.lr_decay ** self.level
 
     @property
     def slowdown(self) -> float:
@@ -137,6 +149,7 @@ class Pace:
         self._start_window(now)
         self._best_loss = None
         self._recent.clear()
+        self._rising = 0
         if self.level == 0:
             return False
         self.level, self.reason, self.since, self._woke_from = 0, f"woken: {reason}", now, self.level
@@ -157,17 +170,22 @@ class Pace:
         distances = statistics.median(self._distances) if self._distances else None
         best = self._best_loss
         typical = statistics.median(self._recent) if self._recent else None
-        self._recent = [*self._recent, loss][-RECENT_WINDOWS:]
+        risen = self.level > 0 and typical is not None and loss > (1 + LOSS_RISE) * typical
+        if not risen:
+            self._recent = [*self._recent, loss][-RECENT_WINDOWS:]  # a risen window is not the usual level
         self._start_window(now)
         if best is None:
             self._best_loss = loss  # the first window since a wake: the mark the next ones must beat
             return False
         change = (loss - best) / max(abs(best), 1e-12)
         self.last_change = change
+        self._rising = self._rising + 1 if risen else 0
+        if risen:
+            if self._rising < RISE_WINDOWS:
+                return False  # neither rest nor wake on one window: the next one decides
+            rise = 100 * (loss / max(typical or 1e-12, 1e-12) - 1)
+            return self.wake(f"the loss rose {rise:.0f}% above its usual level", now, "loss")
         if self.level > 0:
-            if typical is not None and loss > (1 + LOSS_RISE) * typical:
-                rise = 100 * (loss / max(typical, 1e-12) - 1)
-                return self.wake(f"the loss rose {rise:.0f}% above its usual level", now, "loss")
             drop = self.settings.accuracy_drop
             if accuracy is not None and self._quiet_accuracy is not None and accuracy < self._quiet_accuracy - drop:
                 return self.wake(f"validation accuracy fell from {self._quiet_accuracy:.3f} to {accuracy:.3f}", now,
@@ -205,6 +223,7 @@ class Pace:
 
     def as_dict(self, now: float) -> dict[str, Any]:
         return {"state": self.state, "level": self.level, "max_level": self.max_level, "period": self.period,
-                "duty_cycle": self.duty_cycle, "reason": self.reason, "for_seconds": round(now - self.since, 1),
+                "duty_cycle": self.duty_cycle, "lr_scale": self.lr_scale, "reason": self.reason,
+                "for_seconds": round(now - self.since, 1),
                 "wakes": self.wakes, "wakes_by_kind": dict(self.wake_kinds), "enabled": self.settings.enabled,
                 "last_change": self.last_change}

@@ -98,8 +98,15 @@ def test_a_rising_loss_wakes_it():
     assert pace.level > 0
     now = _windows(pace, [1.2], now)  # within the jitter of a converged model
     assert pace.level > 0
-    _windows(pace, [1.6], now)
-    assert pace.level == 0 and "loss rose 60% above its usual level" in pace.reason
+    level = pace.level
+    now = _windows(pace, [1.6], now)  # one window: a merge's jump, or the start of a rise; it holds its level
+    assert pace.level == level and pace.wakes == 0
+    now = _windows(pace, [1.0], now)  # it was a jump: the rise starts over
+    assert pace.level == level + 1
+    now = _windows(pace, [1.6], now)
+    assert pace.level == level + 1 and pace.wakes == 0
+    _windows(pace, [1.7], now)  # a second window in a row: the loss has risen
+    assert pace.level == 0 and "loss rose 70% above its usual level" in pace.reason
     assert pace.wake_kinds == {"loss": 1}
 
 
@@ -128,7 +135,7 @@ def test_a_wake_that_finds_something_to_learn_stays_and_comes_down_step_by_step(
 def test_a_false_alarm_after_a_wake_judges_the_loss_at_the_floor_afresh():
     pace = _pace()
     now = _windows(pace, [1.0] * 8)
-    now = _windows(pace, [1.6], now)  # a rising loss wakes it ...
+    now = _windows(pace, [1.6, 1.6], now)  # a rising loss wakes it ...
     assert pace.level == 0
     now = _windows(pace, [0.5, 0.5], now)  # ... full speed lowers the loss, but does not keep lowering it
     assert pace.state == QUIET
