@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FULL, SLOWING, QUIET = "full", "slowing", "quiet"
-LOSS_RISE = 0.5  # a window's loss this far above the median window since the last wake, ...
+LOSS_RISE = 0.5  # a window's loss this far above the median window at this level, ...
 RISE_WINDOWS = 2  # ... in this many windows in a row, wakes the node: after each merge a resting node's training
 # loss jumps by what its peers learned elsewhere, and single windows rose 50% often enough to wake each node of
 # bench/idle.py twice in 5 minutes (16 wakes, all "loss"), each found nothing to learn
@@ -67,7 +67,7 @@ class Pace:
     _accuracies: list[float] = field(default_factory=list)
     _distances: list[float] = field(default_factory=list)
     _best_loss: float | None = None  # the lowest window mean since the last wake
-    _recent: list[float] = field(default_factory=list)  # window means since the last wake, the last few
+    _recent: list[float] = field(default_factory=list)  # window means at this level, the last few
     wake_kinds: dict[str, int] = field(default_factory=dict)  # wakes by kind: new_rows, far_peer, accuracy, loss
     _usual_distance: float | None = None  # the median relative distance of peers when we went quiet
     _quiet_accuracy: float | None = None  # the window mean when we first stepped down
@@ -198,9 +198,12 @@ class Pace:
             return False
         if self.level == 0:
             self._usual_distance, self._quiet_accuracy = distances, accuracy
+        # A rise is judged against windows at the same pace: each level trains less between merges and with a
+        # smaller step, so its training loss sits higher than the level above (bench/idle.py: judged across
+        # levels, 23 wakes in 5 minutes, all "loss", none found anything to learn).
+        self._recent.clear()
         if woke_from > self.level + 1:
             self.level = min(woke_from, self.max_level)
-            self._recent.clear()  # the full-speed windows are no measure of the loss at the floor
             self.reason = f"the wake found nothing to learn: back to level {self.level}"
         else:
             self.level += 1

@@ -49,6 +49,18 @@ def test_a_stable_loss_steps_down_to_the_floors_and_no_further():
     assert pace.slowdown == 16.0
 
 
+def test_the_step_size_falls_with_each_level_and_is_whole_again_at_a_wake():
+    pace = _pace(lr_decay=0.5)
+    assert pace.lr_scale == 1.0
+    now = _windows(pace, [1.0] * 3)
+    assert pace.level == 2 and pace.lr_scale == 0.25
+    pace.new_data(1, now)
+    assert pace.lr_scale == 1.0
+    kept = _pace(lr_decay=1.0)
+    _windows(kept, [1.0] * 3)
+    assert kept.level == 2 and kept.lr_scale == 1.0
+
+
 def test_a_loss_that_still_improves_keeps_full_speed():
     pace = _pace()
     _windows(pace, [1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
@@ -94,20 +106,24 @@ def test_a_window_whose_validation_accuracy_fell_wakes_it():
 
 def test_a_rising_loss_wakes_it():
     pace = _pace()
-    now = _windows(pace, [1.0] * 4)
-    assert pace.level > 0
+    now = _windows(pace, [1.0] * 8)
+    assert pace.state == QUIET
     now = _windows(pace, [1.2], now)  # within the jitter of a converged model
-    assert pace.level > 0
-    level = pace.level
-    now = _windows(pace, [1.6], now)  # one window: a merge's jump, or the start of a rise; it holds its level
-    assert pace.level == level and pace.wakes == 0
+    now = _windows(pace, [1.6], now)  # one window: a merge's jump, or the start of a rise
+    assert pace.state == QUIET and pace.wakes == 0
     now = _windows(pace, [1.0], now)  # it was a jump: the rise starts over
-    assert pace.level == level + 1
     now = _windows(pace, [1.6], now)
-    assert pace.level == level + 1 and pace.wakes == 0
+    assert pace.state == QUIET and pace.wakes == 0
     _windows(pace, [1.7], now)  # a second window in a row: the loss has risen
     assert pace.level == 0 and "loss rose 70% above its usual level" in pace.reason
     assert pace.wake_kinds == {"loss": 1}
+
+
+def test_a_loss_that_rises_as_the_node_steps_down_is_judged_at_each_level_afresh():
+    # each level trains less between merges, with a smaller step: its training loss sits higher
+    pace = _pace()
+    _windows(pace, [1.0, 1.0, 1.6, 2.6, 4.2, 6.8, 6.8, 6.9])
+    assert pace.state == QUIET and pace.wakes == 0
 
 
 def test_a_wake_that_finds_nothing_to_learn_goes_straight_back_to_its_level():
