@@ -3,7 +3,7 @@
 A converged cluster that keeps gossiping at its learning pace spends a battery and a data plan on nothing:
 three daemons that had long agreed kept 20-29% of a core each, and eight sent 30 kB/s each, long after their
 accuracy stopped moving. So a node watches for the sign that it has stopped learning: its training loss,
-the median slice of a window of gossip periods (validation rows are too few to judge by), no
+averaged over the slices of a window of gossip periods (validation rows are too few to judge by), no
 longer beats the best window since it last woke by more than ``tolerance``. After each stable
 window it steps down one level: the gossip period doubles and the training duty cycle halves, down to the
 configured floors. Anything that means there is something to learn again brings it back to full speed at
@@ -159,16 +159,13 @@ class Pace:
         return True
 
     def tick(self, now: float) -> bool:
-        """Judge the window once it is long enough. A window whose loss (its median slice's) beats the best one
-        since the last wake by ``tolerance`` is progress (and the new best); one that does not is rest, a step
-        down. Judged on windows, so the jitter of single slices' losses neither rests nor wakes a node. True when
-        the level changed."""
+        """Judge the window once it is long enough. A window whose mean loss beats the best one since the last
+        wake by ``tolerance`` is progress (and the new best); one that does not is rest, a step down. Judged on
+        window means, so the jitter of single slices' losses neither rests nor wakes a node. True when the level
+        changed."""
         if now - self._window_start < self.window_seconds or not self._losses:
             return False
-        # The median slice: a merge with a peer that learned other classes lifts the next few slices' loss
-        # many times over, and in the mean those few outweighed the rest (windows 27-47% apart while the
-        # accuracy still climbed, which rested nodes at random; bench/idle.py's loss-change column).
-        loss = statistics.median(self._losses)
+        loss = statistics.fmean(self._losses)
         accuracy = statistics.fmean(self._accuracies) if self._accuracies else None
         distances = statistics.median(self._distances) if self._distances else None
         best = self._best_loss
