@@ -255,7 +255,6 @@ class Learner:
                 continue
             self.training_active = True
             start = trio.current_time()
-            self.trainer.pace_scale = self.pacer.lr_scale
             async with self.lock:
                 before = self.model.params.copy()
                 samples = await self._slice(t.slice_steps, train)
@@ -297,7 +296,6 @@ class Learner:
                 if start is not None:
                     self.model.set_params(start)
                 self.trainer.reset_optimizer()
-                self.trainer.pace_scale = 1.0  # a round's epochs are the gateway's plan, at the configured step
                 done = 0
                 while done < steps:
                     began = trio.current_time()

@@ -38,10 +38,6 @@ class Pacer:
     def duty_cycle(self) -> float:
         return self.pace.duty_cycle
 
-    @property
-    def lr_scale(self) -> float:
-        return self.pace.lr_scale
-
     async def sleep(self, seconds: float) -> None:
         """Sleep ``seconds``, or less if the node wakes meanwhile."""
         woken = self._woken

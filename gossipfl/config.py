@@ -426,7 +426,6 @@ def _validate(c: NodeConfig) -> None:
     _within(q.wake_distance, "quiet.wake_distance", 1.01, 1e6)
     _within(q.accuracy_drop, "quiet.accuracy_drop", 1e-4, 1)
     _within(q.max_period, "quiet.max_period", 0.05, 86400, " s")
-    _within(q.lr_decay, "quiet.lr_decay", 0.01, 1)
     _check(q.max_period >= g.period, "quiet.max_period", f"must be at least gossip.period ({g.period:g} s)")
     _check(0 < q.min_duty_cycle <= t.duty_cycle, "quiet.min_duty_cycle",
            f"must be in (0, training.duty_cycle = {t.duty_cycle:g}], got {q.min_duty_cycle:g}")

@@ -116,7 +116,6 @@ class Trainer:
         self.state = {slot: _FlatBuffer(model) for slot in opt.state_slots}
         self._lr = np.array(opt.lr, np.float32)
         self.lr_scale = 1.0  # lowered by ``lower_lr`` when training diverges
-        self.pace_scale = 1.0  # set by the daemon's pace: a resting node trains with smaller steps
         self._eps = np.array(opt.eps, np.float32)
         self._loss = np.zeros((), np.float32)
         self.dp_steps = 0  # private steps taken, empty batches included: what the accountant is stepped by
@@ -199,10 +198,10 @@ class Trainer:
         self.steps += 1
         if opt.name == "adam":
             lr_t, eps_t = adam_scalars(opt, self.steps)
-            self._lr[...] = lr_t * self.lr_scale * self.pace_scale
+            self._lr[...] = lr_t * self.lr_scale
             self._eps[...] = eps_t
         else:
-            self._lr[...] = opt.lr * self.lr_scale * self.pace_scale
+            self._lr[...] = opt.lr * self.lr_scale
 
     def dp_step(self, x: np.ndarray, y: np.ndarray, expected_batch: float) -> float:
         """One DP-SGD step on a (Poisson-drawn, possibly empty) batch: clipped per-sample gradients, noise,
@@ -278,8 +277,8 @@ class Trainer:
 
     @property
     def lr(self) -> float:
-        """The step size in use: the configured one times what divergences left of it, and the pace's share."""
-        return self.config.optimizer.lr * self.lr_scale * self.pace_scale
+        """The step size in use: the configured one times what divergences left of it."""
+        return self.config.optimizer.lr * self.lr_scale
 
     def set_noise(self, noise_multiplier: float) -> None:
         """The noise multiplier of the next private steps (the daemon plans it once it knows its rows)."""

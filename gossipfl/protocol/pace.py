@@ -31,7 +31,7 @@ RISE_WINDOWS = 2  # ... in this many windows in a row, wakes the node: after eac
 # loss jumps by what its peers learned elsewhere, and single windows rose 50% often enough to wake each node of
 # bench/idle.py twice in 5 minutes (16 wakes, all "loss"), each found nothing to learn
 DISTANCE_FLOOR = 0.05  # a peer's model nearer than this (of our model's norm) never wakes the node
-MIN_WINDOW_PERIODS = 2  # a window holds at least this many periods at the current pace
+MIN_WINDOW_PERIODS = 1  # a window holds at least this many periods at the current pace
 RECENT_WINDOWS = 8  # window means kept for the median a rising loss is measured against
 
 
@@ -46,7 +46,6 @@ class PaceSettings:
     accuracy_drop: float = 0.05  # a window's validation accuracy this far below the one it went quiet at
     max_period: float = 60.0  # the longest gossip period when quiet, seconds
     min_duty_cycle: float = 0.01  # the smallest share of wall time spent training when quiet
-    lr_decay: float = 0.5  # the training step size is multiplied by this at each level down (1: kept)
 
 
 @dataclass
@@ -97,21 +96,16 @@ class Pace:
         return min(max(self.base_duty / 2**self.level, self.settings.min_duty_cycle), self.base_duty)
 
     @property
-    def lr_scale(self) -> float:
-        """The share of the configured step size a node trains with at this level: a loss that has stopped
-        falling at one step size is the plateau that a smaller one goes below (as ReduceLROnPlateau does), and
-        a resting node's few slices between rare merges then pull its model less far towards its own rows."""
-        return self.settings.lr_decay ** self.level
-
-    @property
     def slowdown(self) -> float:
         """How many times longer the node now waits between pushes than at full speed."""
         return self.period / self.base_period
 
     @property
     def window_seconds(self) -> float:
-        """How long a window lasts at this pace: ``window`` full-speed periods, and at least a few of today's,
-        so that a quiet node reaches its floor in minutes, not hours, and still judges a few exchanges."""
+        """How long a window lasts at this pace: ``window`` full-speed periods, and at least one of today's, so
+        that it holds an exchange. Not more: the training loss it judges comes from the slices, which every
+        level has, and at three periods a window the way from full speed to the floors took 3.5 minutes, the
+        CPU of a 10-minute run's last 3 minutes (bench/idle.py)."""
         return max(self.settings.window * self.base_period, MIN_WINDOW_PERIODS * self.period)
 
     @property
@@ -198,9 +192,10 @@ class Pace:
             return False
         if self.level == 0:
             self._usual_distance, self._quiet_accuracy = distances, accuracy
-        # A rise is judged against windows at the same pace: each level trains less between merges and with a
-        # smaller step, so its training loss sits higher than the level above (bench/idle.py: judged across
-        # levels, 23 wakes in 5 minutes, all "loss", none found anything to learn).
+        # A rise is judged against windows at the same pace: a level's windows are longer and hold fewer,
+        # longer stretches of training between merges, so its training loss is not that of the level above
+        # (bench/idle.py: judged across levels, with a step size that fell with each level, 23 wakes in 5
+        # minutes, all "loss", none of them found anything to learn).
         self._recent.clear()
         if woke_from > self.level + 1:
             self.level = min(woke_from, self.max_level)
@@ -226,7 +221,7 @@ class Pace:
 
     def as_dict(self, now: float) -> dict[str, Any]:
         return {"state": self.state, "level": self.level, "max_level": self.max_level, "period": self.period,
-                "duty_cycle": self.duty_cycle, "lr_scale": self.lr_scale, "reason": self.reason,
+                "duty_cycle": self.duty_cycle, "reason": self.reason,
                 "for_seconds": round(now - self.since, 1),
                 "wakes": self.wakes, "wakes_by_kind": dict(self.wake_kinds), "enabled": self.settings.enabled,
                 "last_change": self.last_change}

@@ -52,21 +52,6 @@ def test_in_graph_step_matches_the_textbook_update(opt):
             assert np.allclose(model.views[name], p[name], atol=2e-6), (t, name)
 
 
-def test_the_pace_scale_shortens_the_step_it_is_set_for():
-    x, y = rows(8, 6, 3)
-    moves = []
-    for scale in (1.0, 0.25):
-        model = build(ArchSpec("mlp", 6, 3, hidden=(5,), seed=1))
-        trainer = Trainer(model, TrainConfig(optimizer=OptimizerConfig("sgd", lr=0.1, momentum=0.0)))
-        trainer.pace_scale = scale
-        before = model.params.copy()
-        trainer.step(x, y)
-        moves.append(model.params - before)
-        assert trainer.lr == pytest.approx(0.1 * scale)
-    assert np.allclose(moves[1], 0.25 * moves[0], atol=1e-7)
-    assert np.abs(moves[0]).max() > 1e-4
-
-
 def test_training_lowers_loss_on_digits(digits):
     x_train, y_train, x_test, y_test = digits
     cnn = ArchSpec("cnn1d", 64, 10, hidden=(8, 16), input_shape=(1, 64))
