@@ -31,14 +31,17 @@ ModelMessage = messages.ModelDelta | messages.GatewayRound
 async def send_model(link: Link, references: GossipState, peer_id: bytes, params: np.ndarray,
                      wrap: Callable[[Push], ModelMessage], counters: Counters, *, full: bool = False,
                      answers: tuple[type[messages.Message], ...] = (messages.Ack,),
-                     timeout: float | None = None, resend_full: bool = True) -> tuple[Push, messages.Message]:
+                     timeout: float | None = None, first_answer_timeout: float | None = None,
+                     resend_full: bool = True) -> tuple[Push, messages.Message]:
     """Send ``params`` to ``peer_id`` and return the push (to commit) and the answer that is not NeedFull.
 
     ``full``: the receiver told us it holds no usable base (a pull naming another base). ``resend_full``
-    False: a NeedFull is refused (``RefusedByUs``, reason ``full-budget``) instead of answered in full."""
+    False: a NeedFull is refused (``RefusedByUs``, reason ``full-budget``) instead of answered in full.
+    ``first_answer_timeout``: how long the answer to the first push may take (default ``timeout``)."""
     push = await trio.to_thread.run_sync(lambda: references.prepare_push(peer_id, params, full=full))
     await link.send(wrap(push))
-    reply = await link.receive(messages.NeedFull, *answers, timeout=timeout)
+    first = timeout if first_answer_timeout is None else first_answer_timeout
+    reply = await link.receive(messages.NeedFull, *answers, timeout=first)
     if isinstance(reply, messages.NeedFull):
         counters.add("need_full_received")
         if not resend_full:
