@@ -49,6 +49,13 @@ class MemoryNet:
         self.serve: dict[tuple[str, int], Callable[[trio.abc.Stream, str], Awaitable[None]]] = {}
         self.cut_after: int | None = None  # wrap the next dial's client end in a CutStream
         self.writes = 0  # send_all calls of the last dial, for tests that cut at every step
+        self.dialled: list[_Counting] = []  # the dialler's ends of the connections made so far
+
+    def vanish(self) -> None:
+        """The far ends of every connection made so far go silent, as a peer behind a partition: no close,
+        no answer. Later dials work."""
+        for stream in self.dialled:
+            stream.silent = True
 
     def add(self, app: App) -> None:
         listen = app.config.listen
@@ -67,8 +74,16 @@ class _Counting(CutStream):
     def __init__(self, inner: trio.abc.Stream, net: MemoryNet) -> None:
         super().__init__(inner, 1 << 30)
         net.writes = 0
+        net.dialled.append(self)
         self.net = net
+        self.silent = False  # the far end vanished: what is sent is lost, and nothing ever comes back
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self.net.writes += 1
-        await super().send_all(data)
+        if not self.silent:
+            await super().send_all(data)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self.silent:
+            await trio.sleep_forever()
+        return await super().receive_some(max_bytes)

@@ -121,6 +121,27 @@ def test_a_connection_the_listener_closed_while_idle_is_dialled_anew(make_apps):
     trio.run(main)
 
 
+def test_a_kept_connection_that_goes_silent_is_given_up_after_the_connect_timeout(make_apps):
+    # The read timeout is far longer than the test waits: only the connect timeout can end the silent push.
+    a, b = _apps(make_apps, extra={"limits": {"connect_timeout": 0.2, "read_timeout": 60.0}})
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            net = await _joined(nursery, a, b)
+            dials = _count_dials(a)
+            peer = a.peers.get(b.node_id)
+            await _exchange_checked(a, b, peer)
+            await _wait_idle(b)
+            net.vanish()  # B's end of the kept connection says nothing more, and nothing closes it
+            with trio.fail_after(30):  # a bound on a hang, not a timing: the read timeout is 60 s
+                await _exchange_checked(a, b, peer)
+            nursery.cancel_scope.cancel()
+        assert len(dials) == 2 and a.counters.values["connections_stale"] == 1
+        assert not any(k.startswith("failed.") for k in a.counters.values)
+
+    trio.run(main)
+
+
 def test_a_peer_blocked_after_the_hellos_is_refused_on_its_kept_connection(make_apps):
     a, b = _apps(make_apps)
 
