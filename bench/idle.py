@@ -39,7 +39,7 @@ class Sample:
     cpu: float  # CPU seconds per daemon, cumulative
     wire: float  # bytes on the wire (up + down) per daemon, cumulative
     quiet: int  # nodes whose pace is not full speed
-    change: float  # median over nodes of the relative loss change of the last window their pace judged
+    change: float  # median over nodes of the model movement per window their pace last measured
 
 
 @dataclass
@@ -82,7 +82,7 @@ def run_cluster(args: argparse.Namespace, name: str, quiet: bool, root: Path, da
                 cpu=float(np.mean([c for pid in pids if (c := cpu_seconds(pid)) is not None])),
                 wire=float(np.mean([c.get("wire_in", 0) + c.get("wire_out", 0) for c in counters])),
                 quiet=sum(st.get("pace", {}).get("state", "full") != "full" for _, st in states),
-                change=float(np.median([abs(c) if (c := st.get("pace", {}).get("last_change")) is not None
+                change=float(np.median([abs(c) if (c := st.get("pace", {}).get("last_move")) is not None
                                         else np.nan for _, st in states]))))
         finals = [s for s in map(node_state, specs) if s is not None]
         run.final = [score(params) for params, _ in finals]
@@ -119,7 +119,7 @@ def main() -> None:
     for run in runs:
         print(f"\n{run.name}: per daemon, over each interval")
         print(f"{'min':>6} {'mean acc':>9} {'CPU % core':>11} {'wire B/s':>10} {'nodes quiet':>12} "
-              f"{'loss change':>12}")
+              f"{'model moves':>12}")
         for before, s in zip(run.samples, run.samples[1:], strict=False):
             span = s.seconds - before.seconds
             print(f"{s.seconds / 60:6.1f} {s.accuracy:9.4f} {100 * (s.cpu - before.cpu) / span:11.2f} "

@@ -82,7 +82,7 @@ class Gossip:
                 await self.learner.pacer.sleep(self.learner.pacer.period * (1 + self.rng.uniform(-g.jitter, g.jitter)))
                 if self.learner.paused or not self.learns_by_gossip():
                     continue
-                self.learner.pacer.tick()
+                await self.learner.judge_pace()
                 if len(in_flight) >= PUSHES_IN_FLIGHT:
                     self.counters.add("pushes_skipped_busy")
                     continue

@@ -149,6 +149,12 @@ class Learner:
         async with self.lock:
             return self.model.copy(), self._age
 
+    async def judge_pace(self) -> None:
+        """Let the pace judge its window, with a copy of the model to measure how far it moved."""
+        if self.pacer.due():
+            params, _ = await self.snapshot()
+            self.pacer.tick(params)
+
     async def merge(self, peer: bytes, remote: np.ndarray, remote_age: float, *, keep_before: bool) -> BeforeMerge:
         """Merge ``peer``'s model into ours (by age, or clipped: see ``gossipfl.learning.robust``); returns ours
         as it was (the params with ``keep_before``, so merges that no pull can follow copy nothing)."""

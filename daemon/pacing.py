@@ -8,8 +8,10 @@ of a quiet trainer, and the node is back at full speed within a period, not at t
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any
 
+import numpy as np
 import trio
 
 from gossipfl.metrics import Counters
@@ -25,6 +27,7 @@ class Pacer:
         self.pace = pace
         self.counters = counters
         self._woken = trio.Event()
+        self._trail: deque[tuple[float, np.ndarray]] = deque()  # (time, params) at each judged window
 
     def begin(self) -> None:
         """Start the first window on the event loop's clock (the pace was made before the loop ran)."""
@@ -44,9 +47,27 @@ class Pacer:
         with trio.move_on_after(seconds):
             await woken.wait()
 
-    def tick(self) -> None:
-        before = self.pace.state
-        if self.pace.tick(trio.current_time()):
+    def due(self) -> bool:
+        return self.pace.due(trio.current_time())
+
+    def tick(self, params: np.ndarray) -> None:
+        """Judge the window with ``params``, a copy of the model now: how far it moved since the newest snapshot
+        at least ``span_seconds`` old (and no older than the last wake), per full-speed window."""
+        now, pace = trio.current_time(), self.pace
+        trail = self._trail
+        while trail and trail[0][0] < pace.measured_since:
+            trail.popleft()
+        while len(trail) > 1 and now - trail[1][0] >= pace.span_seconds:
+            trail.popleft()  # the newest snapshot old enough is kept, older ones are not needed
+        moved = None
+        if trail and now - trail[0][0] >= pace.span_seconds:
+            then, old = trail[0]
+            norm = float(np.linalg.norm(params))
+            if old.shape == params.shape and norm > 0:
+                moved = float(np.linalg.norm(params - old)) / norm * pace.base_window_seconds / (now - then)
+        trail.append((now, params))
+        before = pace.state
+        if pace.tick(now, moved):
             self._changed(before)
 
     def loss(self, value: float) -> None:
