@@ -57,10 +57,11 @@ class Pacer:
         trail = self._trail
         while trail and trail[0][0] < pace.measured_since:
             trail.popleft()
-        while len(trail) > 1 and now - trail[1][0] >= pace.span_seconds:
+        span = pace.span_seconds - pace.period / 2  # windows end within half a period of their length
+        while len(trail) > 1 and now - trail[1][0] >= span:
             trail.popleft()  # the newest snapshot old enough is kept, older ones are not needed
         moved = None
-        if trail and now - trail[0][0] >= pace.span_seconds:
+        if trail and now - trail[0][0] >= span:
             then, old = trail[0]
             norm = float(np.linalg.norm(params))
             if old.shape == params.shape and norm > 0:

@@ -127,8 +127,11 @@ class Pace:
         return FULL if self.level == 0 else QUIET if self.level >= self.max_level else SLOWING
 
     def due(self, now: float) -> bool:
-        """The window is long enough to be judged: the caller measures the model's movement and ticks."""
-        return now - self._window_start >= self.window_seconds
+        """The window is long enough to be judged: the caller measures the model's movement and ticks. Asked
+        once a gossip period, whose length jitters: a window within half a period of its length is due, or
+        half the windows of a quiet node would last two of its periods (bench/idle.py: the way down took 140 s
+        instead of 90)."""
+        return now - self._window_start >= self.window_seconds - self.period / 2
 
     # ------------------------------------------------------------------ what the node sees
 

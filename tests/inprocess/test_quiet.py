@@ -52,3 +52,52 @@ def test_a_quiet_node_returns_to_full_speed_within_two_periods_when_new_rows_arr
         assert elapsed < 2 * PERIOD, f"the first push came {elapsed:.2f} s after the wake"
 
     trio.run(main)
+
+
+async def _run_until_judged(apps, windows: int, rested: bool = False) -> None:
+    """Two apps training and gossiping until each pace has measured its model's movement ``windows`` times
+    (or, with ``rested``, until each has stepped down, if that comes first)."""
+    async with trio.open_nursery() as nursery:
+        net = MemoryNet(nursery)
+        for app in apps:
+            net.add(app)
+        a, b = apps
+        a.peers.seen(b.node_id, b.config.listen.address, b.config.listen.port, "mdns", trio.current_time())
+        b.peers.seen(a.node_id, a.config.listen.address, a.config.listen.port, "mdns", trio.current_time())
+        for app in apps:
+            await trio.to_thread.run_sync(app.learner.data.refresh)  # its rows, as at a start
+            app.pacer.begin()
+            nursery.start_soon(app.gossip.run)
+            nursery.start_soon(app.learner.run, lambda: True)
+        measured = {id(app): 0 for app in apps}
+        last = {id(app): None for app in apps}
+        while min(measured.values()) < windows and not (rested and all(app.pacer.pace.level for app in apps)):
+            await trio.sleep(0.05)
+            for app in apps:
+                seen = (app.pacer.pace.last_move, app.pacer.pace.since, app.pacer.pace.level)
+                if app.pacer.pace.last_move is not None and seen != last[id(app)]:
+                    measured[id(app)] += 1
+                    last[id(app)] = seen
+        nursery.cancel_scope.cancel()
+
+
+def test_nodes_whose_models_move_less_than_the_tolerance_rest_on_their_own(make_apps):
+    # the real loop: the gossip loop hands the pace a copy of the trained model once a window
+    apps = make_apps(2, gossip={"period": 0.1, "jitter": 0.0, "keep_alive": 0},
+                     extra={"quiet": {"window": 2, "tolerance": 1.0, "max_period": 0.8}})
+    trio.run(_run_until_judged, apps, 50, True)
+    for app in apps:
+        pace = app.pacer.pace
+        assert pace.level > 0 and pace.last_move is not None and pace.last_move < 1.0
+        assert "of its norm per window of 2 periods, under 100%" in pace.reason or pace.state == QUIET
+        assert app.counters.values["pace.slowdowns"] >= 1
+
+
+def test_nodes_whose_models_still_move_stay_at_full_speed(make_apps):
+    apps = make_apps(2, gossip={"period": 0.1, "jitter": 0.0, "keep_alive": 0},
+                     extra={"quiet": {"window": 2, "tolerance": 1e-6, "max_period": 0.8}})
+    trio.run(_run_until_judged, apps, 3)
+    for app in apps:
+        pace = app.pacer.pace
+        assert pace.level == 0 and pace.last_move > 1e-6
+        assert "pace.slowdowns" not in app.counters.values
