@@ -38,6 +38,8 @@ class Sample:
     accuracy: float  # mean over nodes
     cpu: float  # CPU seconds per daemon, cumulative
     wire: float  # bytes on the wire (up + down) per daemon, cumulative
+    cpus: list[float]  # each daemon's, cumulative (the goals are per daemon: the busiest is printed too)
+    wires: list[float]
     quiet: int  # nodes whose pace is not full speed
     change: float  # median over nodes of the model movement per window their pace last measured
 
@@ -50,12 +52,16 @@ class Run:
     wakes: float = 0.0
     wakes_by_kind: dict[str, int] = field(default_factory=dict)  # over all nodes
 
-    def rate(self, since: float) -> tuple[float, float]:
-        """CPU (% of a core) and wire bytes a second per daemon between ``since`` and the last sample."""
+    def rate(self, since: float) -> tuple[float, float, float, float]:
+        """CPU (% of a core) and wire bytes a second between ``since`` and the last sample: the mean per daemon,
+        and the busiest daemon's."""
         first = next(s for s in self.samples if s.seconds >= since)
         last = self.samples[-1]
         span = max(last.seconds - first.seconds, 1e-9)
-        return 100 * (last.cpu - first.cpu) / span, (last.wire - first.wire) / span
+        cpus = [100 * (b - a) / span for a, b in zip(first.cpus, last.cpus, strict=True)]
+        wires = [(b - a) / span for a, b in zip(first.wires, last.wires, strict=True)]
+        return (100 * (last.cpu - first.cpu) / span, max(cpus, default=0.0), (last.wire - first.wire) / span,
+                max(wires, default=0.0))
 
 
 def run_cluster(args: argparse.Namespace, name: str, quiet: bool, root: Path, data) -> Run:
@@ -75,12 +81,17 @@ def run_cluster(args: argparse.Namespace, name: str, quiet: bool, root: Path, da
             states = [s for s in map(node_state, specs) if s is not None]
             if not states:
                 continue
+            if len(states) < len(specs):
+                continue  # every daemon in every sample: the busiest one is compared with itself
             counters = [st["counters"] for _, st in states]
+            cpus = [c for pid in pids if (c := cpu_seconds(pid)) is not None]
+            wires = [float(c.get("wire_in", 0) + c.get("wire_out", 0)) for c in counters]
+            if len(cpus) < len(pids):
+                continue
             run.samples.append(Sample(
                 seconds=time.monotonic() - start,
                 accuracy=float(np.mean([score(params) for params, _ in states])),
-                cpu=float(np.mean([c for pid in pids if (c := cpu_seconds(pid)) is not None])),
-                wire=float(np.mean([c.get("wire_in", 0) + c.get("wire_out", 0) for c in counters])),
+                cpu=float(np.mean(cpus)), wire=float(np.mean(wires)), cpus=cpus, wires=wires,
                 quiet=sum(st.get("pace", {}).get("state", "full") != "full" for _, st in states),
                 change=float(np.median([abs(c) if (c := st.get("pace", {}).get("last_move")) is not None
                                         else np.nan for _, st in states]))))
@@ -130,13 +141,16 @@ def main() -> None:
         return
     since = (args.minutes - args.tail) * 60
     quiet, constant = runs
-    (q_cpu, q_wire), (c_cpu, c_wire) = quiet.rate(since), constant.rate(since)
+    (q_cpu, q_cpu_max, q_wire, q_wire_max), (c_cpu, c_cpu_max, c_wire, c_wire_max) = (quiet.rate(since),
+                                                                                      constant.rate(since))
     print(f"\nlast {args.tail:g} minutes, per daemon (baseline: the constant-rate run, same script):")
-    print("| run | final acc mean (min) | CPU % of a core | wire B/s (up+down) | wakes per node |")
+    print("| run | final acc mean (min) | CPU % of a core: mean (busiest) | wire B/s up+down: mean (busiest) "
+          "| wakes per node |")
     print("|---|---|---|---|---|")
-    for run, cpu, wire in ((quiet, q_cpu, q_wire), (constant, c_cpu, c_wire)):
-        print(f"| {run.name} | {np.mean(run.final):.4f} ({min(run.final):.4f}) | {cpu:.2f} | {wire:.0f} "
-              f"| {run.wakes:.1f} |")
+    for run, cpu, cpu_max, wire, wire_max in ((quiet, q_cpu, q_cpu_max, q_wire, q_wire_max),
+                                              (constant, c_cpu, c_cpu_max, c_wire, c_wire_max)):
+        print(f"| {run.name} | {np.mean(run.final):.4f} ({min(run.final):.4f}) | {cpu:.2f} ({cpu_max:.2f}) "
+              f"| {wire:.0f} ({wire_max:.0f}) | {run.wakes:.1f} |")
     print(f"quiet / constant: CPU {q_cpu / max(c_cpu, 1e-9):.3f}x, wire {q_wire / max(c_wire, 1e-9):.3f}x; "
           f"final accuracy {100 * (np.mean(quiet.final) - np.mean(constant.final)):+.2f} points")
     if args.csv:

@@ -7,7 +7,7 @@ once a window of gossip periods against itself a few windows before, moves less 
 norm per window. After each such window it steps down one level: the gossip period doubles and the training
 duty cycle falls fourfold, down to the configured floors. Anything that means there is something to learn
 again brings it back to full speed at once: new rows, a peer whose model is far from ours (a newcomer, a
-changed world), validation accuracy that drops, or a training loss that rises. A wake that found nothing to
+changed world) or validation accuracy that drops. A wake that found nothing to
 learn (its first measured stretch at full speed moved less than ``tolerance``) goes straight back to the level
 it woke from: a wake is cheap to be wrong about, so the signals that wake a node can stay sensitive.
 
@@ -27,13 +27,8 @@ DUTY_STEP = 4  # each level divides the training duty cycle by this, and doubles
 SPAN_WINDOWS = 3  # the model's movement is measured over this many full-speed windows (or the longer stretch
 # since the last wake): over one window a node's model moves by the jitter of training between merges as much as
 # by what the fleet still learns; over three, the eight nodes of bench/idle.py measured within 2% of each other
-LOSS_RISE = 0.5  # a window's loss this far above the median window at this level, ...
-RISE_WINDOWS = 2  # ... in this many windows in a row, wakes the node: after each merge a resting node's training
-# loss jumps by what its peers learned elsewhere, and single windows rose 50% often enough to wake each node of
-# bench/idle.py twice in 5 minutes (16 wakes, all "loss"), each found nothing to learn
 DISTANCE_FLOOR = 0.05  # a peer's model nearer than this (of our model's norm) never wakes the node
 MIN_WINDOW_PERIODS = 1  # a window holds at least this many periods at the current pace
-RECENT_WINDOWS = 8  # window means kept for the median a rising loss is measured against
 
 
 @dataclass(frozen=True)
@@ -42,11 +37,11 @@ class PaceSettings:
 
     enabled: bool = True
     window: int = 10  # gossip periods at full speed a level is judged over (and one period at the current pace)
-    tolerance: float = 0.01  # a model that moves less than this share of its norm per window has stopped changing
+    tolerance: float = 0.008  # a model that moves less than this share of its norm per window has stopped changing
     wake_distance: float = 4.0  # a peer's model this many times farther than usual wakes a quiet node
     accuracy_drop: float = 0.05  # a window's validation accuracy this far below the one it went quiet at
     max_period: float = 60.0  # the longest gossip period when quiet, seconds
-    min_duty_cycle: float = 0.002  # the smallest share of wall time spent training when quiet
+    min_duty_cycle: float = 0.0005  # the smallest share of wall time spent training when quiet
 
 
 @dataclass
@@ -68,12 +63,10 @@ class Pace:
     _losses: list[float] = field(default_factory=list)
     _accuracies: list[float] = field(default_factory=list)
     _distances: list[float] = field(default_factory=list)
-    _recent: list[float] = field(default_factory=list)  # window mean losses at this level, the last few
-    wake_kinds: dict[str, int] = field(default_factory=dict)  # wakes by kind: new_rows, far_peer, accuracy, loss
+    wake_kinds: dict[str, int] = field(default_factory=dict)  # wakes by kind: new_rows, far_peer, accuracy
     _usual_distance: float | None = None  # the median relative distance of peers when we went quiet
     _quiet_accuracy: float | None = None  # the window mean when we first stepped down
     _woke_from: int = 0  # the level the last wake left, until a measured window shows what the wake was worth
-    _rising: int = 0  # windows in a row whose loss rose LOSS_RISE above the median
 
     def __post_init__(self) -> None:
         self.since = self._window_start = self.measured_since = self.now
@@ -163,8 +156,6 @@ class Pace:
         """Back to full speed at once; True when the node was not there already. The model's movement is
         measured afresh from here: what it did while resting says nothing of what the wake brings."""
         self._start_window(now)
-        self._recent.clear()
-        self._rising = 0
         self.measured_since = now
         if self.level == 0:
             return False
@@ -192,17 +183,9 @@ class Pace:
         distances = statistics.median(self._distances) if self._distances else None
         self._start_window(now)
         if loss is not None:
-            self.last_loss = loss
-            typical = statistics.median(self._recent) if self._recent else None
-            risen = self.level > 0 and typical is not None and loss > (1 + LOSS_RISE) * typical
-            self._rising = self._rising + 1 if risen else 0
-            if not risen:
-                self._recent = [*self._recent, loss][-RECENT_WINDOWS:]  # a risen window is not the usual level
-            elif self._rising >= RISE_WINDOWS:
-                rise = 100 * (loss / max(typical or 1e-12, 1e-12) - 1)
-                return self.wake(f"the loss rose {rise:.0f}% above its usual level", now, "loss")
-            else:
-                return False  # neither rest nor wake on one risen window: the next one decides
+            self.last_loss = loss  # shown, not judged: see above, and no wake listens to it either (a resting
+            # node's window holds a few slices between merges, and its mean jumped 7-fold from one window to the
+            # next at the floor; judged as a rise over two windows, it woke a node of bench/idle.py for nothing)
         if self.level > 0:
             drop = self.settings.accuracy_drop
             if accuracy is not None and self._quiet_accuracy is not None and accuracy < self._quiet_accuracy - drop:
@@ -216,10 +199,6 @@ class Pace:
             return False  # still learning, or resting as quietly as it may
         if self.level == 0:
             self._usual_distance, self._quiet_accuracy = distances, accuracy
-        # A rise is judged against windows at the same pace: a level's windows are longer and hold fewer,
-        # longer stretches of training between merges, so its training loss is not that of the level above
-        # (bench/idle.py: judged across levels, 23 wakes in 5 minutes, all "loss", none found anything to learn).
-        self._recent.clear()
         if woke_from > self.level + 1:
             self.level = min(woke_from, self.max_level)
             self.reason = f"the wake found nothing to learn: back to level {self.level}"
@@ -233,7 +212,6 @@ class Pace:
     def restart(self, now: float) -> None:
         """A fresh start at full speed from ``now``, as after a restart of the node."""
         self.level, self.since, self._woke_from, self.measured_since = 0, now, 0, now
-        self._recent.clear()
         self._start_window(now)
 
     def _start_window(self, now: float) -> None:
